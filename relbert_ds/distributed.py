@@ -232,3 +232,28 @@ def shutdown() -> None:
 
     if is_initialized():
         dist.destroy_process_group()
+
+
+def agree_on_errors(fn, *, main_only: bool = False):
+    """Run ``fn`` (on every rank, or rank 0 only) and make every rank raise the same UserError
+    when any rank hit one, so that one message is printed (by rank 0) and no rank is left
+    waiting in a collective. Returns ``fn``'s result (None on ranks that did not run it)."""
+    import torch.distributed as dist
+
+    from relbert_ds import errors
+
+    result, failure = None, None
+    if not main_only or is_main():
+        try:
+            result = fn()
+        except errors.UserError as exc:
+            failure = (type(exc).__name__, str(exc))
+    if world_size() > 1:
+        gathered: list = [None] * world_size()
+        dist.all_gather_object(gathered, failure)
+        failure = next((f for f in gathered if f is not None), None)
+    if failure is not None:
+        exc = getattr(errors, failure[0], errors.UserError)(failure[1])
+        exc.agreed = True  # every rank raises it: only rank 0 prints
+        raise exc
+    return result

@@ -1,0 +1,264 @@
+"""Command line of the sharded evaluator (``launchers/evaluate.py``, ``relbert-ds-evaluate``).
+
+    python launchers/evaluate.py --model all-MiniLM-L6-v2 --template d --pooling average_no_mask
+    torchrun --standalone --nproc_per_node 2 launchers/evaluate.py --model runs/x/export --baseline all-MiniLM-L6-v2
+    deepspeed --num_gpus 2 --master_port 29611 launchers/evaluate.py --model runs/x/export --output results.json
+
+Order of work (every rank): parse options, join the process group, load and validate every
+dataset, check the model names, and only then load the model(s) and encode. Any user error is
+raised on every rank and printed once, on rank 0, as ``error: <message>``; the exit code is 2.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from relbert_ds.errors import ConfigError, ModelError, UserError
+
+SPLIT_CHOICES = ("test", "valid", "validation")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises a ConfigError (printed once, on rank 0) instead of exiting on every rank."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ConfigError(f"{message}; fix: see {self.prog} --help")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="launchers/evaluate.py", description=(
+        "Evaluate RelBERT relation embeddings on analogy questions, lexical relation classification and "
+        "relation mapping, sharded over all ranks of the job (plain python = 1 rank, torchrun, deepspeed, "
+        "mpirun, srun)."))
+    m = p.add_argument_group("model")
+    m.add_argument("--model", required=True, metavar="PATH_OR_NAME",
+                   help="a Hugging Face folder (relbert-ds or relbert format), a hub id, or a backbone name "
+                        "(all-MiniLM-L6-v2 = the bundled backbone) used zero-shot with --template/--pooling")
+    m.add_argument("--template", default=None,
+                   help="prompt template: a-e or a text with <subj>, <obj> (and <mask>); default: the model's "
+                        "saved relbert_config, else d")
+    m.add_argument("--pooling", default=None, help="average_no_mask (default), average, mask or last")
+    m.add_argument("--max_length", type=int, default=None, help="prompt token limit (default: saved, else 64)")
+    m.add_argument("--baseline", default=None, metavar="PATH_OR_NAME",
+                   help="a second model evaluated in the same call (e.g. the untrained backbone); the table "
+                        "shows both side by side")
+    m.add_argument("--baseline_template", default=None, help="default: the --model's template")
+    m.add_argument("--baseline_pooling", default=None, help="default: the --model's pooling")
+    d = p.add_argument_group("data")
+    d.add_argument("--analogy", nargs="+", default=None, metavar="SOURCE",
+                   help="analogy datasets: bundled names (sat u2 u4 google bats), folders of valid/test.jsonl, "
+                        "files, or hub ids; default: all bundled; 'none' skips")
+    d.add_argument("--classification", nargs="+", default=None, metavar="SOURCE",
+                   help="lexical relation classification datasets: bundled names (BLESS KHN), folders of "
+                        "train/validation/test.jsonl, or hub ids; default: both bundled; 'none' skips")
+    d.add_argument("--mapping", nargs="+", default=None, metavar="FILE",
+                   help='relation-mapping JSONL files ({"source": [...], "target": [...]} per line)')
+    d.add_argument("--split", nargs="+", default=["test"], choices=SPLIT_CHOICES,
+                   help="split(s) to report (default test; 'valid test' also gives SAT-full). A bundled default "
+                        "lacking the split is shown as n/a; an explicitly named dataset lacking it is an error")
+    r = p.add_argument_group("run")
+    r.add_argument("--batch_size", type=int, default=64, help="prompts per forward (default 64)")
+    r.add_argument("--max_iter", type=int, default=200,
+                   help="MLPClassifier max_iter for the classification probe (sklearn default 200)")
+    r.add_argument("--seed", type=int, default=0, help="random_state of the classification probe")
+    r.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads per rank (default: CPU cores / ranks on this node)")
+    r.add_argument("--progress", action="store_true", help="show a progress bar of the encoding (rank 0)")
+    o = p.add_argument_group("outputs")
+    o.add_argument("--output", default=None, metavar="FILE.json", help="results JSON")
+    o.add_argument("--tensorboard_dir", default=None, help="write the metrics as TensorBoard scalars here")
+    o.add_argument("--predictions", default=None, metavar="FILE.jsonl", help="per-question predictions")
+    o.add_argument("--vectors", default=None, metavar="FILE.npz",
+                   help="save the table of relation vectors every metric came from (arrays: pairs, "
+                        "<model>_vectors)")
+    # The deepspeed launcher passes --local_rank=N; the rank comes from the environment instead.
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch_size must be >= 1, got {args.batch_size}; fix: pass a positive number")
+    if args.max_iter < 1:
+        raise ConfigError(f"--max_iter must be >= 1, got {args.max_iter}; fix: pass a positive number")
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+    return args
+
+
+# --------------------------------------------------------------------------- models
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model spec checked cheaply (no weights read yet); ``load()`` does the heavy part."""
+
+    spec: str
+    resolved: str  # local folder or hub id
+    kind: str  # "huggingface" (folder, hub id or backbone name); "deepspeed_checkpoint" to come
+    template: Optional[str] = None
+    pooling: Optional[str] = None
+    max_length: Optional[int] = None
+
+    def load(self, device: Any = None) -> Any:
+        from relbert_ds.encoder import RelationEncoder
+
+        encoder = RelationEncoder.from_pretrained(self.resolved, template=self.template, pooling=self.pooling,
+                                                  max_length=self.max_length)
+        encoder.name = self.spec  # the name the user gave (the results name the model by it)
+        return encoder.to(device) if device is not None else encoder
+
+
+def looks_like_deepspeed_checkpoint(path: Path) -> bool:
+    """A trainer run folder, its ``checkpoints`` folder, or one ``global_step<N>`` tag folder."""
+    if not path.is_dir():
+        return False
+    candidates = [path, path / "checkpoints"]
+    for c in candidates:
+        if (c / "latest").is_file() or any(c.glob("global_step*")) or any(c.glob("*model_states.pt")):
+            return True
+    return False
+
+
+def resolve_model(spec: str, template: Optional[str] = None, pooling: Optional[str] = None,
+                  max_length: Optional[int] = None) -> ResolvedModel:
+    """Check a ``--model``/``--baseline`` spec without loading weights.
+
+    Branches: a DeepSpeed checkpoint directory of the trainer (not supported yet: the trainer's
+    export is the way in for now); otherwise a Hugging Face folder, hub id or backbone name.
+    """
+    from relbert_ds import backbones
+
+    path = Path(spec).expanduser()
+    if looks_like_deepspeed_checkpoint(path) and not (path / "config.json").is_file():
+        # TODO(lead): load the trainer's checkpoint (any ZeRO stage) into a RelationEncoder here.
+        raise ModelError(f"{spec} is a DeepSpeed checkpoint directory; evaluating checkpoints directly is not "
+                         f"supported yet; fix: pass the Hugging Face folder the trainer exports")
+    resolved = backbones.check_model_exists(spec)
+    return ResolvedModel(spec=spec, resolved=resolved, kind="huggingface", template=template, pooling=pooling,
+                         max_length=max_length)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def _device(local_rank: int) -> Any:
+    import torch
+
+    return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _run(args: argparse.Namespace, info: Any, start: float) -> int:
+    import torch
+
+    import relbert_ds
+    from relbert_ds import distributed
+    from relbert_ds.evaluation import runner
+
+    if not args.progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # the per-rank "Loading weights" bars
+    threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, info.local_world_size))
+    torch.set_num_threads(threads)
+    splits = [("validation" if s == "valid" else s) for s in args.split]
+    tasks = runner.prepare_tasks(analogy=args.analogy, classification=args.classification, mapping=args.mapping,
+                                 split=splits)
+    model = runner.run_consistently(lambda: resolve_model(args.model, args.template, args.pooling, args.max_length))
+    baseline = runner.run_consistently(lambda: resolve_model(args.baseline, args.baseline_template,
+                                                             args.baseline_pooling, args.max_length)) \
+        if args.baseline else None
+    device = _device(info.local_rank)
+    kwargs = dict(batch_size=args.batch_size, max_iter=args.max_iter, seed=args.seed,
+                  keep_predictions=bool(args.predictions), show_progress=args.progress,
+                  keep_vectors=bool(args.vectors))
+    results: dict[str, dict] = {}
+    load_s: dict[str, float] = {}
+    t = time.perf_counter()
+    encoder = runner.run_consistently(lambda: model.load(device))
+    load_s["model"] = time.perf_counter() - t
+    results["model"] = runner.evaluate_tasks(encoder, tasks, **kwargs)
+    results["model"]["model"]["path"] = model.resolved
+    if baseline is not None:
+        # Zero-shot comparison: same prompt and pooling as the model unless told otherwise.
+        baseline = ResolvedModel(**{**baseline.__dict__, "template": baseline.template or encoder.template,
+                                    "pooling": baseline.pooling or encoder.pooling,
+                                    "max_length": baseline.max_length or encoder.max_length})
+        del encoder
+        t = time.perf_counter()
+        encoder = runner.run_consistently(lambda: baseline.load(device))
+        load_s["baseline"] = time.perf_counter() - t
+        results["baseline"] = runner.evaluate_tasks(encoder, tasks, **kwargs)
+        results["baseline"]["model"]["path"] = baseline.resolved
+    header = {
+        "relbert_ds_version": relbert_ds.__version__,
+        "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": [Path(sys.argv[0]).name] + list(sys.argv[1:]),
+        "world_size": info.world_size,
+        "launcher": info.launcher,
+        "backend": info.backend,
+        "device": str(device),
+        "threads_per_rank": threads,
+        "splits": list(tasks.splits),
+        "options": {"batch_size": args.batch_size, "max_iter": args.max_iter, "seed": args.seed},
+        "datasets": tasks.identities(),
+        "missing": tasks.missing,
+        "model_load_s": load_s,
+        "wall_time_s": time.perf_counter() - start,
+    }
+    if args.vectors and distributed.is_main():
+        _save_vectors(args.vectors, results)
+    runner.write_outputs(results, header, output=args.output, predictions=args.predictions,
+                         tensorboard_dir=args.tensorboard_dir)
+    if distributed.is_main():
+        print(runner.markdown_table(results), flush=True)
+        print(f"wall time {header['wall_time_s']:.1f} s on {info.world_size} rank(s)"
+              + (f"; results in {args.output}" if args.output else ""), flush=True)
+    return 0
+
+
+def _save_vectors(path: str, results: dict[str, dict]) -> None:
+    import numpy as np
+
+    arrays = {}
+    for label, res in results.items():
+        vectors = res.pop("vectors")
+        arrays["pairs"] = np.array(vectors["pairs"], dtype=str).reshape(-1, 2)
+        arrays[f"{label}_vectors"] = vectors["table"]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **arrays)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the evaluator; returns the exit code (0, or 2 for a user error)."""
+    start = time.perf_counter()
+    parse_error: Optional[UserError] = None
+    args = None
+    try:
+        args = parse_args(argv)
+    except UserError as exc:  # raised after joining the job, so only rank 0 prints it
+        parse_error = exc
+    from relbert_ds import distributed
+
+    try:
+        info = distributed.init_distributed()
+        if parse_error is not None:
+            raise parse_error
+        return _run(args, info, start)
+    except UserError as exc:
+        if distributed.is_main():
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
+    finally:
+        distributed.shutdown()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

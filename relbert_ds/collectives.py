@@ -1,0 +1,151 @@
+"""The one place where relbert-ds talks across ranks (pure ``torch.distributed``).
+
+Every function degrades to a no-op when ``torch.distributed`` is not initialised or the
+world has a single rank, so the same loss code runs in a plain ``python`` process, in a
+test, and inside a DeepSpeed engine. Works with gloo (CPU tensors) and nccl (CUDA tensors):
+the small bookkeeping tensors (sizes, scalars) are created on the device the backend needs.
+
+Collectives must be called by *every* rank in the same order; none of these functions has a
+rank-dependent early return (an empty local tensor still takes part in the gather).
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+# torch marks the autograd all_gather as deprecated in favour of the functional collectives,
+# but it is the documented, backend-agnostic (gloo + nccl) differentiable gather; silence
+# only that one message so that it does not print on every training step.
+warnings.filterwarnings(
+    "ignore",
+    message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated",
+    category=FutureWarning,
+)
+
+__all__ = [
+    "world_info",
+    "is_distributed",
+    "gather_sizes",
+    "all_gather_with_grad",
+    "all_gather_no_grad",
+    "all_reduce_sum",
+    "all_reduce_mean",
+]
+
+
+def world_info() -> tuple[int, int]:
+    """``(rank, world_size)`` of the default process group; ``(0, 1)`` if there is none."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_distributed() -> bool:
+    """True when a process group with more than one rank is initialised."""
+    return world_info()[1] > 1
+
+
+def _comm_device(preferred: Optional[torch.device] = None) -> torch.device:
+    """A device the backend can communicate on: ``preferred`` unless nccl needs CUDA."""
+    if dist.get_backend() == "nccl":  # nccl only moves CUDA tensors
+        if preferred is not None and preferred.type == "cuda":
+            return preferred
+        return torch.device("cuda", torch.cuda.current_device())
+    return preferred if preferred is not None else torch.device("cpu")
+
+
+def gather_sizes(n: int, device: Optional[torch.device] = None) -> list[int]:
+    """First-dimension sizes of every rank, in rank order (``[n]`` without a process group).
+
+    ``device`` is where the tiny size tensor lives (the data tensor's device is the right
+    choice); under nccl a CPU device is replaced by the current CUDA device.
+    """
+    _, world = world_info()
+    if world == 1:
+        return [n]
+    mine = torch.tensor([n], dtype=torch.long, device=_comm_device(device))
+    everyone = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(everyone, mine)
+    return [int(t.item()) for t in everyone]
+
+
+def _pad_rows(x: Tensor, rows: int) -> Tensor:
+    """``x`` with zero rows appended up to ``rows`` (differentiable: ``cat`` keeps autograd)."""
+    if x.shape[0] == rows:
+        return x
+    pad = x.new_zeros((rows - x.shape[0],) + tuple(x.shape[1:]))
+    return torch.cat([x, pad], dim=0)
+
+
+def _strip_and_concat(parts: Sequence[Tensor], sizes: Sequence[int]) -> Tensor:
+    """Drop each rank's padding rows and concatenate in rank order."""
+    return torch.cat([p[:s] for p, s in zip(parts, sizes)], dim=0)
+
+
+def all_gather_with_grad(x: Tensor, sizes: Optional[Sequence[int]] = None) -> Tensor:
+    """Concatenate ``x`` (n_r, ...) of all ranks along dim 0, in rank order, with autograd.
+
+    Backward: the gradient that reaches the local ``x`` is the *sum over ranks* of the
+    gradients of that rank's copy of it (torch's all_gather backward is a reduce-scatter
+    with SUM). First dims may differ between ranks: sizes are gathered (or taken from
+    ``sizes`` when the caller already has them), every rank pads to the largest, and the
+    padding is stripped after the gather. Without a multi-rank process group it returns
+    ``x`` itself.
+    """
+    _, world = world_info()
+    if world == 1:
+        return x
+    # Imported here: torch.distributed.nn pulls in RPC machinery we do not need at import.
+    import torch.distributed.nn.functional as dist_fn
+
+    sizes = list(sizes) if sizes is not None else gather_sizes(x.shape[0], x.device)
+    padded = _pad_rows(x.contiguous(), max(sizes)).contiguous()
+    parts = dist_fn.all_gather(padded)  # tuple of world tensors (max_n, ...)
+    return _strip_and_concat(parts, sizes)
+
+
+def all_gather_no_grad(x: Tensor, sizes: Optional[Sequence[int]] = None) -> Tensor:
+    """Like :func:`all_gather_with_grad` but outside autograd (for id and label tensors).
+
+    The result never requires grad and lives on ``x``'s device (under nccl a CPU tensor
+    travels through the current CUDA device). Bool tensors are sent as uint8 (not every
+    backend handles bool) and converted back.
+    """
+    _, world = world_info()
+    if world == 1:
+        return x.detach()
+    sizes = list(sizes) if sizes is not None else gather_sizes(x.shape[0], x.device)
+    with torch.no_grad():
+        is_bool = x.dtype == torch.bool
+        send = x.detach().to(_comm_device(x.device))
+        send = send.to(torch.uint8) if is_bool else send
+        padded = _pad_rows(send.contiguous(), max(sizes)).contiguous()
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded)
+        out = _strip_and_concat(parts, sizes).to(x.device)
+    return out.bool() if is_bool else out
+
+
+def all_reduce_sum(x: Tensor) -> Tensor:
+    """Element-wise sum of ``x`` over ranks, outside autograd (a new detached tensor)."""
+    if not is_distributed():
+        return x.detach().clone()
+    out = x.detach().to(_comm_device(x.device)).clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out.to(x.device)
+
+
+def all_reduce_mean(value: Union[float, Tensor]) -> float:
+    """Mean of a scalar over ranks, as a Python float (for logging identical numbers)."""
+    _, world = world_info()
+    if isinstance(value, Tensor):
+        t = value.detach().reshape(()).to(torch.float64)
+    else:
+        t = torch.tensor(float(value), dtype=torch.float64)
+    if world == 1:
+        return float(t.item())
+    return float(all_reduce_sum(t).item()) / world

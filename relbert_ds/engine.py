@@ -1,0 +1,291 @@
+"""Building the DeepSpeed engine: the JSON config checked and resolved, precision, the batch
+triad, optimizer and LR schedule, ZeRO-3 model construction. Only this module and the trainer
+talk to DeepSpeed.
+
+DeepSpeed's JSON is the source of truth for what is DeepSpeed's. relbert-ds resolves what is
+left open in it and records each decision (``ResolvedDeepSpeed.notes``, logged at start-up):
+- ``"auto"`` precision: bf16 on GPUs that have it, fp16 with dynamic loss scaling on older
+  GPUs, fp32 on CPU (bf16 matmuls were ~50x slower than fp32 on the CPUs we measured);
+- the batch triad: DeepSpeed's sample is one *relation group*; ``train_batch_size`` =
+  relations per rank x accumulation steps x world size, derived from what is given;
+- optimizer/scheduler: taken from the JSON when present (then --lr & co. are refused), else
+  written into it from our options: AdamW + linear warm-up, then constant or linear decay.
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from relbert_ds.config import RunConfig
+from relbert_ds.errors import ConfigError
+
+log = logging.getLogger("relbert_ds")
+
+DEFAULT_LR = 2e-5
+DEFAULT_WARMUP_STEPS = 10
+
+# Kept identical to ds_configs/zero2.json (a test checks it): what plain `python train.py` uses.
+EMBEDDED_DS_CONFIG: dict[str, Any] = {
+    "zero_optimization": {"stage": 2, "overlap_comm": False, "contiguous_gradients": True,
+                          "reduce_bucket_size": 50000000, "allgather_bucket_size": 50000000},
+    "bf16": {"enabled": "auto"},
+    "fp16": {"enabled": "auto", "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
+             "hysteresis": 2, "min_loss_scale": 1},
+    "gradient_clipping": 1.0,
+    "steps_per_print": 1000000000,
+    "wall_clock_breakdown": False,
+}
+
+
+@dataclass
+class ResolvedDeepSpeed:
+    """The DeepSpeed JSON as passed to ``deepspeed.initialize`` plus what was decided."""
+
+    config: dict[str, Any]
+    source: str
+    precision: str  # fp32 | bf16 | fp16
+    micro_batch: int  # relation groups per rank per micro step
+    accumulation: int
+    world_size: int
+    zero_stage: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def offload(self) -> bool:
+        zero = self.config.get("zero_optimization", {})
+        return any(zero.get(k, {}).get("device", "none") not in ("none", None)
+                   for k in ("offload_optimizer", "offload_param"))
+
+
+def load_ds_config(path: Optional[str]) -> tuple[dict[str, Any], str]:
+    """The user's DeepSpeed JSON (or the embedded default) and where it came from."""
+    if path is None:
+        return copy.deepcopy(EMBEDDED_DS_CONFIG), "embedded default (= ds_configs/zero2.json)"
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"DeepSpeed config {path} does not exist; fix: pass one of ds_configs/*.json or your own")
+    try:
+        data = json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"DeepSpeed config {path}, line {exc.lineno}: not valid JSON ({exc.msg}); fix: correct "
+                          f"the JSON (comments are not allowed)") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"DeepSpeed config {path} is not a JSON object; fix: see ds_configs/zero2.json")
+    return data, str(file)
+
+
+def _is_auto(value: Any) -> bool:
+    return isinstance(value, str) and value.lower() == "auto"
+
+
+def _gpu_info() -> tuple[bool, bool, str]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return False, False, "no GPU"
+    return True, bool(torch.cuda.is_bf16_supported()), torch.cuda.get_device_name()
+
+
+def resolve_precision(ds: dict[str, Any], source: str, gpu: Optional[tuple[bool, bool, str]] = None) -> tuple[str, str]:
+    """Set ``bf16.enabled``/``fp16.enabled`` to booleans; return (precision, why)."""
+    has_gpu, has_bf16, device = gpu or _gpu_info()
+    bf16 = ds.setdefault("bf16", {})
+    fp16 = ds.setdefault("fp16", {})
+    want_bf16, want_fp16 = bf16.get("enabled", False), fp16.get("enabled", False)
+    if want_bf16 is True and want_fp16 is True:
+        raise ConfigError(f"{source} enables both bf16 and fp16; fix: enable at most one (or set both to \"auto\")")
+    if want_fp16 is True and not has_gpu:
+        raise ConfigError(f"{source} asks for fp16, which needs a GPU and there is none here; fix: set fp16.enabled "
+                          f"to false (fp32 runs on CPU) or \"auto\"")
+    if want_bf16 is True:
+        precision, why = "bf16", "asked for in the DeepSpeed config"
+        if not has_gpu:
+            why += " (on CPU bf16 is much slower than fp32: set bf16.enabled to \"auto\" for fp32)"
+        elif not has_bf16:
+            raise ConfigError(f"{source} asks for bf16 but {device} does not support it; fix: set bf16.enabled to "
+                              f"\"auto\" (fp16 with loss scaling on this GPU)")
+    elif want_fp16 is True:
+        precision, why = "fp16", "asked for in the DeepSpeed config"
+    elif _is_auto(want_bf16) and has_gpu and has_bf16:
+        precision, why = "bf16", f"auto: {device} supports bf16"
+    elif (_is_auto(want_fp16) or _is_auto(want_bf16)) and has_gpu and not has_bf16:
+        precision, why = ("fp16", f"auto: {device} has no bf16, fp16 with dynamic loss scaling") \
+            if _is_auto(want_fp16) else ("fp32", f"auto: {device} has no bf16 and fp16 is off")
+    else:
+        precision, why = "fp32", ("auto: no GPU, fp32 on CPU" if not has_gpu else "bf16/fp16 disabled in the config")
+    bf16["enabled"], fp16["enabled"] = precision == "bf16", precision == "fp16"
+    return precision, why
+
+
+def resolve_batch(ds: dict[str, Any], source: str, relations_per_rank: Optional[int], world_size: int) -> tuple[int, int]:
+    """Fill DeepSpeed's batch triad; a clear error says which value to change when it cannot hold."""
+    def given(key: str) -> Optional[int]:
+        value = ds.get(key)
+        if value is None or _is_auto(value):
+            return None
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{source}: {key} is {value!r}; fix: a positive integer or \"auto\"")
+        return value
+
+    micro, accum, total = given("train_micro_batch_size_per_gpu"), given("gradient_accumulation_steps"), \
+        given("train_batch_size")
+    if relations_per_rank is not None and micro is not None and micro != relations_per_rank:
+        raise ConfigError(f"--relations_per_rank {relations_per_rank} and train_micro_batch_size_per_gpu {micro} in "
+                          f"{source} disagree (both are relation groups per rank); fix: set only one of them")
+    if micro is None:
+        micro = relations_per_rank
+    if micro is None and total is not None and accum is not None and total % (accum * world_size) == 0:
+        micro = total // (accum * world_size)
+    micro = micro or 8
+    if accum is None:
+        accum = total // (micro * world_size) if total is not None and total % (micro * world_size) == 0 else 1
+    if total is not None and total != micro * accum * world_size:
+        raise ConfigError(
+            f"{source}: train_batch_size {total} != {micro} relation groups per rank x {accum} accumulation steps x "
+            f"{world_size} ranks = {micro * accum * world_size}; fix: set train_batch_size to "
+            f"{micro * accum * world_size}, or to \"auto\" (relbert-ds derives it), or change "
+            f"gradient_accumulation_steps / --relations_per_rank")
+    ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"] = micro, accum
+    ds["train_batch_size"] = micro * accum * world_size
+    return micro, accum
+
+
+def resolve_optimizer(ds: dict[str, Any], source: str, run: RunConfig, total_steps: int, on_cpu: bool) -> list[str]:
+    """Optimizer and scheduler from the JSON or from our options, never both; returns notes."""
+    t, notes = run.train, []
+    ours_opt = {"--lr": t.lr, "--weight_decay": t.weight_decay}
+    ours_sched = {"--warmup_steps": t.warmup_steps, "--lr_schedule": t.lr_schedule}
+    if "optimizer" in ds:
+        clash = [k for k, v in ours_opt.items() if v is not None]
+        if clash:
+            raise ConfigError(f"{' and '.join(clash)} given while {source} has an optimizer section; fix: set the "
+                              f"learning rate in one place (remove the option or the JSON's optimizer)")
+        notes.append(f"optimizer: {ds['optimizer'].get('type')} from {source}")
+    else:
+        params = {"lr": t.lr if t.lr is not None else DEFAULT_LR,
+                  "weight_decay": t.weight_decay if t.weight_decay is not None else 0.0,
+                  "betas": [0.9, 0.999], "eps": 1e-8}
+        ds["optimizer"] = {"type": "AdamW", "params": params}
+        notes.append(f"optimizer: AdamW lr={params['lr']} weight_decay={params['weight_decay']} (relbert-ds options)")
+    if "scheduler" in ds:
+        clash = [k for k, v in ours_sched.items() if v is not None]
+        if clash:
+            raise ConfigError(f"{' and '.join(clash)} given while {source} has a scheduler section; fix: set the "
+                              f"schedule in one place (remove the option or the JSON's scheduler)")
+        notes.append(f"scheduler: {ds['scheduler'].get('type')} from {source}")
+    else:
+        lr = ds["optimizer"].get("params", {}).get("lr", DEFAULT_LR)
+        warmup = t.warmup_steps if t.warmup_steps is not None else DEFAULT_WARMUP_STEPS
+        schedule = t.lr_schedule or "constant"
+        params = {"warmup_min_lr": 0.0, "warmup_max_lr": lr, "warmup_num_steps": warmup, "warmup_type": "linear"}
+        if schedule == "linear":
+            params["total_num_steps"] = max(total_steps, warmup + 1)
+        ds["scheduler"] = {"type": "WarmupDecayLR" if schedule == "linear" else "WarmupLR", "params": params}
+        notes.append(f"scheduler: {warmup} linear warm-up steps then {schedule} (relbert-ds options)")
+    opt_params = ds["optimizer"].setdefault("params", {})
+    if on_cpu and ds["optimizer"].get("type", "").lower() in ("adam", "adamw") and "torch_adam" not in opt_params:
+        # DeepSpeed's fused/CPU Adam kernels are JIT-compiled on first use (minutes); torch's AdamW
+        # is as fast on CPU for these model sizes and needs no compiler.
+        opt_params["torch_adam"] = True
+        ds.setdefault("zero_force_ds_cpu_optimizer", False)
+        notes.append("CPU: torch's AdamW instead of DeepSpeed's compiled Adam kernels (torch_adam: true)")
+    return notes
+
+
+def resolve_deepspeed_config(path: Optional[str], run: RunConfig, world_size: int, micro_steps_per_epoch: Optional[int] = None,
+                             gpu: Optional[tuple[bool, bool, str]] = None) -> ResolvedDeepSpeed:
+    """Load and resolve the DeepSpeed JSON for this run (pure: no process group needed).
+
+    ``micro_steps_per_epoch`` (from the sampler) sizes the linear-decay schedule.
+    """
+    ds, source = load_ds_config(path)
+    gpu = gpu or _gpu_info()
+    for key in ("bf16", "fp16", "zero_optimization"):
+        if key in ds and not isinstance(ds[key], dict):
+            raise ConfigError(f"{source}: '{key}' must be an object; fix: see ds_configs/zero2.json")
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{source}: zero_optimization.stage is {stage!r}; fix: use 0, 1, 2 or 3")
+    precision, why = resolve_precision(ds, source, gpu)
+    micro, accum = resolve_batch(ds, source, run.data.relations_per_rank, world_size)
+    steps = run.train.max_steps or max(1, (micro_steps_per_epoch or 1) * run.train.epochs // accum)
+    notes = [f"precision: {precision} ({why})", f"ZeRO stage {stage}",
+             f"batch: {micro} relation groups per rank x {accum} accumulation steps x {world_size} ranks = "
+             f"{ds['train_batch_size']} per optimizer step"]
+    notes += resolve_optimizer(ds, source, run, steps, on_cpu=not gpu[0])
+    if "steps_per_print" not in ds:
+        ds["steps_per_print"] = 1000000000  # our progress bar and TensorBoard report; keep DeepSpeed's log quiet
+    if "tensorboard" in ds and ds["tensorboard"].get("enabled"):
+        notes.append("DeepSpeed's own tensorboard monitor is on: it writes lr/timings under its own tags; "
+                     "relbert-ds writes train/* and val/* to output_dir/tensorboard")
+    return ResolvedDeepSpeed(ds, source, precision, micro, accum, world_size, stage, notes)
+
+
+def skip_cpu_shm_op() -> None:
+    """Do not JIT-compile DeepSpeed's shared-memory all-reduce op on CPU-only machines.
+
+    It serves CPU inference collectives only, costs 40-70 s of compilation on a fresh machine,
+    and gloo does the same job here. Set RELBERT_DS_KEEP_SHM_OP=1 to keep it.
+    """
+    import os
+
+    import torch
+
+    if torch.cuda.is_available() or os.environ.get("RELBERT_DS_KEEP_SHM_OP") == "1":
+        return
+    module = importlib.import_module("deepspeed.comm.torch")  # `import ... as` binds the package attribute
+    module.build_shm_op = lambda: None
+
+
+def attach_deepspeed_comm() -> None:
+    """Make DeepSpeed's comm layer wrap the process group we created (rank discovery is ours).
+
+    Needed before ZeRO-3 model construction: ``zero.Init`` reads the world size from it.
+    """
+    import deepspeed
+    import torch.distributed as dist
+
+    skip_cpu_shm_op()
+    if dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+
+
+@contextmanager
+def model_construction_context(resolved: ResolvedDeepSpeed) -> Iterator[None]:
+    """Under ZeRO-3, make ``from_pretrained`` build the backbone already partitioned.
+
+    transformers checks for a live ``HfDeepSpeedConfig`` while loading; it must exist before the
+    model is built (and it is only a weak global, so we hold it for the duration).
+    """
+    if resolved.zero_stage != 3:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+
+    attach_deepspeed_comm()
+    holder = HfDeepSpeedConfig(resolved.config)
+    try:
+        yield
+    finally:
+        del holder  # transformers keeps a weakref; the partitioned model stays partitioned
+
+
+def initialize_engine(module: Any, resolved: ResolvedDeepSpeed) -> Any:
+    """``deepspeed.initialize`` with the resolved config; returns the engine."""
+    import deepspeed
+
+    attach_deepspeed_comm()
+    params = [p for p in module.parameters() if p.requires_grad]
+    try:
+        engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=params, config=resolved.config)
+    except (AssertionError, ValueError) as exc:
+        # DeepSpeed validates its JSON with assertions; surface them as config errors.
+        raise ConfigError(f"DeepSpeed rejected {resolved.source}: {str(exc).splitlines()[0] if str(exc) else exc!r}; "
+                          f"fix: correct that setting (see ds_configs/ for working examples)") from exc
+    return engine

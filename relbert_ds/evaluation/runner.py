@@ -1,0 +1,473 @@
+"""The evaluation flow: benchmark files -> unique pairs -> one sharded encode -> metrics -> outputs.
+
+Used by ``launchers/evaluate.py`` and by the trainer (per-epoch validation) alike:
+
+    from relbert_ds.evaluation import evaluate
+    result = evaluate(engine.module, analogy=("sat",), classification=(), split="valid")
+
+Contract:
+- ``evaluate`` is a collective: every rank calls it with the same arguments (inside a live
+  DeepSpeed job, with the engine's encoder module; under ZeRO-3 the lockstep forwards of
+  :func:`encode_sharded` are what keeps the parameter gathers matched).
+- Data are loaded and validated on every rank *before* anything is encoded; a problem on any
+  rank is raised on every rank as the same :class:`UserError` (the lowest failing rank's
+  message), so no rank waits for a peer that already gave up.
+- The pairs of all datasets are collected first and encoded by one ``encode_sharded`` call;
+  every rank gets the full vector table and computes the same metrics (the classification
+  grid is sharded over ranks and its results all-gathered). The returned dict is therefore
+  the same on every rank (except the ``timing`` numbers): every rank can take the same
+  decision (best epoch, early stop) without a broadcast. Files, the markdown table and
+  TensorBoard are written by the caller on rank 0 (:func:`write_outputs` does that).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Sequence, TypeVar, Union
+
+import numpy as np
+import torch
+
+from relbert_ds import errors
+from relbert_ds.collectives import all_gather_no_grad, gather_sizes, world_info
+from relbert_ds.data import (
+    BUNDLED_ANALOGY,
+    BUNDLED_CLASSIFICATION,
+    bundled_path,
+    canonical_split,
+    load_analogy_dataset,
+    load_classification_dataset,
+)
+from relbert_ds.data.schemas import AnalogyDataset, ClassificationDataset, Pair
+from relbert_ds.errors import ConfigError, DataError, UserError
+from relbert_ds.evaluation import analogy as analogy_mod
+from relbert_ds.evaluation import classification as classification_mod
+from relbert_ds.evaluation import mapping as mapping_mod
+from relbert_ds.evaluation.sharding import encode_sharded
+
+T = TypeVar("T")
+SPLITS = ("test", "validation")
+Spec = Union[None, str, Sequence[str]]
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+@dataclass
+class TaskSet:
+    """Every dataset of one evaluation, loaded and validated, and what was skipped."""
+
+    splits: tuple[str, ...]
+    analogy: list[AnalogyDataset] = field(default_factory=list)
+    classification: list[tuple[ClassificationDataset, str]] = field(default_factory=list)  # (data, split)
+    mapping: list[mapping_mod.MappingDataset] = field(default_factory=list)
+    missing: list[dict] = field(default_factory=list)  # bundled defaults without the split
+
+    def pairs(self) -> list[Pair]:
+        """The unique pairs of all tasks (first-occurrence order)."""
+        out: list[Pair] = []
+        for data in self.analogy:
+            out.extend(analogy_mod.analogy_pairs(data.questions))
+        for data, split in self.classification:
+            out.extend(classification_mod.classification_pairs(data, classification_mod.needed_splits(data, split)))
+        for data in self.mapping:
+            out.extend(mapping_mod.evaluation_pairs(data))
+        return list(dict.fromkeys(out))
+
+    def identities(self) -> list[dict]:
+        """Name, source, split and record count of every dataset (for the results JSON)."""
+        out = [{"task": "analogy", "dataset": d.name, "split": d.split, "source": d.source,
+                "n_records": len(d.questions)} for d in self.analogy]
+        out += [{"task": "classification", "dataset": d.name, "split": s, "source": d.source,
+                 "n_records": {k: len(v) for k, v in d.splits.items()}} for d, s in self.classification]
+        out += [{"task": "mapping", "dataset": d.name, "split": "all", "source": d.source,
+                 "n_records": len(d.problems)} for d in self.mapping]
+        return out
+
+
+def _normalize_splits(split: Union[str, Sequence[str]]) -> tuple[str, ...]:
+    splits = [split] if isinstance(split, str) else list(split)
+    out = []
+    for s in splits:
+        c = canonical_split(str(s).strip().lower())
+        if c not in SPLITS:
+            raise ConfigError(f"unknown split {s!r}; fix: use test, valid or both")
+        out.append(c)
+    if not out:
+        raise ConfigError("no split given; fix: use test, valid or both")
+    return tuple(dict.fromkeys(out))
+
+
+def _normalize_sources(spec: Spec, default: Sequence[str]) -> tuple[list[str], bool]:
+    """(sources, are_defaults). None -> the bundled defaults; "none"/[] -> nothing."""
+    if spec is None:
+        return list(default), True
+    items = [spec] if isinstance(spec, str) else list(spec)
+    if any(isinstance(i, str) and i.strip().lower() == "none" for i in items):
+        if len(items) > 1:
+            raise ConfigError("'none' cannot be combined with dataset names; fix: pass either 'none' or names")
+        return [], False
+    return [str(i) for i in items], False
+
+
+def _bundled_has_split(kind: str, name: str, split: str) -> bool:
+    folder = bundled_path(kind, name)
+    spellings = ("valid", "validation") if split == "validation" else (split,)
+    return any((folder / f"{s}.jsonl").is_file() for s in spellings)
+
+
+def _load_tasks(analogy: Spec, classification: Spec, mapping: Spec, split: Union[str, Sequence[str]]) -> TaskSet:
+    splits = _normalize_splits(split)
+    tasks = TaskSet(splits=splits)
+    sources, defaults = _normalize_sources(analogy, BUNDLED_ANALOGY)
+    for source in sources:
+        for s in splits:
+            if defaults and not _bundled_has_split("analogy", source, s):
+                tasks.missing.append({"task": "analogy", "dataset": source, "split": s,
+                                      "reason": f"no {s} split in the bundled data"})
+                continue
+            data = load_analogy_dataset(source, s)
+            tasks.analogy.append(AnalogyDataset(data.name, s, data.questions, data.source))
+    sources, defaults = _normalize_sources(classification, BUNDLED_CLASSIFICATION)
+    for source in sources:
+        data = load_classification_dataset(source)
+        for s in splits:
+            if "train" not in data.splits:
+                raise DataError(f"classification dataset {source}: no train split (splits present: "
+                                f"{', '.join(data.splits) or 'none'}). Fix: pass a folder holding train.jsonl "
+                                "and test.jsonl (validation.jsonl optional)")
+            if s not in data.splits:
+                if defaults:
+                    tasks.missing.append({"task": "classification", "dataset": data.name, "split": s,
+                                          "reason": f"no {s} split in the bundled data"})
+                    continue
+                raise DataError(f"classification dataset {source}: no {s} split (splits present: "
+                                f"{', '.join(data.splits)}). Fix: ask for one of those splits or add {s}.jsonl")
+            tasks.classification.append((data, s))
+    sources, _ = _normalize_sources(mapping, ())
+    for source in sources:
+        tasks.mapping.append(mapping_mod.load_mapping_dataset(source))
+    return tasks
+
+
+def run_consistently(fn: Callable[[], T]) -> T:
+    """Run ``fn`` on every rank; if it fails on any rank, fail on every rank.
+
+    The failing ranks' messages are exchanged (one all-gather of bytes); every rank raises the
+    lowest failing rank's error with its message, so rank 0 can print it even where only
+    another rank failed. Without a process group this is just ``fn()``.
+    """
+    error: Optional[BaseException] = None
+    result = None
+    try:
+        result = fn()
+    except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
+        error = exc
+    _, world = world_info()
+    if world == 1:
+        if error is not None:
+            raise error
+        return result
+    payload = b"\x00" if error is None else b"\x01" + f"{type(error).__name__}\t{error}".encode("utf-8", "replace")
+    local = torch.tensor(list(payload), dtype=torch.uint8)
+    sizes = gather_sizes(len(payload))
+    gathered = bytes(all_gather_no_grad(local, sizes).cpu().tolist())
+    offset = 0
+    for rank_index, size in enumerate(sizes):
+        chunk = gathered[offset:offset + size]
+        offset += size
+        if chunk[:1] == b"\x01":
+            if error is not None and not isinstance(error, UserError):
+                raise error  # a bug on this rank: keep its traceback
+            name, _, message = chunk[1:].decode("utf-8", "replace").partition("\t")
+            cls = getattr(errors, name, None)
+            if isinstance(cls, type) and issubclass(cls, UserError):
+                raise cls(message) from None
+            raise RuntimeError(f"rank {rank_index} failed: {name}: {message}")
+    return result
+
+
+def prepare_tasks(analogy: Spec = None, classification: Spec = None, mapping: Spec = None,
+                  split: Union[str, Sequence[str]] = "test") -> TaskSet:
+    """Load and validate every requested dataset (a collective; cheap, no model involved).
+
+    Args:
+        analogy: sources (bundled name, folder, file, hub id); None = every bundled set, where
+            a bundled default lacking the split is listed in ``missing`` instead of failing;
+            ``"none"`` or ``()`` = no analogy.
+        classification: likewise (default: BLESS and KHN).
+        mapping: relation-mapping JSONL files (default: none).
+        split: ``"test"``, ``"valid"``/``"validation"``, or both (both for sat = SAT-full too).
+
+    Raises:
+        UserError (DataError, ConfigError) on every rank when any rank finds bad input.
+    """
+    return run_consistently(lambda: _load_tasks(analogy, classification, mapping, split))
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def model_identity(encoder: Any) -> dict:
+    """What identifies the evaluated model in the results."""
+    ident = {"name": getattr(encoder, "name", type(encoder).__name__)}
+    for key in ("template", "pooling", "max_length", "hidden_size"):
+        value = getattr(encoder, key, None)
+        if value is not None:
+            ident[key] = value
+    return ident
+
+
+def _finite(x: Any) -> Optional[float]:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
+
+
+def evaluate_tasks(encoder: Any, tasks: TaskSet, batch_size: int = 64,
+                   max_iter: int = classification_mod.DEFAULT_MAX_ITER, seed: int = 0,
+                   blas_threads: Optional[int] = 1, keep_predictions: bool = False,
+                   exhaustive_limit: int = mapping_mod.DEFAULT_EXHAUSTIVE_LIMIT,
+                   show_progress: bool = False, keep_vectors: bool = False) -> dict:
+    """Evaluate one encoder on prepared tasks (a collective; see the module docstring).
+
+    With ``keep_vectors`` the result also holds ``vectors``: ``{"pairs": [...], "table": (N, H)
+    float32}``, the one table every metric was computed from (not JSON; pop it before saving).
+    """
+    start = time.perf_counter()
+    _, world = world_info()
+    pairs = tasks.pairs()
+    table = encode_sharded(encoder, pairs, batch_size=batch_size, show_progress=show_progress)
+    row_of = {p: i for i, p in enumerate(pairs)}
+
+    def lookup(query: Sequence[Pair]) -> np.ndarray:
+        return table[[row_of[tuple(p)] for p in query]]
+
+    timing = {"encode_s": time.perf_counter() - start}
+    result: dict[str, Any] = {"model": model_identity(encoder), "world_size": world, "n_pairs": len(pairs),
+                              "batch_size": batch_size, "analogy": {}, "classification": {}, "mapping": {},
+                              "missing": list(tasks.missing)}
+
+    t = time.perf_counter()
+    answered: dict[str, list] = {}
+    for data in tasks.analogy:
+        results = analogy_mod.answer_questions(data.questions, lookup)
+        entry = {"dataset": data.name, "split": data.split, "source": data.source}
+        entry.update(analogy_mod.summarize(data.questions, results))
+        if keep_predictions:
+            entry["predictions"] = analogy_mod.question_records(data.questions, results)
+        result["analogy"][f"{data.name}/{data.split}"] = entry
+        answered.setdefault(data.name, []).append((data, results))
+    for name, parts in answered.items():
+        if {d.split for d, _ in parts} >= {"validation", "test"}:  # SAT-full and its kin
+            questions = [q for d, _ in parts for q in d.questions]
+            results = [r for _, rs in parts for r in rs]
+            entry = {"dataset": name, "split": "full", "source": [d.source for d, _ in parts],
+                     "splits": [d.split for d, _ in parts]}
+            entry.update(analogy_mod.summarize(questions, results))
+            result["analogy"][f"{name}/full"] = entry
+    timing["analogy_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    for data, split in tasks.classification:
+        result["classification"][f"{data.name}/{split}"] = classification_mod.run_classification(
+            data, lookup, split=split, max_iter=max_iter, seed=seed, blas_threads=blas_threads,
+            keep_predictions=keep_predictions)
+    timing["classification_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    for data in tasks.mapping:
+        result["mapping"][data.name] = mapping_mod.run_mapping(data, lookup, exhaustive_limit=exhaustive_limit,
+                                                               keep_predictions=keep_predictions)
+    timing["mapping_s"] = time.perf_counter() - t
+    timing["total_s"] = time.perf_counter() - start
+    result["timing"] = timing
+    result["metrics"] = flat_metrics(result)
+    if keep_vectors:
+        result["vectors"] = {"pairs": pairs, "table": table}
+    return result
+
+
+def evaluate(encoder: Any, analogy: Spec = None, classification: Spec = None, mapping: Spec = None,
+             split: Union[str, Sequence[str]] = "test", batch_size: int = 64,
+             max_iter: int = classification_mod.DEFAULT_MAX_ITER, seed: int = 0, blas_threads: Optional[int] = 1,
+             keep_predictions: bool = False, show_progress: bool = False) -> dict:
+    """Evaluate ``encoder`` on analogy, classification and mapping benchmarks (a collective).
+
+    Every rank calls it with the same arguments and gets the same result dict (``metrics``
+    holds the flat ``task/dataset/split/metric`` numbers; ``timing`` is per rank). Data are
+    validated before any encoding; see :func:`prepare_tasks` for the dataset arguments.
+    """
+    tasks = prepare_tasks(analogy=analogy, classification=classification, mapping=mapping, split=split)
+    return evaluate_tasks(encoder, tasks, batch_size=batch_size, max_iter=max_iter, seed=seed,
+                          blas_threads=blas_threads, keep_predictions=keep_predictions, show_progress=show_progress)
+
+
+# --------------------------------------------------------------------------- reporting
+
+ANALOGY_METRICS = ("accuracy",)
+CLASSIFICATION_METRICS = ("f1_macro", "f1_micro", "accuracy")
+MAPPING_METRICS = ("accuracy",)
+
+
+def flat_metrics(result: dict) -> dict[str, float]:
+    """``{"analogy/sat/test/accuracy": 0.5, ...}``: the scalar metrics (for TensorBoard, selection)."""
+    out: dict[str, float] = {}
+    for key, entry in result["analogy"].items():
+        out[f"analogy/{key}/accuracy"] = entry["accuracy"]
+        out[f"analogy/{key}/n_tied"] = float(entry["n_tied"])
+    for key, entry in result["classification"].items():
+        for metric in CLASSIFICATION_METRICS:
+            out[f"classification/{key}/{metric}"] = entry[metric]
+    for key, entry in result["mapping"].items():
+        out[f"mapping/{key}/accuracy"] = entry["accuracy"]
+    return out
+
+
+def strip_predictions(result: dict) -> tuple[dict, list[dict]]:
+    """A copy of ``result`` without per-item predictions, and those predictions as records."""
+    records: list[dict] = []
+    clean = {k: v for k, v in result.items() if k != "vectors"}
+    for task in ("analogy", "classification", "mapping"):
+        clean[task] = {}
+        for key, entry in result.get(task, {}).items():
+            entry = dict(entry)
+            for item in entry.pop("predictions", []):
+                records.append({"task": task, "dataset": entry["dataset"], "split": entry["split"], **item})
+            clean[task][key] = entry
+    return clean, records
+
+
+def _rows(results: dict[str, dict]) -> list[tuple[str, str, str, str, str]]:
+    """(task, dataset, split, metric, n) of every reported number, in a stable order."""
+    rows: list[tuple[str, str, str, str, str]] = []
+    seen = set()
+    for res in results.values():
+        items = [("analogy", e["dataset"], e["split"], m, str(e["n_questions"]))
+                 for e in res["analogy"].values() for m in ANALOGY_METRICS]
+        items += [("analogy", m["dataset"], m["split"], "accuracy", "-") for m in res["missing"]
+                  if m["task"] == "analogy"]
+        items += [("classification", e["dataset"], e["split"], m, str(e["n_eval"]))
+                  for e in res["classification"].values() for m in CLASSIFICATION_METRICS]
+        items += [("classification", m["dataset"], m["split"], "f1_macro", "-") for m in res["missing"]
+                  if m["task"] == "classification"]
+        items += [("mapping", e["dataset"], e["split"], m, str(e["n_problems"]))
+                  for e in res["mapping"].values() for m in MAPPING_METRICS]
+        for row in items:
+            if row[:4] not in seen:
+                seen.add(row[:4])
+                rows.append(row)
+    order = {"analogy": 0, "classification": 1, "mapping": 2}
+    split_order = {"validation": 0, "test": 1, "full": 2}
+    return sorted(rows, key=lambda r: (order[r[0]], r[1].lower(), split_order.get(r[2], 3), r[3]))
+
+
+def _cell(res: dict, task: str, dataset: str, split: str, metric: str) -> str:
+    key = dataset if task == "mapping" else f"{dataset}/{split}"
+    entry = res[task].get(key)
+    if entry is None:
+        for m in res["missing"]:
+            if (m["task"], m["dataset"], m["split"]) == (task, dataset, split):
+                return f"n/a ({m['reason']})"
+        return "-"
+    value = entry[metric]
+    text = f"{100 * value:.1f}"
+    if task == "analogy" and entry.get("n_tied"):
+        text += f" ({entry['n_tied']} tied)"
+    return text
+
+
+def _template_label(template: Optional[str]) -> str:
+    """``d`` for the paper's template d, else the text itself."""
+    from relbert_ds.prompts import TEMPLATES
+
+    ids = [k for k, v in TEMPLATES.items() if v == template]
+    return ids[0] if ids else repr(template)
+
+
+def markdown_table(results: dict[str, dict]) -> str:
+    """A markdown table of the metrics (in %), one column per evaluated model (side by side)."""
+    labels = list(results)
+    header = "| task | dataset | split | metric | n | " + " | ".join(labels) + " |"
+    lines = [header, "|" + "---|" * (5 + len(labels))]
+    for task, dataset, split, metric, n in _rows(results):
+        cells = [_cell(results[label], task, dataset, split, metric) for label in labels]
+        lines.append(f"| {task} | {dataset} | {split} | {metric} | {n} | " + " | ".join(cells) + " |")
+    models = "; ".join(f"{label} = {r['model'].get('name')} (template {_template_label(r['model'].get('template'))}, "
+                       f"pooling {r['model'].get('pooling')})" for label, r in results.items())
+    return "\n".join(lines) + f"\n\nModels: {models}\n"
+
+
+def write_tensorboard(results: dict[str, dict], log_dir: Union[str, Path], step: int = 0,
+                      writer: Any = None) -> None:
+    """Write every flat metric as ``<label>/<task>/<dataset>/<split>/<metric>`` (rank 0 only)."""
+    rank, _ = world_info()
+    if rank != 0:
+        return
+    own = writer is None
+    if own:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(log_dir=str(log_dir))
+    try:
+        for label, res in results.items():
+            for key, value in res["metrics"].items():
+                if _finite(value) is not None:
+                    writer.add_scalar(f"{label}/{key}", value, global_step=step)
+        writer.flush()
+    finally:
+        if own:
+            writer.close()
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, tuple):
+        return list(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def _jsonable(obj: Any) -> Any:
+    """NaN -> None (strict JSON), recursively."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj
+
+
+def write_outputs(results: dict[str, dict], header: dict, output: Optional[Union[str, Path]] = None,
+                  predictions: Optional[Union[str, Path]] = None, tensorboard_dir: Optional[Union[str, Path]] = None,
+                  step: int = 0) -> dict:
+    """Rank 0: results JSON (``header`` + one entry per model), predictions JSONL, TensorBoard.
+
+    Returns the JSON document. Other ranks write nothing and get it back too.
+    """
+    rank, _ = world_info()
+    clean: dict[str, dict] = {}
+    records: list[dict] = []
+    for label, res in results.items():
+        clean[label], recs = strip_predictions(res)
+        records += [{"model": label, **r} for r in recs]
+    document = _jsonable({**header, "models": clean})
+    if rank != 0:
+        return document
+    if output:
+        path = Path(output)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(document, indent=2, default=_json_default) + "\n", encoding="utf-8")
+    if predictions:
+        path = Path(predictions)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", encoding="utf-8") as handle:
+            for rec in records:
+                handle.write(json.dumps(_jsonable(rec), default=_json_default) + "\n")
+    if tensorboard_dir:
+        write_tensorboard(results, tensorboard_dir, step=step)
+    return document

@@ -1,0 +1,136 @@
+"""What a training run reports: TensorBoard scalars and projector (rank 0), the progress bar,
+throughput, FLOP/s and MFU, peak memory.
+
+relbert-ds writes its own tags (``train/*``, ``val/*``) with a rank-0 SummaryWriter; it does not
+enable DeepSpeed's monitor, which in DeepSpeed 0.19 logs only the learning rate, so no tag is
+written twice.
+"""
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+# Dense bf16/fp16 tensor-core peaks (FLOP/s) of common training GPUs, by name fragment.
+GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A10G": 125e12, "L40S": 362e12, "L4": 121e12,
+                  "V100": 125e12, "A6000": 155e12, "4090": 165e12}
+
+
+def model_flops_per_token(num_params: int, num_layers: int, hidden: int, seq_len: float, training: bool = True) -> float:
+    """FLOPs per token: 2N (forward) + 4N (backward) for the weights, plus attention scores
+    (QK^T and AV: 2 x 2 x seq x hidden per layer and token, forward).
+
+    The PaLM/nanoGPT estimate, with N the matmul parameters (:func:`matmul_parameters`).
+    """
+    forward = 2 * num_params + 4 * num_layers * seq_len * hidden
+    return 3 * forward if training else forward
+
+
+def matmul_parameters(module: torch.nn.Module) -> int:
+    """Parameters that do matmul work per token: all but embedding tables (a lookup is free).
+
+    Counts ZeRO-3 partitioned parameters by their full size (``ds_numel``).
+    """
+    def numel(p: torch.nn.Parameter) -> int:
+        return int(getattr(p, "ds_numel", p.numel()))
+
+    embedding = sum(numel(p) for m in module.modules() if isinstance(m, torch.nn.Embedding)
+                    for p in m.parameters(recurse=False))
+    return sum(numel(p) for p in module.parameters()) - embedding
+
+
+def measure_matmul_peak(dtype: torch.dtype = torch.float32, size: int = 2048, repeats: int = 8) -> float:
+    """Achieved FLOP/s of a square matmul on this device with the current thread count."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    a = torch.randn(size, size, dtype=dtype, device=device)
+    b = torch.randn(size, size, dtype=dtype, device=device)
+    a @ b  # warm-up
+    if device == "cuda":
+        torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size ** 3 / best
+
+
+def device_peak_flops(user_tflops: Optional[float], precision: str) -> tuple[float, str]:
+    """Per-device peak FLOP/s for MFU and where the figure comes from."""
+    if user_tflops:
+        return user_tflops * 1e12, "given by --peak_tflops"
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        for key, peak in GPU_PEAK_FLOPS.items():
+            if key in name:
+                return (peak if precision in ("bf16", "fp16") else peak / 2), f"datasheet peak of {name}"
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16 if precision == "fp16" else torch.float32
+        return measure_matmul_peak(dtype, 4096), f"measured matmul peak of {name}"
+    return measure_matmul_peak(torch.float32), f"measured fp32 matmul peak of this CPU ({torch.get_num_threads()} threads)"
+
+
+def peak_memory_bytes() -> int:
+    """Peak memory of this process: GPU allocations on CUDA, else the resident set size."""
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss_kib * (1 if sys.platform == "darwin" else 1024))
+
+
+class TrainingMonitor:
+    """Rank 0's TensorBoard writer and progress bar; a no-op on other ranks."""
+
+    def __init__(self, log_dir: Optional[Path], enabled: bool, total_steps: int, initial_step: int = 0) -> None:
+        self.enabled = enabled
+        self.writer = None
+        self.bar = None
+        if not enabled:
+            return
+        if log_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(log_dir))
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total_steps, initial=initial_step, desc="train", unit="step", dynamic_ncols=True,
+                        file=sys.stderr, mininterval=1.0)
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self.writer is not None:
+            for tag, value in values.items():
+                self.writer.add_scalar(tag, value, step)
+
+    def progress(self, steps: int, postfix: dict[str, Any]) -> None:
+        if self.bar is not None:
+            self.bar.update(steps)
+            self.bar.set_postfix(postfix, refresh=False)
+
+    def embeddings(self, step: int, vectors: torch.Tensor, labels: Sequence[Sequence[str]], header: Sequence[str],
+                   tag: str) -> None:
+        """Vectors with label columns for TensorBoard's projector."""
+        if self.writer is not None:
+            self.writer.add_embedding(vectors, metadata=[list(row) for row in labels], metadata_header=list(header),
+                                      global_step=step, tag=tag)
+
+    def write(self, message: str) -> None:
+        if self.enabled:
+            if self.bar is not None:
+                self.bar.write(message, file=sys.stderr)
+            else:
+                print(message, file=sys.stderr)
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()

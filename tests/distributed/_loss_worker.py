@@ -1,0 +1,165 @@
+"""One rank of the 2-process loss-equivalence test (run by test_loss_multiprocess.py).
+
+Usage: python _loss_worker.py RANK WORLD_SIZE PORT OUT_FILE
+
+Each rank runs a tiny deterministic encoder on its local slice of a RelationAwareSampler
+global batch, computes its loss share, backpropagates, averages the parameter gradients
+over ranks (what DeepSpeed/DDP do) and saves everything to OUT_FILE for the parent test.
+The scenario helpers are shared with the parent, which computes the single-process
+reference over the concatenated global batch.
+"""
+from __future__ import annotations
+
+import sys
+from datetime import timedelta
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from relbert_ds import collectives  # noqa: E402
+from relbert_ds.data.schemas import RelationDataset, RelationGroup  # noqa: E402
+from relbert_ds.losses import (  # noqa: E402
+    ClassificationLoss, CombinedLoss, InfoLOOBLoss, NCELoss, RelationLoss, TripletLoss,
+)
+from relbert_ds.sampler import LocalBatch, RelationAwareSampler  # noqa: E402
+
+WORLD = 2
+FEATURES, HIDDEN, DIM = 12, 16, 8
+
+
+def dataset() -> RelationDataset:
+    """8 relations, 3 parents, uneven group sizes, and pairs shared between relations."""
+    groups = []
+    for r in range(8):
+        n_pos, n_neg = 3 + r % 4, r % 3  # 3..6 positives, 0..2 negatives
+        pos = [(f"h{r}_{i}", f"t{r}_{i}") for i in range(n_pos)]
+        neg = [(f"nh{r}_{i}", f"nt{r}_{i}") for i in range(n_neg)]
+        pos[-1] = (f"h{(r + 1) % 8}_0", f"t{(r + 1) % 8}_0")  # a positive of the next relation too
+        groups.append(RelationGroup(f"R{r}", tuple(pos), tuple(neg), parent=str(r % 3)))
+    return RelationDataset("synthetic", "train", tuple(groups))
+
+
+def sampler(rank: int) -> RelationAwareSampler:
+    return RelationAwareSampler(dataset(), world_size=WORLD, rank=rank, relations_per_rank=2,
+                                positives_per_relation=4, negatives_per_relation=2, seed=11,
+                                parent_grouping=True)
+
+
+def choose_step(s: RelationAwareSampler) -> tuple[int, int]:
+    """The first (epoch, step) whose ranks hold different row counts and share a pair
+    across ranks (exercises the padded gather and the cross-rank duplicate masking)."""
+    for epoch in range(50):
+        for step in range(s.steps_per_epoch):
+            plan = s.plan(epoch, step)
+            parts = [s.batch_from_groups(groups) for groups in plan]
+            shared = set(parts[0].pair_ids.tolist()) & set(parts[1].pair_ids.tolist())
+            if len(parts[0]) != len(parts[1]) and shared:
+                return epoch, step
+    raise AssertionError("no suitable step in the synthetic plan")
+
+
+def features(num_pairs: int) -> torch.Tensor:
+    """Fixed random input features per pair id (the stand-in for the prompt + backbone)."""
+    return torch.randn(num_pairs, FEATURES, generator=torch.Generator().manual_seed(5))
+
+
+def encoder() -> torch.nn.Module:
+    torch.manual_seed(1234)
+    return torch.nn.Sequential(torch.nn.Linear(FEATURES, HIDDEN), torch.nn.Tanh(), torch.nn.Linear(HIDDEN, DIM))
+
+
+def make_loss(case: str) -> RelationLoss:
+    torch.manual_seed(99)  # the classification head's init
+    return {
+        "nce": lambda: NCELoss(0.1),
+        "iloob": lambda: InfoLOOBLoss(0.1),
+        "triplet": lambda: TripletLoss(margin=1.0),
+        "nce+classification": lambda: CombinedLoss(NCELoss(0.1), ClassificationLoss(DIM)),
+    }[case]()
+
+
+CASES = ("nce", "iloob", "triplet", "nce+classification")
+BUGGY_CASES = ("nce", "triplet")
+
+
+def run_case(case: str, batch: LocalBatch, feats: torch.Tensor) -> dict:
+    """Forward + backward of one loss on ``batch``; grads averaged over ranks."""
+    model, loss_fn = encoder(), make_loss(case)
+    params = list(model.parameters()) + list(loss_fn.parameters())
+    emb = model(feats[batch.pair_ids])  # (n, DIM) fp32
+    out = loss_fn(emb, batch.relation_ids, batch.is_positive, batch.parent_ids, batch.pair_ids)
+    out.loss.backward()
+    _, world = collectives.world_info()
+    grads = []
+    for p in params:
+        g = p.grad.detach().clone()
+        if world > 1:  # DeepSpeed/DDP: the MEAN of the ranks' parameter gradients
+            torch.distributed.all_reduce(g)
+            g /= world
+        grads.append(g)
+    return {"loss": out.loss.item(), "value": out.value, "metrics": out.metrics, "grads": grads}
+
+
+def _biased_gather(x: torch.Tensor, sizes=None) -> torch.Tensor:
+    """The classic bug (open_clip#616): other ranks' rows gathered without autograd."""
+    rank, _ = collectives.world_info()
+    sizes = sizes if sizes is not None else collectives.gather_sizes(x.shape[0])
+    full = collectives.all_gather_no_grad(x, sizes)
+    start = sum(sizes[:rank])
+    return torch.cat([full[:start], x, full[start + x.shape[0]:]])
+
+
+def check_collectives(rank: int) -> dict:
+    """Uneven autograd gather: values, and the local gradient = sum over ranks' copies."""
+    n = 2 + rank  # rank 0: 2 rows, rank 1: 3 rows
+    x = (torch.arange(n * 3, dtype=torch.float32).view(n, 3) + 100 * rank).requires_grad_(True)
+    y = collectives.all_gather_with_grad(x)  # (5, 3)
+    weight = (rank + 1) * torch.arange(y.numel(), dtype=torch.float32).view_as(y)
+    (y * weight).sum().backward()
+    ids = collectives.all_gather_no_grad(torch.tensor([rank] * n))
+    flags = collectives.all_gather_no_grad(torch.tensor([rank == 1] * n))
+    return {
+        "gathered": y.detach(), "grad": x.grad.clone(), "ids": ids, "flags": flags,
+        "mean": collectives.all_reduce_mean(float(rank)),
+        "mean_tensor": collectives.all_reduce_mean(torch.tensor(2.0 * rank)),
+        "world_info": collectives.world_info(),
+    }
+
+
+def main(rank: int, world: int, port: int, out_file: str) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+        timeout=timedelta(seconds=60),
+    )
+    try:
+        s = sampler(rank)
+        epoch, step = choose_step(s)
+        batch = s.local_batch(epoch, step)
+        feats = features(s.num_pairs)
+        results: dict = {"n_local": len(batch), "collectives": check_collectives(rank), "cases": {}, "buggy": {}}
+        for case in CASES:
+            results["cases"][case] = run_case(case, batch, feats)
+        # Rank 1 brings no rows at all: no hang, and the result is rank 0's batch alone.
+        results["empty_rank1"] = run_case("triplet", batch if rank == 0 else s.batch_from_groups([]), feats)
+        original: Callable = collectives.all_gather_with_grad
+        collectives.all_gather_with_grad = _biased_gather
+        try:
+            for case in BUGGY_CASES:
+                results["buggy"][case] = run_case(case, batch, feats)
+        finally:
+            collectives.all_gather_with_grad = original
+        torch.save(results, out_file)
+        # Nobody tears down while a peer still talks to the store (rank 0 hosts it).
+        torch.distributed.barrier()
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])

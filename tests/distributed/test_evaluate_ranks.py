@@ -1,0 +1,130 @@
+"""The evaluator CLI really launched: 1 rank (plain python) and 2 ranks (torchrun) give identical
+predictions and metrics; bad input stops every rank with one ``error:`` line and no hang.
+
+Small on purpose (bundled backbone, SAT's validation questions, a 3-label slice of bundled BLESS, one mapping
+problem): about 40-60 s on a 2-core CPU, mostly process start-up and imports.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+LAUNCHER = ROOT / "launchers" / "evaluate.py"
+BIN = Path(sys.executable).parent
+DATA = ROOT / "relbert_ds" / "resources" / "data"
+BLESS = DATA / "classification" / "BLESS"
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def run(cmd: list[str], timeout: float = 150) -> subprocess.CompletedProcess:
+    """Run a launcher in its own session; kill the whole process group on timeout."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(cmd)} hung for {timeout} s\nstdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _torchrun(n: int) -> list[str]:
+    return [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", str(n), str(LAUNCHER)]
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("eval_data")
+    labels = ("coord", "hyper", "mero")
+    cls = root / "bless_small"
+    cls.mkdir()
+    for split, per_label in (("train", 16), ("validation", 4), ("test", 6)):
+        rows = [json.loads(line) for line in (BLESS / f"{split}.jsonl").read_text().splitlines() if line.strip()]
+        keep = [r for label in labels for r in [r for r in rows if r["relation"] == label][:per_label]]
+        (cls / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in keep))
+    # SAT's 37 validation questions, served as the test split of a local folder (one --split for all).
+    sat = root / "sat_valid"
+    sat.mkdir()
+    (sat / "test.jsonl").write_text((DATA / "analogy" / "sat" / "valid.jsonl").read_text())
+    mapping = root / "mapping.jsonl"
+    mapping.write_text(json.dumps({"source": ["sun", "planet", "gravity", "orbit"],
+                                   "target": ["nucleus", "electron", "charge", "shell"]}) + "\n")
+    return {"root": root, "analogy": str(sat), "classification": str(cls), "mapping": str(mapping)}
+
+
+def _args(data: dict, out: Path) -> list[str]:
+    return ["--model", "all-MiniLM-L6-v2", "--analogy", data["analogy"], "--split", "test",
+            "--classification", data["classification"], "--mapping", data["mapping"], "--max_iter", "60",
+            "--batch_size", "16", "--threads", "1", "--output", str(out / "results.json"),
+            "--predictions", str(out / "predictions.jsonl"), "--vectors", str(out / "vectors.npz")]
+
+
+def _comparable(doc: dict) -> dict:
+    model = dict(doc["models"]["model"])
+    for key in ("timing", "world_size"):
+        model.pop(key)
+    for entry in model["classification"].values():
+        entry.pop("time_s")
+    return model
+
+
+def test_one_and_two_ranks_give_identical_results(small_data, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    r1 = run([sys.executable, str(LAUNCHER)] + _args(small_data, one))
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    r2 = run(_torchrun(2) + _args(small_data, two))
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    d1 = json.loads((one / "results.json").read_text())
+    d2 = json.loads((two / "results.json").read_text())
+    assert (d1["world_size"], d2["world_size"]) == (1, 2)
+    assert d2["models"]["model"]["world_size"] == 2
+    # Every metric, every chosen configuration and grid score, bit for bit.
+    assert _comparable(d1) == _comparable(d2)
+    assert d1["models"]["model"]["metrics"] == d2["models"]["model"]["metrics"]
+    # The vector tables are bit-identical: each pair was encoded in the same batch either way.
+    v1, v2 = np.load(one / "vectors.npz"), np.load(two / "vectors.npz")
+    assert (v1["pairs"] == v2["pairs"]).all() and v1["model_vectors"].shape == (len(v1["pairs"]), 384)
+    assert np.array_equal(v1["model_vectors"], v2["model_vectors"])
+    # Per-question predictions, cosine scores included, are identical too.
+    p1 = (one / "predictions.jsonl").read_text()
+    assert p1 == (two / "predictions.jsonl").read_text()
+    records = [json.loads(line) for line in p1.splitlines()]
+    assert sum(r["task"] == "analogy" for r in records) == 37
+    assert sum(r["task"] == "classification" for r in records) == 18
+    assert d1["models"]["model"]["classification"]
+    entry = next(iter(d1["models"]["model"]["classification"].values()))
+    assert entry["selected_on"] == "validation" and len(entry["grid"]) == 9
+    assert {d["dataset"] for d in d1["datasets"]} == {"sat_valid", "bless_small", "mapping"}
+    # The table is printed once (rank 0), the other rank stays quiet.
+    assert r2.stdout.count("| task | dataset |") == 1
+    assert "| analogy | sat_valid | test | accuracy | 37 |" in r2.stdout
+
+
+def test_bad_input_one_error_line_every_rank_exits(tmp_path):
+    bad = tmp_path / "bad_analogy"
+    bad.mkdir()
+    good = {"stem": ["a", "b"], "choice": [["c", "d"], ["e", "f"]], "answer": 0}
+    (bad / "test.jsonl").write_text(json.dumps(good) + "\n" + json.dumps({**good, "answer": 7}) + "\n")
+    r = run(_torchrun(2) + ["--model", "all-MiniLM-L6-v2", "--analogy", str(bad), "--classification", "none"],
+            timeout=90)
+    assert r.returncode != 0
+    lines = [line for line in (r.stdout + r.stderr).splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, r.stdout + r.stderr
+    assert "line 2: answer index 7 is out of range for 2 choices" in lines[0]
+    assert "| task |" not in r.stdout  # nothing was evaluated
