@@ -9,7 +9,8 @@ left open in it and records each decision (``ResolvedDeepSpeed.notes``, logged a
 - the batch triad: DeepSpeed's sample is one *relation group*; ``train_batch_size`` =
   relations per rank x accumulation steps x world size, derived from what is given;
 - optimizer/scheduler: taken from the JSON when present (then --lr & co. are refused), else
-  written into it from our options: AdamW + linear warm-up, then constant or linear decay.
+  from our options: AdamW written into the JSON, and our warm-up schedule (WarmupSchedule)
+  handed to ``deepspeed.initialize``.
 """
 from __future__ import annotations
 
@@ -55,12 +56,39 @@ class ResolvedDeepSpeed:
     world_size: int
     zero_stage: int
     notes: list[str] = field(default_factory=list)
+    schedule: Optional["WarmupSchedule"] = None  # ours; None when the JSON has a scheduler
 
     @property
     def offload(self) -> bool:
         zero = self.config.get("zero_optimization", {})
         return any(zero.get(k, {}).get("device", "none") not in ("none", None)
                    for k in ("offload_optimizer", "offload_param"))
+
+
+class WarmupSchedule:
+    """LR factor for the optimizer step with 0-based index ``s``: linear warm-up that already
+    trains on the first step ((s+1)/warmup), then constant or linear decay to 0 at the end.
+
+    Ours rather than DeepSpeed's WarmupLR, which spends its first two steps at lr 0. A callable
+    object (not a lambda), so ``LambdaLR.state_dict`` carries it into checkpoints.
+    """
+
+    def __init__(self, warmup_steps: int, kind: str, total_steps: int) -> None:
+        self.warmup_steps, self.kind, self.total_steps = int(warmup_steps), kind, int(total_steps)
+
+    def __call__(self, s: int) -> float:
+        if s < self.warmup_steps:
+            return (s + 1) / self.warmup_steps
+        if self.kind == "linear":
+            return max(0.0, (self.total_steps - s) / max(1, self.total_steps - self.warmup_steps))
+        return 1.0
+
+    def describe(self) -> str:
+        tail = f"linear decay to 0 at step {self.total_steps}" if self.kind == "linear" else "constant"
+        return f"{self.warmup_steps} linear warm-up steps then {tail}"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, WarmupSchedule) and vars(self) == vars(other)
 
 
 def load_ds_config(path: Optional[str]) -> tuple[dict[str, Any], str]:
@@ -156,8 +184,13 @@ def resolve_batch(ds: dict[str, Any], source: str, relations_per_rank: Optional[
     return micro, accum
 
 
-def resolve_optimizer(ds: dict[str, Any], source: str, run: RunConfig, total_steps: int, on_cpu: bool) -> list[str]:
-    """Optimizer and scheduler from the JSON or from our options, never both; returns notes."""
+def resolve_optimizer(ds: dict[str, Any], source: str, run: RunConfig, total_steps: int,
+                      on_cpu: bool) -> tuple[list[str], Optional["WarmupSchedule"]]:
+    """Optimizer and scheduler from the JSON or from our options, never both.
+
+    Returns notes and, when the schedule is ours, the :class:`WarmupSchedule` to hand to
+    ``deepspeed.initialize`` (None when the JSON's scheduler section rules).
+    """
     t, notes = run.train, []
     ours_opt = {"--lr": t.lr, "--weight_decay": t.weight_decay}
     ours_sched = {"--warmup_steps": t.warmup_steps, "--lr_schedule": t.lr_schedule}
@@ -179,15 +212,11 @@ def resolve_optimizer(ds: dict[str, Any], source: str, run: RunConfig, total_ste
             raise ConfigError(f"{' and '.join(clash)} given while {source} has a scheduler section; fix: set the "
                               f"schedule in one place (remove the option or the JSON's scheduler)")
         notes.append(f"scheduler: {ds['scheduler'].get('type')} from {source}")
+        schedule = None
     else:
-        lr = ds["optimizer"].get("params", {}).get("lr", DEFAULT_LR)
-        warmup = t.warmup_steps if t.warmup_steps is not None else DEFAULT_WARMUP_STEPS
-        schedule = t.lr_schedule or "constant"
-        params = {"warmup_min_lr": 0.0, "warmup_max_lr": lr, "warmup_num_steps": warmup, "warmup_type": "linear"}
-        if schedule == "linear":
-            params["total_num_steps"] = max(total_steps, warmup + 1)
-        ds["scheduler"] = {"type": "WarmupDecayLR" if schedule == "linear" else "WarmupLR", "params": params}
-        notes.append(f"scheduler: {warmup} linear warm-up steps then {schedule} (relbert-ds options)")
+        schedule = WarmupSchedule(t.warmup_steps if t.warmup_steps is not None else DEFAULT_WARMUP_STEPS,
+                                  t.lr_schedule or "constant", total_steps)
+        notes.append(f"scheduler: {schedule.describe()} (relbert-ds options)")
     opt_params = ds["optimizer"].setdefault("params", {})
     if on_cpu and ds["optimizer"].get("type", "").lower() in ("adam", "adamw") and "torch_adam" not in opt_params:
         # DeepSpeed's fused/CPU Adam kernels are JIT-compiled on first use (minutes); torch's AdamW
@@ -195,7 +224,7 @@ def resolve_optimizer(ds: dict[str, Any], source: str, run: RunConfig, total_ste
         opt_params["torch_adam"] = True
         ds.setdefault("zero_force_ds_cpu_optimizer", False)
         notes.append("CPU: torch's AdamW instead of DeepSpeed's compiled Adam kernels (torch_adam: true)")
-    return notes
+    return notes, schedule
 
 
 def resolve_deepspeed_config(path: Optional[str], run: RunConfig, world_size: int, micro_steps_per_epoch: Optional[int] = None,
@@ -218,13 +247,14 @@ def resolve_deepspeed_config(path: Optional[str], run: RunConfig, world_size: in
     notes = [f"precision: {precision} ({why})", f"ZeRO stage {stage}",
              f"batch: {micro} relation groups per rank x {accum} accumulation steps x {world_size} ranks = "
              f"{ds['train_batch_size']} per optimizer step"]
-    notes += resolve_optimizer(ds, source, run, steps, on_cpu=not gpu[0])
+    more, schedule = resolve_optimizer(ds, source, run, steps, on_cpu=not gpu[0])
+    notes += more
     if "steps_per_print" not in ds:
         ds["steps_per_print"] = 1000000000  # our progress bar and TensorBoard report; keep DeepSpeed's log quiet
     if "tensorboard" in ds and ds["tensorboard"].get("enabled"):
         notes.append("DeepSpeed's own tensorboard monitor is on: it writes lr/timings under its own tags; "
                      "relbert-ds writes train/* and val/* to output_dir/tensorboard")
-    return ResolvedDeepSpeed(ds, source, precision, micro, accum, world_size, stage, notes)
+    return ResolvedDeepSpeed(ds, source, precision, micro, accum, world_size, stage, notes, schedule)
 
 
 def skip_cpu_shm_op() -> None:
@@ -283,7 +313,14 @@ def initialize_engine(module: Any, resolved: ResolvedDeepSpeed) -> Any:
     attach_deepspeed_comm()
     params = [p for p in module.parameters() if p.requires_grad]
     try:
-        engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=params, config=resolved.config)
+        scheduler = None
+        if resolved.schedule is not None:
+            import torch
+
+            schedule = resolved.schedule
+            scheduler = lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)  # noqa: E731
+        engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=params, config=resolved.config,
+                                               lr_scheduler=scheduler)
     except (AssertionError, ValueError) as exc:
         # DeepSpeed validates its JSON with assertions; surface them as config errors.
         raise ConfigError(f"DeepSpeed rejected {resolved.source}: {str(exc).splitlines()[0] if str(exc) else exc!r}; "

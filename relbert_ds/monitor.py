@@ -46,8 +46,10 @@ def matmul_parameters(module: torch.nn.Module) -> int:
 def measure_matmul_peak(dtype: torch.dtype = torch.float32, size: int = 2048, repeats: int = 8) -> float:
     """Achieved FLOP/s of a square matmul on this device with the current thread count."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    a = torch.randn(size, size, dtype=dtype, device=device)
-    b = torch.randn(size, size, dtype=dtype, device=device)
+    # A private generator: measuring must not move the global RNG (dropout masks after a resume).
+    generator = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(size, size, dtype=dtype, device=device, generator=generator)
+    b = torch.randn(size, size, dtype=dtype, device=device, generator=generator)
     a @ b  # warm-up
     if device == "cuda":
         torch.cuda.synchronize()

@@ -265,7 +265,9 @@ class Trainer:
         if distributed.is_main():
             self._write_run_files()
         self.stop_flag.install()
-
+        t = self.run.train
+        self.peak_flops = device_peak_flops(t.peak_tflops, self.resolved.precision) if distributed.is_main() \
+            else (0.0, "")
         state = self._resume() if self.resume_dir is not None else {}
         return self._loop(state)
 
@@ -344,8 +346,7 @@ class Trainer:
         monitor = TrainingMonitor(self.run_dir / "tensorboard" if t.tensorboard else None, distributed.is_main(),
                                   int(total_steps), opt_steps)
         self.monitor = monitor
-        peak, peak_source = device_peak_flops(t.peak_tflops, self.resolved.precision) if distributed.is_main() \
-            else (0.0, "")
+        peak, peak_source = self.peak_flops
         if distributed.is_main():
             log.info("MFU against %.2f TFLOP/s per device (%s)", peak / 1e12, peak_source)
         cfg = self.encoder.backbone.config
@@ -367,7 +368,7 @@ class Trainer:
                 opt_steps += 1
                 sampler.position = (epoch, micro + 1) if micro + 1 < micro_per_epoch else (epoch + 1, 0)
                 record = window.close(engine, opt_steps, epoch, self.info.world_size, self.matmul_parameters, layers,
-                                      cfg.hidden_size, peak)
+                                      cfg.hidden_size, peak, self.lr)
                 if distributed.is_main():
                     self._append_history(record)
                     if opt_steps % t.log_every_steps == 0:
@@ -423,6 +424,7 @@ class Trainer:
                           is_positive=batch.is_positive.to(device), parent_ids=batch.parent_ids.to(device),
                           pair_ids=batch.pair_ids.to(device))
         self.engine.backward(out.loss)
+        self.lr = float(self.engine.get_lr()[0])  # the lr this step uses (step() moves the schedule on)
         self.engine.step()
         return out, int(tokens["attention_mask"].sum())
 
@@ -583,14 +585,14 @@ class _Window:
         self.micro += 1
 
     def close(self, engine: Any, step: int, epoch: int, world: int, num_params: int, layers: int, hidden: int,
-              peak: float) -> dict[str, Any]:
+              peak: float, lr: float) -> dict[str, Any]:
         pairs, tokens = _sum_across_ranks([self.pairs, self.tokens])
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         seq = tokens / max(pairs, 1)
         flops = tokens * model_flops_per_token(num_params, layers, hidden, seq)
         grad_norm = engine.get_global_grad_norm()
         record = {"kind": "step", "optimizer_step": step, "epoch": epoch,
-                  "loss": sum(self.values) / len(self.values), "lr": float(engine.get_lr()[0]),
+                  "loss": sum(self.values) / len(self.values), "lr": lr,
                   "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                   "pairs_per_s": pairs / elapsed, "tokens_per_s": tokens / elapsed,
                   "tflops_per_device": flops / elapsed / world / 1e12,

@@ -1,0 +1,153 @@
+"""Real 2-rank training runs (tiny random BERT/Llama, CPU, gloo): resume reproduces the
+uninterrupted run step for step, TensorBoard scalars read back, exported models load, ZeRO-3
+partitions a decoder-only backbone and the export consolidates it."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.launch import check, deepspeed_cmd, run
+
+pytestmark = pytest.mark.slow
+TRAIN = "launchers/train.py"
+# 79 relations, 2 ranks x 4 relations per step: 10 steps per epoch (the last one filled).
+SMALL = ["--relations_per_rank", "4", "--positives_per_relation", "4", "--negatives_per_relation", "4",
+         "--analogy", "sat", "semeval2012", "--batch_size", "128", "--lr", "1e-4", "--warmup_steps", "2"]
+
+
+def history(run_dir: Path, kind: str = "step") -> list[dict]:
+    lines = (run_dir / "history.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def train(model: str, out: Path, *extra: str, config: str = "ds_configs/zero2.json", timeout: float = 300):
+    return run(deepspeed_cmd(TRAIN, "--deepspeed_config", config, "--model", model, "--output_dir", str(out),
+                             *SMALL, *extra), timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_bert, tmp_path_factory):
+    """The uninterrupted reference: 2 epochs, checkpoint every 3 steps, keep the last 2."""
+    out = tmp_path_factory.mktemp("full") / "run"
+    result = check(train(tiny_bert, out, "--epochs", "2", "--save_every_steps", "3", "--keep_last", "2"))
+    return out, result
+
+
+def test_full_run_outputs(full_run):
+    out, result = full_run
+    summary = json.loads(next(line for line in result.stdout.splitlines() if line.startswith('{"output_dir"')))
+    assert summary["optimizer_steps"] == 20 and summary["final_model"] == str(out / "model")
+    steps = history(out)
+    assert [r["optimizer_step"] for r in steps] == list(range(1, 21))
+    assert all(np.isfinite(r["loss"]) and r["pairs_per_s"] > 0 and r["tokens_per_s"] > r["pairs_per_s"] for r in steps)
+    # warm-up over 2 steps (the first already trains), then constant; logged: the lr each step used
+    assert [r["lr"] for r in steps[:3]] == pytest.approx([5e-5, 1e-4, 1e-4])
+    assert all(r["lr"] == pytest.approx(1e-4) for r in steps[2:])
+    epochs = history(out, "epoch")
+    assert [e["epoch"] for e in epochs] == [0, 1]
+    assert set(epochs[0]["analogy"]) == {"sat", "semeval2012"}
+    config = json.loads((out / "config.json").read_text())
+    assert config["resolved"]["world_size"] == 2 and config["resolved"]["precision"] == "fp32"
+    assert json.loads((out / "ds_config.json").read_text())["train_batch_size"] == 8
+    # keep_last 2: only the two newest complete checkpoints survive; latest names the newest
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir())
+    assert ckpts == ["global_step18", "global_step20"], ckpts
+    assert (out / "checkpoints" / "latest").read_text() == "global_step20"
+    assert {p.name for p in (out / "checkpoints" / "global_step20").glob("rng_state_rank*.pt")} == \
+        {"rng_state_rank0.pt", "rng_state_rank1.pt"}
+
+
+def test_resume_reproduces_uninterrupted_losses(full_run, tiny_bert, tmp_path):
+    reference, _ = full_run
+    out = tmp_path / "run"
+    # Stopped after step 7 (mid-epoch), then resumed from the latest checkpoint to the end.
+    check(train(tiny_bert, out, "--epochs", "2", "--save_every_steps", "3", "--keep_last", "2", "--max_steps", "7"))
+    assert (out / "checkpoints" / "latest").read_text() == "global_step7"
+    resumed = check(train(tiny_bert, out, "--epochs", "2", "--save_every_steps", "3", "--keep_last", "2",
+                          "--resume", "latest"))
+    assert "resumed from" in resumed.stderr
+    want = {r["optimizer_step"]: r["loss"] for r in history(reference)}
+    got = {r["optimizer_step"]: r["loss"] for r in history(out)}
+    assert sorted(got) == list(range(1, 21))
+    diffs = [abs(got[s] - want[s]) for s in want]
+    assert max(diffs) <= 1e-6, diffs
+    # the optimizer really moved: losses change from step to step
+    assert len({round(v, 6) for v in want.values()}) > 15
+
+
+def test_tensorboard_scalars_read_back(full_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, _ = full_run
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for tag in ("train/loss", "train/lr", "train/grad_norm", "train/pairs_per_s", "train/tokens_per_s",
+                "train/peak_memory_mb", "train/pos_cos", "train/neg_cos", "train/retrieval_acc", "train/mfu",
+                "val/analogy/sat", "val/analogy/semeval2012", "val/analogy_mean", "val/loss"):
+        assert tag in tags, tag
+    steps = history(out)
+    for tag in ("loss", "lr", "grad_norm", "pos_cos", "retrieval_acc"):
+        events = acc.Scalars(f"train/{tag}")
+        assert [e.step for e in events] == [r["optimizer_step"] for r in steps]
+        assert np.allclose([e.value for e in events], [r[tag] for r in steps], rtol=1e-6, atol=1e-7)
+    epochs = history(out, "epoch")
+    val = acc.Scalars("val/analogy/sat")
+    assert [v.value for v in val] == pytest.approx([e["analogy"]["sat"] for e in epochs])
+    # the projector: validation positives with relation and parent labels
+    plugin = out / "tensorboard" / "projector_config.pbtxt"
+    assert plugin.exists()
+    metadata = next((out / "tensorboard").rglob("metadata.tsv")).read_text().splitlines()
+    assert metadata[0] == "relation\tparent" and len(metadata) == 1 + 158
+    assert metadata[1].split("\t")[1] == metadata[1].split("\t")[0][:-1]  # "1a" -> parent "1"
+
+
+def test_exported_model_loads(full_run):
+    from transformers import AutoModel
+
+    from relbert_ds import RelationEncoder
+    from relbert_ds.prompts import TEMPLATES
+
+    out, _ = full_run
+    model = out / "model"
+    enc = RelationEncoder.from_pretrained(str(model))
+    assert enc.template == TEMPLATES["d"] and enc.pooling == "average_no_mask"
+    plain = AutoModel.from_pretrained(str(model))
+    # the export holds the trained weights, not the initial ones
+    from transformers import AutoModel as _A
+    ckpt = torch.load(next((out / "checkpoints" / "global_step20").glob("*model_states.pt")), weights_only=False)
+    trained = {k.removeprefix("encoder.backbone."): v for k, v in ckpt["module"].items()
+               if k.startswith("encoder.backbone.")}
+    exported = plain.state_dict()
+    assert all(torch.equal(exported[k], trained[k]) for k in trained if k in exported)
+    card = (model / "README.md").read_text()
+    assert "Recipe" in card and "loss: nce" in card and "| sat (valid) |" in card
+    training = json.loads((model / "relbert_ds_training.json").read_text())
+    assert training["train"]["lr"] == 1e-4 and training["world_size"] == 2
+    best = json.loads((out / "best_model" / "relbert_ds_training.json").read_text())
+    assert best["best"]["epoch"] in (0, 1)
+    vectors = enc.encode([("cat", "animal"), ("paris", "france")])
+    assert vectors.shape == (2, 32) and np.isfinite(vectors).all()
+
+
+def test_zero3_llama_partitions_and_export_consolidates(tiny_llama, tmp_path):
+    """A decoder-only backbone under ZeRO-3 on 2 ranks; the exported weights equal a ZeRO-0 run's."""
+    from relbert_ds import RelationEncoder
+
+    opts = ["--template", "<subj> is to <obj> as", "--pooling", "last", "--max_steps", "3", "--epochs", "1",
+            "--metric", "none", "--analogy", "--no-projector"]
+    check(train(tiny_llama, tmp_path / "z3", *opts, config="ds_configs/zero3.json"))
+    check(train(tiny_llama, tmp_path / "z0", *opts, config="ds_configs/zero0.json"))
+    config = json.loads((tmp_path / "z3" / "config.json").read_text())
+    assert config["resolved"]["zero_stage"] == 3
+    a = RelationEncoder.from_pretrained(str(tmp_path / "z3" / "model"))
+    b = RelationEncoder.from_pretrained(str(tmp_path / "z0" / "model"))
+    start = RelationEncoder.from_pretrained(tiny_llama, template="<subj> is to <obj> as", pooling="last")
+    sa, sb, s0 = a.backbone.state_dict(), b.backbone.state_dict(), start.backbone.state_dict()
+    assert sa.keys() == sb.keys() and all(sa[k].numel() == s0[k].numel() for k in sa)  # nothing empty
+    assert max(float((sa[k] - sb[k]).abs().max()) for k in sa) < 1e-5
+    assert max(float((sa[k] - s0[k]).abs().max()) for k in sa) > 1e-4  # it trained
+    pairs = [("cat", "animal"), ("oak", "tree")]
+    assert np.allclose(a.encode(pairs), b.encode(pairs), atol=1e-5)
