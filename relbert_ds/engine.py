@@ -87,6 +87,9 @@ class WarmupSchedule:
         tail = f"linear decay to 0 at step {self.total_steps}" if self.kind == "linear" else "constant"
         return f"{self.warmup_steps} linear warm-up steps then {tail}"
 
+    def __repr__(self) -> str:
+        return f"WarmupSchedule({self.warmup_steps}, {self.kind!r}, {self.total_steps})"
+
     def __eq__(self, other: object) -> bool:
         return isinstance(other, WarmupSchedule) and vars(self) == vars(other)
 
