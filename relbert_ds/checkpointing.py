@@ -152,6 +152,10 @@ def load_checkpoint(engine: Any, tag_dir: Path) -> dict[str, Any]:
     return client_state or {}
 
 
-def latest_step(run_dir: Path) -> Optional[int]:
+def latest_complete(run_dir: Path) -> Optional[Path]:
+    """The checkpoint ``latest`` names, if it is complete (None otherwise)."""
     pointer = run_dir / CHECKPOINTS / LATEST
-    return _step_of(run_dir / CHECKPOINTS / pointer.read_text().strip()) if pointer.exists() else None
+    if not pointer.exists():
+        return None
+    tag_dir = run_dir / CHECKPOINTS / pointer.read_text().strip()
+    return tag_dir if (tag_dir / MARKER).exists() else None

@@ -72,7 +72,8 @@ class TrainConfig:
     lr_schedule: Optional[str] = _f(None, "after warm-up: constant or linear decay to 0 (default constant)")
     save_every_steps: int = _f(0, "also checkpoint every N optimizer steps (0: at the end of each epoch only)")
     keep_last: int = _f(2, "checkpoints to keep (the newest N)")
-    resume: Optional[str] = _f(None, "continue a run: 'latest' or a checkpoint folder")
+    resume: Optional[str] = _f(None, "continue a run: 'latest', a checkpoint folder, or 'auto' (latest if there "
+                                     "is one, else start: for requeued cluster jobs)")
     overwrite: bool = _f(False, "replace an existing run in output_dir")
     log_every_steps: int = _f(1, "TensorBoard/progress interval in optimizer steps")
     tensorboard: bool = _f(True, "write TensorBoard events to output_dir/tensorboard (rank 0)")

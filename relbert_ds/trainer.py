@@ -166,6 +166,12 @@ class Trainer:
         """Everything that can fail on user input, agreed across ranks before any heavy work."""
         run, info = self.run, self.info
         distributed.agree_on_errors(lambda: run.validate())
+        if run.train.resume == "auto":
+            # Requeued jobs: continue from the newest complete checkpoint, or start afresh (a run
+            # that died before its first checkpoint is replaced).
+            has = distributed.agree_on_errors(lambda: checkpointing.latest_complete(self.run_dir) is not None)
+            run.train.resume = "latest" if has else None
+            run.train.overwrite = run.train.overwrite or not has
         distributed.agree_on_errors(lambda: prepare_run_dir(self.run_dir, run.train.resume, run.train.overwrite),
                                     main_only=True)
         if run.train.resume is not None:

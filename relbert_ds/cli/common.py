@@ -17,6 +17,15 @@ def setup_logging(verbose: bool = False) -> None:
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not verbose:
+        import warnings
+
+        # torch.distributed's deprecation notices come from DeepSpeed's calls, once per rank.
+        warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+        if "DS_ACCELERATOR" not in os.environ:
+            import torch
+
+            if not torch.cuda.is_available():
+                os.environ["DS_ACCELERATOR"] = "cpu"  # else DeepSpeed warns on every rank that it fell back
         for name in ("DeepSpeed", "deepspeed", "torch.distributed", "transformers"):
             logging.getLogger(name).setLevel(logging.WARNING)
         try:

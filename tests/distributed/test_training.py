@@ -151,3 +151,20 @@ def test_zero3_llama_partitions_and_export_consolidates(tiny_llama, tmp_path):
     assert max(float((sa[k] - s0[k]).abs().max()) for k in sa) > 1e-4  # it trained
     pairs = [("cat", "animal"), ("oak", "tree")]
     assert np.allclose(a.encode(pairs), b.encode(pairs), atol=1e-5)
+
+
+def test_gradient_accumulation_and_early_stop(tiny_bert, tmp_path):
+    """2 accumulation steps: 10 micro steps per epoch make 5 optimizer steps; with a learning rate
+    too small to change any prediction, validation never improves and patience 1 stops after epoch 1."""
+    config = tmp_path / "gas2.json"
+    data = json.loads(Path("ds_configs/zero2.json").read_text())
+    data["gradient_accumulation_steps"] = 2
+    config.write_text(json.dumps(data))
+    out = tmp_path / "run"
+    result = check(train(tiny_bert, out, "--epochs", "4", "--lr", "1e-12", "--early_stop_patience", "1",
+                         "--no-projector", config=str(config)))
+    assert "early stop" in result.stderr
+    steps, epochs = history(out), history(out, "epoch")
+    assert [r["optimizer_step"] for r in steps] == list(range(1, 11))
+    assert [e["epoch"] for e in epochs] == [0, 1] and epochs[1]["best_epoch"] == 0
+    assert json.loads((out / "ds_config.json").read_text())["train_batch_size"] == 16  # 4 x 2 x 2
