@@ -77,9 +77,9 @@ case "$cmd" in
         log "training with $NPROC local ranks into $OUT"
         deepspeed --num_gpus "$NPROC" --master_port "$(free_port)" launchers/train.py \
             --deepspeed_config ds_configs/zero2.json --output_dir "$OUT" --overwrite "$@"
-        log "evaluating $OUT/model and the untrained backbone"
+        log "evaluating $OUT/best_model (the epoch chosen on validation) and the untrained backbone"
         deepspeed --num_gpus "$NPROC" --master_port "$(free_port)" launchers/evaluate.py \
-            --model "$OUT/model" --baseline all-MiniLM-L6-v2 --output "$OUT/results.json" ;;
+            --model "$OUT/best_model" --baseline all-MiniLM-L6-v2 --output "$OUT/results.json" ;;
     test)
         setup
         python -m pytest "$@" ;;
