@@ -159,3 +159,60 @@ def latest_complete(run_dir: Path) -> Optional[Path]:
         return None
     tag_dir = run_dir / CHECKPOINTS / pointer.read_text().strip()
     return tag_dir if (tag_dir / MARKER).exists() else None
+
+
+def resolve_tag_dir(path: Path) -> Path:
+    """A run folder, its ``checkpoints`` folder or a ``global_step<N>`` folder -> the tag folder."""
+    return find_checkpoint(path, "latest") if not (path / MARKER).exists() else path
+
+
+def consolidated_weights(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """The trained module's weights from a checkpoint of any ZeRO stage, in one CPU process.
+
+    ZeRO 1-3 keep fp32 master weights in the optimizer shards: DeepSpeed's zero_to_fp32 rebuilds
+    them (it reads its own pickles with weights_only=False). Without ZeRO the module state in
+    ``mp_rank_00_model_states.pt`` is read with weights_only=True.
+    """
+    if any(tag_dir.glob("zero_pp_rank_*_optim_states.pt")) or any(tag_dir.glob("*zero_pp_rank_*model_states.pt")):
+        import contextlib
+        import io
+
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints per-shard progress
+            return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    states = tag_dir / "mp_rank_00_model_states.pt"
+    if not states.exists():
+        raise CheckpointError(f"{tag_dir} holds no DeepSpeed model states; fix: point at a complete checkpoint")
+    return torch.load(states, map_location="cpu", weights_only=True)["module"]
+
+
+def encoder_from_checkpoint(path: Path, template: Optional[str] = None, pooling: Optional[str] = None) -> Any:
+    """A RelationEncoder with the weights of a trainer checkpoint (any ZeRO stage).
+
+    The backbone named in the checkpoint must be loadable (its architecture and tokenizer).
+    ``template``/``pooling``, when given, must match what the checkpoint was trained with.
+    """
+    from relbert_ds.encoder import RelationEncoder
+    from relbert_ds.prompts import resolve_template
+
+    tag_dir = resolve_tag_dir(Path(path))
+    meta = read_meta(tag_dir)
+    if template is not None and resolve_template(template) != meta["template"]:
+        raise CheckpointError(f"checkpoint {tag_dir} was trained with template {meta['template']!r}, not "
+                              f"{resolve_template(template)!r}; fix: drop --template (the checkpoint's is used)")
+    if pooling is not None and pooling != meta["pooling"]:
+        raise CheckpointError(f"checkpoint {tag_dir} was trained with pooling {meta['pooling']!r}, not {pooling!r}; "
+                              f"fix: drop --pooling (the checkpoint's is used)")
+    encoder = RelationEncoder.from_pretrained(meta["model"], template=meta["template"], pooling=meta["pooling"],
+                                              max_length=meta.get("max_length"))
+    prefix = "encoder.backbone."
+    state = {k[len(prefix):]: v for k, v in consolidated_weights(tag_dir).items() if k.startswith(prefix)}
+    missing, unexpected = encoder.backbone.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k in dict(encoder.backbone.named_parameters())]
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {tag_dir} does not fit {meta['model']} ({len(missing)} missing, "
+                              f"{len(unexpected)} unexpected weights); fix: evaluate it with the backbone it was "
+                              f"trained from")
+    encoder.name = str(path)
+    return encoder

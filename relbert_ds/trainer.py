@@ -309,7 +309,7 @@ class Trainer:
     def _fingerprint(self) -> dict[str, Any]:
         m = self.run.model
         return {"world_size": self.info.world_size, "model": m.model, "template": self.encoder.template,
-                "pooling": m.pooling, "loss": self.run.train.loss, "hidden_size": self.encoder.hidden_size,
+                "pooling": m.pooling, "max_length": m.max_length, "loss": self.run.train.loss, "hidden_size": self.encoder.hidden_size,
                 "num_parameters": int(self.num_parameters)}
 
     def _resume(self) -> dict[str, Any]:
