@@ -17,12 +17,12 @@ ROOT=$(pwd)
 VENV=${RELBERT_DS_VENV:-$ROOT/.venv}
 PYTHON=${PYTHON:-python3}
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
-APT_PACKAGES="slurmctld slurmd slurm-client munge"
+APT_PACKAGES="slurmctld slurmd slurm-client munge openmpi-bin"
 
 log() { printf '[run.sh] %s\n' "$*" >&2; }
 
 install_apt() {
-    # Only the tests need these (a local SLURM cluster). Skip quietly where apt or root is missing.
+    # Only the tests need these (a local SLURM cluster, Open MPI). Skip quietly where apt or root is missing.
     local missing=()
     for p in $APT_PACKAGES; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
     [ ${#missing[@]} -eq 0 ] && return 0

@@ -147,7 +147,8 @@ class RunConfig:
             if value is not None and value < (0 if name == "--warmup_steps" else 1):
                 raise ConfigError(f"{name} is {value}; fix: use a positive value")
         if t.temperature <= 0 or t.margin <= 0:
-            raise ConfigError("--temperature and --margin must be > 0")
+            raise ConfigError(f"--temperature {t.temperature} / --margin {t.margin}: both must be > 0; fix: use positive "
+                              f"values (defaults 0.05 and 1.0)")
         if t.lr is not None and t.lr <= 0:
             raise ConfigError(f"--lr is {t.lr}; fix: use a positive learning rate such as 2e-5")
         return self

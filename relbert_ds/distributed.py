@@ -191,8 +191,17 @@ def init_distributed(backend: Optional[str] = None, connect_timeout_s: Optional[
             f"{who} at {info.master_addr}:{info.master_port} within {connect:.0f} s ({str(exc).splitlines()[0]}); "
             f"fix: check that rank 0 is running, MASTER_ADDR/MASTER_PORT (or the node list) name a host and a free "
             f"port every rank can reach, and the world size ({info.world_size}) matches the ranks started") from None
-    dist.init_process_group(backend=backend, store=store, rank=info.rank, world_size=info.world_size,
-                            timeout=collective)
+    try:
+        dist.init_process_group(backend=backend, store=store, rank=info.rank, world_size=info.world_size,
+                                timeout=collective)
+        if backend == "gloo" and info.world_size > 1:
+            dist.barrier()  # gloo connects its full mesh lazily: fail here, with a message, not mid-training
+    except RuntimeError as exc:
+        var = "GLOO_SOCKET_IFNAME" if backend == "gloo" else "NCCL_SOCKET_IFNAME"
+        raise DistributedError(
+            f"rank {info.rank} joined the rendezvous at {info.master_addr}:{info.master_port} but could not connect "
+            f"to the other ranks ({str(exc).splitlines()[0][:200]}); fix: set {var} to the network interface the "
+            f"nodes share (e.g. {var}=eth0), and check that no firewall blocks the ranks' ports") from None
     return info
 
 

@@ -54,14 +54,9 @@ class RelationEncoder(torch.nn.Module):
         self.name = name or getattr(backbone.config, "_name_or_path", "") or "model"
         self.template = resolve_template(template)
         check_template_for_tokenizer(self.template, tokenizer.mask_token, self.name)
-        if pooling not in POOLING_MODES:
-            raise ConfigError(f"unknown pooling {pooling!r}; fix: choose one of {', '.join(POOLING_MODES)}")
-        if pooling == "mask" and MASK not in self.template:
-            raise ConfigError("pooling 'mask' needs a template with <mask>; fix: use template a-e or pooling "
-                              "average_no_mask")
+        _check_pooling(pooling, self.template)
         self.pooling = pooling
-        if not isinstance(max_length, int) or max_length < 8:
-            raise ConfigError(f"max_length {max_length!r} is too small; fix: use at least 8 (default 64)")
+        _check_max_length(max_length)
         self.max_length = max_length
         # The mask token only matters when the template puts one into the prompt.
         self.mask_token_id: int | None = tokenizer.mask_token_id if MASK in self.template else None
@@ -77,19 +72,32 @@ class RelationEncoder(torch.nn.Module):
         explicit arguments override them. Without it the defaults are template ``d`` and
         ``average_no_mask`` (the released RelBERT models' choices).
         """
+        resolved, config, tokenizer, settings = cls.check_loadable(
+            name_or_path, template=template, pooling=pooling, max_length=max_length,
+            trust_remote_code=trust_remote_code)
+        backbone = backbones.load_backbone(resolved, config=config, trust_remote_code=trust_remote_code, dtype=dtype)
+        return cls(backbone, tokenizer, name=name_or_path, **settings)
+
+    @classmethod
+    def check_loadable(cls, name_or_path: str, *, template: str | None = None, pooling: str | None = None,
+                       max_length: int | None = None, trust_remote_code: bool = False) -> tuple[str, Any, Any, dict]:
+        """Everything ``from_pretrained`` checks before reading weights: the model exists, its
+        config and tokenizer load, and template/pooling/max_length suit them.
+
+        Cheap, so that every rank of a job can run it and agree on an error before any
+        collective. Returns (resolved name, config, tokenizer, encoder settings).
+        """
         resolved = backbones.check_model_exists(name_or_path)
         config = backbones.load_config(resolved, trust_remote_code)
         saved = read_relbert_config(config)
         tokenizer = backbones.load_tokenizer(resolved, trust_remote_code)
-        template = template or saved.get("template") or DEFAULT_TEMPLATE
-        # Validate cheap things before loading (possibly large) weights.
-        resolved_template = resolve_template(template)
-        check_template_for_tokenizer(resolved_template, tokenizer.mask_token, name_or_path)
-        backbone = backbones.load_backbone(resolved, config=config, trust_remote_code=trust_remote_code, dtype=dtype)
-        return cls(backbone, tokenizer, template=resolved_template,
-                   pooling=pooling or saved.get("aggregation_mode") or DEFAULT_POOLING,
-                   max_length=max_length or saved.get("max_length") or DEFAULT_MAX_LENGTH,
-                   name=name_or_path)
+        template = resolve_template(template or saved.get("template") or DEFAULT_TEMPLATE)
+        check_template_for_tokenizer(template, tokenizer.mask_token, name_or_path)
+        pooling = pooling or saved.get("aggregation_mode") or DEFAULT_POOLING
+        _check_pooling(pooling, template)
+        max_length = max_length or saved.get("max_length") or DEFAULT_MAX_LENGTH
+        _check_max_length(max_length)
+        return resolved, config, tokenizer, {"template": template, "pooling": pooling, "max_length": max_length}
 
     def relbert_config(self) -> dict[str, Any]:
         """What ``config.json`` stores under ``relbert_config`` (relbert v2 keys + max_length)."""
@@ -177,6 +185,19 @@ class RelationEncoder(torch.nn.Module):
             self.train(was_training)
         out = vectors[[row_of[p] for p in pairs]] if pairs else vectors
         return out if as_tensor else out.numpy()
+
+
+def _check_pooling(pooling: str, template: str) -> None:
+    if pooling not in POOLING_MODES:
+        raise ConfigError(f"unknown pooling {pooling!r}; fix: choose one of {', '.join(POOLING_MODES)}")
+    if pooling == "mask" and MASK not in template:
+        raise ConfigError("pooling 'mask' needs a template with <mask>; fix: use template a-e or pooling "
+                          "average_no_mask")
+
+
+def _check_max_length(max_length: Any) -> None:
+    if not isinstance(max_length, int) or max_length < 8:
+        raise ConfigError(f"max_length {max_length!r} is too small; fix: use at least 8 (default 64)")
 
 
 def read_relbert_config(config: Any) -> dict[str, Any]:

@@ -184,11 +184,10 @@ class Trainer:
             self.train_data = load_relation_dataset(run.data.train_data, run.data.train_split)
             self.validation_relations = self._load_validation_relations()
             self.analogy_sets = self._load_analogy_sets()
-            from relbert_ds import backbones
-
-            resolved_name = backbones.check_model_exists(run.model.model)
-            config = backbones.load_config(resolved_name, run.model.trust_remote_code)
-            self.model_config = config
+            m = run.model
+            # Every check of model, tokenizer, template and pooling, agreed before any collective.
+            RelationEncoder.check_loadable(m.model, template=m.template, pooling=m.pooling, max_length=m.max_length,
+                                           trust_remote_code=m.trust_remote_code)
             # Sampler first: DeepSpeed's schedule length depends on the steps per epoch.
             micro = self._micro_batch_hint()
             self.sampler = self._make_sampler(self.train_data, micro)
@@ -268,13 +267,15 @@ class Trainer:
         self._setup()
         self._log_startup()
         self._build_engine()
+        t = self.run.train
+        # Measured before any RNG state is restored (it must not move the restored RNG).
+        self.peak_flops = device_peak_flops(t.peak_tflops, self.resolved.precision) if distributed.is_main() \
+            else (0.0, "")
+        # Resume first: a refused resume must leave the run's files as they were.
+        state = self._resume() if self.resume_dir is not None else {}
         if distributed.is_main():
             self._write_run_files()
         self.stop_flag.install()
-        t = self.run.train
-        self.peak_flops = device_peak_flops(t.peak_tflops, self.resolved.precision) if distributed.is_main() \
-            else (0.0, "")
-        state = self._resume() if self.resume_dir is not None else {}
         return self._loop(state)
 
     def _set_threads(self) -> None:

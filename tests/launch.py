@@ -34,6 +34,26 @@ def rank_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL a launcher and everything under it. torchrun and MPICH's Hydra put each rank into a
+    session of its own, so the launcher's process group alone would leave the ranks running."""
+    import psutil
+
+    try:
+        descendants = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        descendants = []
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for child in descendants:
+        try:
+            child.kill()
+        except psutil.Error:
+            pass
+
+
 def run(cmd: Sequence[str], timeout: float = 300, env: Optional[dict] = None, cwd: Optional[str] = None) -> subprocess.CompletedProcess:
     """Run a launcher in its own session; on timeout kill the whole group (no orphans) and fail."""
     proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -41,7 +61,7 @@ def run(cmd: Sequence[str], timeout: float = 300, env: Optional[dict] = None, cw
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_group(proc)
         out, err = proc.communicate()
         raise AssertionError(f"{' '.join(cmd)} timed out after {timeout} s\nstdout:\n{out[-3000:]}\nstderr:\n{err[-5000:]}")
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
