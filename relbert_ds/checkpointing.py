@@ -162,8 +162,19 @@ def latest_complete(run_dir: Path) -> Optional[Path]:
 
 
 def resolve_tag_dir(path: Path) -> Path:
-    """A run folder, its ``checkpoints`` folder or a ``global_step<N>`` folder -> the tag folder."""
-    return find_checkpoint(path, "latest") if not (path / MARKER).exists() else path
+    """A run folder, its ``checkpoints`` folder (their latest) or a ``global_step<N>`` folder ->
+    the tag folder, which must be complete."""
+    if (path / MARKER).exists():
+        return path
+    for folder in (path / CHECKPOINTS, path):
+        if (folder / LATEST).exists():
+            tag_dir = folder / (folder / LATEST).read_text().strip()
+            if (tag_dir / MARKER).exists():
+                return tag_dir
+            raise CheckpointError(f"{tag_dir} (named by {folder / LATEST}) is not a complete relbert-ds checkpoint "
+                                  f"(no {MARKER}); fix: pass a checkpoints/global_step<N> folder that finished writing")
+    raise CheckpointError(f"{path} is not a complete relbert-ds checkpoint (no {MARKER}, no {LATEST} pointer); fix: "
+                          f"pass a run's checkpoints folder or one of its global_step<N> folders that finished writing")
 
 
 def consolidated_weights(tag_dir: Path) -> dict[str, torch.Tensor]:

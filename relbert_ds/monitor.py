@@ -132,7 +132,10 @@ class TrainingMonitor:
             self.writer.flush()
 
     def close(self) -> None:
+        """Flush and close the bar and the writer (a second call does nothing)."""
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
         if self.writer is not None:
             self.writer.close()
+            self.writer = None

@@ -276,7 +276,11 @@ class Trainer:
         if distributed.is_main():
             self._write_run_files()
         self.stop_flag.install()
-        return self._loop(state)
+        try:
+            return self._loop(state)
+        finally:  # an error mid-run still leaves complete TensorBoard files
+            if getattr(self, "monitor", None) is not None:
+                self.monitor.close()
 
     def _set_threads(self) -> None:
         if torch.cuda.is_available():

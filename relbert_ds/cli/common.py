@@ -54,3 +54,24 @@ def run_main(body: Callable[[], int]) -> int:
         return exc.exit_code
     finally:
         distributed.shutdown()
+
+
+def exit_process(code: int) -> None:
+    """Leave the process with ``code`` once everything is written, skipping interpreter teardown.
+
+    Why: after a distributed run, destroying the C++ state of torch.distributed and the loaded
+    libraries at interpreter exit sometimes aborts ("terminate called without an active
+    exception", measured on about 1 exit in 8 of 2-rank CPU jobs), turning a clean exit status
+    into SIGABRT on a random rank. Every file the library writes is closed before ``main``
+    returns, so only the standard streams and logging need flushing here.
+    """
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()  # else mpirun reports the rank as having exited improperly
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)

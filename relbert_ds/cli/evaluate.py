@@ -38,13 +38,18 @@ def build_parser() -> argparse.ArgumentParser:
         "mpirun, srun)."))
     m = p.add_argument_group("model")
     m.add_argument("--model", required=True, metavar="PATH_OR_NAME",
-                   help="a Hugging Face folder (relbert-ds or relbert format), a hub id, or a backbone name "
-                        "(all-MiniLM-L6-v2 = the bundled backbone) used zero-shot with --template/--pooling")
+                   help="a Hugging Face folder (relbert-ds or relbert format), a trainer checkpoint (<run>/checkpoints "
+                        "= its latest, or <run>/checkpoints/global_step<N>; any ZeRO stage), a hub id, or a "
+                        "backbone name (all-MiniLM-L6-v2 = the bundled backbone) used zero-shot with "
+                        "--template/--pooling")
     m.add_argument("--template", default=None,
                    help="prompt template: a-e or a text with <subj>, <obj> (and <mask>); default: the model's "
                         "saved relbert_config, else d")
     m.add_argument("--pooling", default=None, help="average_no_mask (default), average, mask or last")
     m.add_argument("--max_length", type=int, default=None, help="prompt token limit (default: saved, else 64)")
+    m.add_argument("--override_prompt", action="store_true",
+                   help="evaluate a trained RelBERT model with a --template/--pooling other than the one it was "
+                        "trained with (an ablation; refused otherwise)")
     m.add_argument("--baseline", default=None, metavar="PATH_OR_NAME",
                    help="a second model evaluated in the same call (e.g. the untrained backbone); the table "
                         "shows both side by side")
@@ -68,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MLPClassifier max_iter for the classification probe (sklearn default 200)")
     r.add_argument("--seed", type=int, default=0, help="random_state of the classification probe")
     r.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads per rank (default: CPU cores / ranks on this node)")
+                   help="torch CPU threads per rank, and parallel classifier fits per rank (default: CPU cores "
+                        "/ ranks on this node)")
     r.add_argument("--progress", action="store_true", help="show a progress bar of the encoding (rank 0)")
     o = p.add_argument_group("outputs")
     o.add_argument("--output", default=None, metavar="FILE.json", help="results JSON")
@@ -101,17 +107,23 @@ class ResolvedModel:
     """A model spec checked cheaply (no weights read yet); ``load()`` does the heavy part."""
 
     spec: str
-    resolved: str  # local folder or hub id
-    kind: str  # "huggingface" (folder, hub id or backbone name); "deepspeed_checkpoint" to come
+    resolved: str  # local folder, hub id, or a checkpoint's tag folder
+    kind: str  # "huggingface" (folder, hub id or backbone name) or "deepspeed_checkpoint"
     template: Optional[str] = None
     pooling: Optional[str] = None
     max_length: Optional[int] = None
+    trained: bool = False  # carries a relbert_config (a trained RelBERT model or a checkpoint)
 
     def load(self, device: Any = None) -> Any:
-        from relbert_ds.encoder import RelationEncoder
+        if self.kind == "deepspeed_checkpoint":
+            from relbert_ds.checkpointing import encoder_from_checkpoint
 
-        encoder = RelationEncoder.from_pretrained(self.resolved, template=self.template, pooling=self.pooling,
-                                                  max_length=self.max_length)
+            encoder = encoder_from_checkpoint(Path(self.resolved), template=self.template, pooling=self.pooling)
+        else:
+            from relbert_ds.encoder import RelationEncoder
+
+            encoder = RelationEncoder.from_pretrained(self.resolved, template=self.template, pooling=self.pooling,
+                                                      max_length=self.max_length)
         encoder.name = self.spec  # the name the user gave (the results name the model by it)
         return encoder.to(device) if device is not None else encoder
 
@@ -127,23 +139,63 @@ def looks_like_deepspeed_checkpoint(path: Path) -> bool:
     return False
 
 
+def looks_like_run_directory(path: Path) -> bool:
+    """A trainer's output folder: checkpoints and the run's history next to its config."""
+    from relbert_ds import checkpointing
+
+    return path.is_dir() and (path / checkpointing.CHECKPOINTS).is_dir() and (
+        (path / "history.jsonl").is_file() or (path / "ds_config.json").is_file())
+
+
 def resolve_model(spec: str, template: Optional[str] = None, pooling: Optional[str] = None,
-                  max_length: Optional[int] = None) -> ResolvedModel:
+                  max_length: Optional[int] = None, override_prompt: bool = False) -> ResolvedModel:
     """Check a ``--model``/``--baseline`` spec without loading weights.
 
-    Branches: a DeepSpeed checkpoint directory of the trainer (not supported yet: the trainer's
-    export is the way in for now); otherwise a Hugging Face folder, hub id or backbone name.
+    Branches: a trainer's run folder (refused: it holds several models, the user picks one); a
+    DeepSpeed checkpoint folder of the trainer (``<run>/checkpoints`` = its latest tag, or one
+    ``global_step<N>`` folder; any ZeRO stage); otherwise a Hugging Face folder, hub id or
+    backbone name. A trained RelBERT model (or checkpoint) is evaluated with the prompt it was
+    trained with: an explicit different ``template``/``pooling`` is refused unless
+    ``override_prompt`` (an ablation), since the result would silently describe another model.
     """
-    from relbert_ds import backbones
+    from relbert_ds import backbones, checkpointing
+    from relbert_ds.encoder import read_relbert_config
+    from relbert_ds.prompts import resolve_template
 
     path = Path(spec).expanduser()
+    if looks_like_run_directory(path):
+        raise ModelError(f"{spec} is a relbert-ds training run, which holds several models; fix: pass "
+                         f"{path / 'best_model'} (the epoch chosen on validation), {path / 'model'} (the last "
+                         f"epoch) or {path / checkpointing.CHECKPOINTS} (its latest checkpoint)")
     if looks_like_deepspeed_checkpoint(path) and not (path / "config.json").is_file():
-        # TODO(lead): load the trainer's checkpoint (any ZeRO stage) into a RelationEncoder here.
-        raise ModelError(f"{spec} is a DeepSpeed checkpoint directory; evaluating checkpoints directly is not "
-                         f"supported yet; fix: pass the Hugging Face folder the trainer exports")
+        tag_dir = checkpointing.resolve_tag_dir(path)
+        meta = checkpointing.read_meta(tag_dir)
+        if override_prompt:
+            raise ModelError(f"--override_prompt does not apply to the checkpoint {spec}: its weights are read "
+                             f"into the backbone it names with the prompt it was trained with; fix: export it "
+                             f"first (or drop --override_prompt)")
+        # Cheap checks now (every rank agrees before any weights are read); load() repeats them.
+        if template is not None and resolve_template(template) != meta["template"]:
+            raise ModelError(f"checkpoint {tag_dir} was trained with template {meta['template']!r}, not "
+                             f"{resolve_template(template)!r}; fix: drop --template (the checkpoint's is used)")
+        if pooling is not None and pooling != meta["pooling"]:
+            raise ModelError(f"checkpoint {tag_dir} was trained with pooling {meta['pooling']!r}, not "
+                             f"{pooling!r}; fix: drop --pooling (the checkpoint's is used)")
+        backbones.check_model_exists(meta["model"])
+        return ResolvedModel(spec=spec, resolved=str(tag_dir), kind="deepspeed_checkpoint", trained=True)
     resolved = backbones.check_model_exists(spec)
+    saved = read_relbert_config(backbones.load_config(resolved, False))
+    if saved and not override_prompt:
+        if template is not None and saved.get("template") and resolve_template(template) != saved["template"]:
+            raise ModelError(f"{spec} is a RelBERT model trained with template {saved['template']!r}, not "
+                             f"{resolve_template(template)!r}; fix: drop --template (the saved one is used), or "
+                             f"pass --override_prompt to evaluate it with another prompt on purpose")
+        if pooling is not None and saved.get("aggregation_mode") and pooling != saved["aggregation_mode"]:
+            raise ModelError(f"{spec} is a RelBERT model trained with pooling {saved['aggregation_mode']!r}, not "
+                             f"{pooling!r}; fix: drop --pooling (the saved one is used), or pass --override_prompt "
+                             f"to evaluate it with another pooling on purpose")
     return ResolvedModel(spec=spec, resolved=resolved, kind="huggingface", template=template, pooling=pooling,
-                         max_length=max_length)
+                         max_length=max_length, trained=bool(saved))
 
 
 # --------------------------------------------------------------------------- main
@@ -171,32 +223,36 @@ def _run(args: argparse.Namespace, info: Any, start: float) -> int:
     splits = [("validation" if s == "valid" else s) for s in args.split]
     tasks = runner.prepare_tasks(analogy=args.analogy, classification=args.classification, mapping=args.mapping,
                                  split=splits)
-    model = runner.run_consistently(lambda: resolve_model(args.model, args.template, args.pooling, args.max_length))
+    model = runner.run_consistently(lambda: resolve_model(args.model, args.template, args.pooling, args.max_length,
+                                                          override_prompt=args.override_prompt))
     baseline = runner.run_consistently(lambda: resolve_model(args.baseline, args.baseline_template,
-                                                             args.baseline_pooling, args.max_length)) \
+                                                             args.baseline_pooling, args.max_length,
+                                                             override_prompt=args.override_prompt)) \
         if args.baseline else None
     device = _device(info.local_rank)
     kwargs = dict(batch_size=args.batch_size, max_iter=args.max_iter, seed=args.seed,
                   keep_predictions=bool(args.predictions), show_progress=args.progress,
-                  keep_vectors=bool(args.vectors))
+                  keep_vectors=bool(args.vectors), fit_workers=threads)
     results: dict[str, dict] = {}
     load_s: dict[str, float] = {}
     t = time.perf_counter()
     encoder = runner.run_consistently(lambda: model.load(device))
     load_s["model"] = time.perf_counter() - t
     results["model"] = runner.evaluate_tasks(encoder, tasks, **kwargs)
-    results["model"]["model"]["path"] = model.resolved
+    results["model"]["model"].update(path=model.resolved, kind=model.kind)
     if baseline is not None:
-        # Zero-shot comparison: same prompt and pooling as the model unless told otherwise.
-        baseline = ResolvedModel(**{**baseline.__dict__, "template": baseline.template or encoder.template,
-                                    "pooling": baseline.pooling or encoder.pooling,
-                                    "max_length": baseline.max_length or encoder.max_length})
+        # Zero-shot comparison: same prompt and pooling as the model unless told otherwise (a
+        # trained baseline keeps its own).
+        if not baseline.trained:
+            baseline = ResolvedModel(**{**baseline.__dict__, "template": baseline.template or encoder.template,
+                                        "pooling": baseline.pooling or encoder.pooling,
+                                        "max_length": baseline.max_length or encoder.max_length})
         del encoder
         t = time.perf_counter()
         encoder = runner.run_consistently(lambda: baseline.load(device))
         load_s["baseline"] = time.perf_counter() - t
         results["baseline"] = runner.evaluate_tasks(encoder, tasks, **kwargs)
-        results["baseline"]["model"]["path"] = baseline.resolved
+        results["baseline"]["model"].update(path=baseline.resolved, kind=baseline.kind)
     header = {
         "relbert_ds_version": relbert_ds.__version__,
         "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -260,5 +316,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         distributed.shutdown()
 
 
+def run() -> None:
+    """Console-script entry point: ``main()`` then a clean process exit (see common.exit_process)."""
+    from relbert_ds.cli.common import exit_process
+
+    exit_process(main())
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    run()

@@ -32,5 +32,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return run_main(body)
 
 
+def run() -> None:
+    """Console-script entry point: ``main()`` then a clean process exit (see common.exit_process)."""
+    from relbert_ds.cli.common import exit_process
+
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

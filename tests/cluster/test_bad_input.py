@@ -138,15 +138,11 @@ CASES = [
          ("checkpoint",), protect=lambda c: [c.trained]),
     Case("evaluate_run_directory", EVALUATE, 1,
          lambda c: ["--model", str(c.trained), "--analogy", "sat", "--classification", "none", "--split", "valid"],
-         ("run", "/model"), protect=lambda c: [c.trained],
-         xfail="evaluate.py treats a run directory (it has config.json) as a Hugging Face folder; wanted: "
-               "'<run> is a relbert-ds training run; fix: pass <run>/model or <run>/best_model'"),
+         ("run", "/model"), protect=lambda c: [c.trained]),
     Case("evaluate_exported_model_other_template", EVALUATE, 1,
          lambda c: ["--model", str(c.trained / "model"), "--template", "a", "--analogy", "sat",
                     "--classification", "none", "--split", "valid"],
-         ("template", "trained"), protect=lambda c: [c.trained],
-         xfail="evaluate.py evaluates a trained relbert model with another --template silently; wanted: refuse "
-               "(the model was trained with its saved template) unless explicitly forced"),
+         ("template", "trained"), protect=lambda c: [c.trained]),
 ]
 
 

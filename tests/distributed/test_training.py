@@ -2,6 +2,7 @@
 uninterrupted run step for step, TensorBoard scalars read back, exported models load, ZeRO-3
 partitions a decoder-only backbone and the export consolidates it."""
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -130,6 +131,26 @@ def test_exported_model_loads(full_run):
     assert best["best"]["epoch"] in (0, 1)
     vectors = enc.encode([("cat", "animal"), ("paris", "france")])
     assert vectors.shape == (2, 32) and np.isfinite(vectors).all()
+
+
+def test_evaluator_reads_a_checkpoint_like_the_export(full_run, tmp_path):
+    """evaluate.py on <run>/checkpoints (the latest, ZeRO-2 shards) gives the vectors and the
+    accuracy of the exported final model: the same trained weights by either way in."""
+    out, _ = full_run
+    results = {}
+    for name, model in (("checkpoint", out / "checkpoints"), ("export", out / "model")):
+        done = check(run([sys.executable, "launchers/evaluate.py", "--model", str(model), "--analogy", "sat",
+                          "--classification", "none", "--split", "valid", "--vectors", str(tmp_path / f"{name}.npz"),
+                          "--output", str(tmp_path / f"{name}.json")], timeout=300))
+        assert "| sat" in done.stdout
+        results[name] = (np.load(tmp_path / f"{name}.npz"), json.loads((tmp_path / f"{name}.json").read_text()))
+    (ck_vec, ck_json), (ex_vec, ex_json) = results["checkpoint"], results["export"]
+    assert (ck_vec["pairs"] == ex_vec["pairs"]).all() and len(ck_vec["pairs"]) > 100
+    np.testing.assert_allclose(ck_vec["model_vectors"], ex_vec["model_vectors"], atol=1e-5)
+    key = "analogy/sat/validation/accuracy"
+    assert ck_json["models"]["model"]["metrics"][key] == ex_json["models"]["model"]["metrics"][key]
+    # and they are the trained weights: the untrained backbone gives other vectors
+    assert ck_json["models"]["model"]["model"]["kind"] == "deepspeed_checkpoint"
 
 
 def test_zero3_llama_partitions_and_export_consolidates(tiny_llama, tmp_path):

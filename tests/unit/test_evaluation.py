@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from relbert_ds.data.schemas import AnalogyDataset, AnalogyQuestion, ClassificationDataset, LexicalPair
-from relbert_ds.errors import ConfigError, DataError, ModelError
+from relbert_ds.errors import ConfigError, DataError, ModelError, UserError
 from relbert_ds.evaluation import analogy, classification, mapping, runner, sharding
 from relbert_ds.evaluation.sharding import encode_sharded, length_order, plan_shards
 
@@ -201,6 +201,15 @@ def test_classification_learns_separable_data():
     assert out["n_train"] == 30 and out["n_eval"] == 12 and out["labels"] == ["hyper", "mero", "random"]
     assert {p["gold"] for p in out["predictions"]} == {"hyper", "mero", "random"}
     json.dumps(out)
+
+
+def test_parallel_fits_change_nothing():
+    data, lookup = _synthetic_classification()
+    one = classification.run_classification(data, lookup, max_iter=20, workers=1)
+    two = classification.run_classification(data, lookup, max_iter=20, workers=2)
+    for out in (one, two):
+        out.pop("time_s")
+    assert one == two
 
 
 def test_classification_features_are_both_directions():
@@ -401,7 +410,6 @@ def test_bad_files_fail_before_encoding(tmp_path):
 
 
 def _runner_case(tmp_path):
-    rng = np.random.default_rng(5)
     words = [f"w{i}" for i in range(12)]
     valid = [{"stem": [words[i], words[i + 1]], "choice": [[words[i + 2], words[i + 3]], [words[i], words[i + 1]]],
               "answer": 1, "prefix": "p"} for i in range(4)]
@@ -414,7 +422,6 @@ def _runner_case(tmp_path):
         _write_jsonl(cls / f"{split}.jsonl", [{"head": f"{split}h{i}", "tail": f"{split}t{i}",
                                                "relation": ["a", "b", "c"][i % 3]} for i in range(n)])
     _write_jsonl(tmp_path / "map.jsonl", [{"source": ["x1", "x2", "x3"], "target": ["y1", "y2", "y3"]}])
-    del rng
     return runner.prepare_tasks(analogy=[str(tmp_path / "ana")], classification=[str(cls)],
                                 mapping=[str(tmp_path / "map.jsonl")], split=["valid", "test"])
 
@@ -488,8 +495,30 @@ def test_cli_parsing_and_model_resolution(tmp_path):
     ckpt = tmp_path / "run"
     (ckpt / "checkpoints" / "global_step10").mkdir(parents=True)
     (ckpt / "checkpoints" / "latest").write_text("global_step10")
-    with pytest.raises(ModelError, match="not supported yet"):
+    with pytest.raises(UserError, match="not a complete"):  # a tag folder without its completion marker
+        cli.resolve_model(str(ckpt / "checkpoints"))
+    (ckpt / "history.jsonl").write_text("")
+    with pytest.raises(ModelError, match=r"training run.*best_model.*checkpoints"):
         cli.resolve_model(str(ckpt))
     with pytest.raises(ModelError, match="does not exist"):
         cli.resolve_model(str(tmp_path / "missing_model"))
     assert cli.resolve_model("all-MiniLM-L6-v2").kind == "huggingface"
+
+
+def test_trained_model_keeps_its_prompt_unless_overridden(tiny_bert, tmp_path):
+    """A saved RelBERT model is evaluated with the template/pooling it was trained with."""
+    from relbert_ds import RelationEncoder
+    from relbert_ds.cli import evaluate as cli
+    from relbert_ds.prompts import TEMPLATES
+
+    RelationEncoder.from_pretrained(tiny_bert, template="b", pooling="average").save_pretrained(tmp_path / "m")
+    saved = str(tmp_path / "m")
+    assert cli.resolve_model(saved).trained and cli.resolve_model(saved, template=TEMPLATES["b"]).trained
+    with pytest.raises(ModelError, match=r"trained with template.*--override_prompt"):
+        cli.resolve_model(saved, template="a")
+    with pytest.raises(ModelError, match="trained with pooling 'average'"):
+        cli.resolve_model(saved, pooling="mask")
+    forced = cli.resolve_model(saved, template="a", override_prompt=True)
+    assert forced.load().template == TEMPLATES["a"]
+    # a plain backbone takes any prompt (zero-shot)
+    assert not cli.resolve_model(tiny_bert, template="a").trained
