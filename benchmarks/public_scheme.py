@@ -1,0 +1,148 @@
+"""The public RelBERT trainer's scheme (relbert 2.0.x, ``Trainer._train_nce`` with
+``augment_negative_by_positive``), reimplemented as a baseline for the benchmarks.
+
+What it does, as in the public code:
+- all pairs are tokenized once up front, **padded to max_length** (``encode_plus(...,
+  padding='max_length')``, 64 tokens), so every step encodes 64 positions per prompt;
+- one relation per optimizer step; relations in a random order each epoch (79 steps/epoch);
+- the relation's positives (at most ``num_positive`` = 10, a random subset) and up to
+  ``num_negative`` = 400 negatives drawn from the relation's own negatives **plus the positives
+  of every other relation**; all of them are encoded in the step's forward (in chunks of
+  ``batch`` = 32 prompts, with autograd), so every negative costs a forward and a backward;
+- ``loss_nce``: ``sum_{i,j in P} -log(e^{c_ij/t} / (sum_k e^{c_ik/t} + e^{c_ij/t} + 1e-5))``
+  with cosine ``c``, ``t`` = 0.05, the diagonal ``i = j`` included, summed (not averaged);
+- torch AdamW (weight decay 0), ``lr_warmup`` = 10 linear warm-up steps then constant, no
+  gradient clipping, a single process.
+
+The encoder (backbone + pooling) is relbert-ds's ``RelationEncoder`` so that both schemes run
+the same network; pooling is a mean where the public code sums, which cosine does not see.
+``padding="longest"`` is offered to separate the cost of the scheme from that of padding.
+"""
+from __future__ import annotations
+
+import random
+from typing import Any, Optional, Sequence
+
+import torch
+
+Pair = tuple[str, str]
+
+
+class PublicScheme:
+    """The batch plan and token cache of the public per-relation trainer."""
+
+    def __init__(self, dataset: Any, encoder: Any, num_positive: int = 10, num_negative: int = 400, seed: int = 0,
+                 padding: str = "max_length") -> None:
+        if padding not in ("max_length", "longest"):
+            raise ValueError("padding must be max_length (the public code) or longest")
+        self.dataset = dataset
+        self.encoder = encoder
+        self.num_positive = num_positive
+        self.num_negative = num_negative
+        self.padding = padding
+        self.rng = random.Random(seed)
+        self.positives: dict[str, list[Pair]] = {g.relation_type: [tuple(p) for p in g.positives]
+                                                 for g in dataset.relations}
+        # augment_negative_by_positive: own negatives + every other relation's positives.
+        self.negatives: dict[str, list[Pair]] = {}
+        for g in dataset.relations:
+            others = [p for r, ps in self.positives.items() if r != g.relation_type for p in ps]
+            self.negatives[g.relation_type] = [tuple(p) for p in g.negatives] + others
+        self.relation_types = sorted(self.positives)
+        self._cache: dict[Pair, tuple[list[int], list[int]]] = {}
+        self._tokenize_all()
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.relation_types)
+
+    def _tokenize_all(self) -> None:
+        """Tokenize every pair once (the public trainer does this before its first step)."""
+        pairs = list(dict.fromkeys(p for r in self.relation_types for p in self.positives[r] + self.negatives[r]))
+        enc = self.encoder
+        kwargs: dict[str, Any] = {"truncation": True, "max_length": enc.max_length}
+        if self.padding == "max_length":
+            kwargs["padding"] = "max_length"
+        batch = enc.tokenizer(enc.prompts(pairs), return_token_type_ids=False, **kwargs)
+        for pair, ids, mask in zip(pairs, batch["input_ids"], batch["attention_mask"]):
+            self._cache[pair] = (ids, mask)
+
+    def epoch_order(self) -> list[str]:
+        order = list(self.relation_types)
+        self.rng.shuffle(order)
+        return order
+
+    def step_pairs(self, relation: str) -> tuple[list[Pair], list[Pair]]:
+        """The positives and negatives one step of ``relation`` encodes (random subsets)."""
+        pos, neg = list(self.positives[relation]), list(self.negatives[relation])
+        if len(pos) > self.num_positive:
+            self.rng.shuffle(pos)
+            pos = pos[:self.num_positive]
+        if len(neg) > self.num_negative:
+            self.rng.shuffle(neg)
+            neg = neg[:self.num_negative]
+        return pos, neg
+
+    def tensors(self, pairs: Sequence[Pair]) -> dict[str, torch.Tensor]:
+        """Token tensors of ``pairs`` from the cache (padded to the longest of them if not already)."""
+        rows = [self._cache[p] for p in pairs]
+        width = max(len(ids) for ids, _ in rows)
+        pad = self.encoder.tokenizer.pad_token_id
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, (row_ids, row_mask) in enumerate(rows):
+            ids[i, :len(row_ids)] = torch.tensor(row_ids)
+            mask[i, :len(row_mask)] = torch.tensor(row_mask)
+        return {"input_ids": ids, "attention_mask": mask}
+
+
+def public_nce_loss(positive: torch.Tensor, negative: torch.Tensor, temperature: float = 0.05,
+                    eps: float = 1e-5) -> torch.Tensor:
+    """relbert's ``loss_nce`` (not InfoLOOB, no classification head), written as it is there."""
+    cos = torch.nn.CosineSimilarity(dim=2)
+    logit_n = torch.exp(cos(positive.unsqueeze(1), negative.unsqueeze(0)) / temperature)  # (P, N)
+    deno_n = torch.sum(logit_n, dim=-1)  # (P,)
+    logit_p = torch.exp(cos(positive.unsqueeze(1), positive.unsqueeze(0)) / temperature)  # (P, P)
+    return torch.sum(-torch.log(logit_p / (deno_n.unsqueeze(-1) + logit_p + eps)))
+
+
+class PublicTrainer:
+    """One model, its AdamW and the public warm-up schedule, stepping one relation at a time."""
+
+    def __init__(self, encoder: Any, scheme: PublicScheme, lr: float = 2e-5, warmup: int = 10,
+                 temperature: float = 0.05, chunk: int = 32) -> None:
+        self.encoder = encoder
+        self.scheme = scheme
+        self.temperature = temperature
+        self.chunk = chunk
+        self.optimizer = torch.optim.AdamW([{"params": list(encoder.parameters()), "weight_decay": 0}], lr=lr)
+
+        def lr_lambda(step: int) -> float:
+            step += 1
+            return step / max(1, warmup) if step < warmup else 1.0
+
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda)
+        self.encoder.train()
+
+    def _embed(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Forward in chunks of ``chunk`` prompts with autograd (the public ``to_embedding``)."""
+        n = tokens["input_ids"].shape[0]
+        parts = [self.encoder(tokens["input_ids"][s:s + self.chunk], tokens["attention_mask"][s:s + self.chunk])
+                 for s in range(0, n, self.chunk)]
+        return torch.cat(parts)
+
+    def step(self, relation: str, pairs: Optional[tuple[list[Pair], list[Pair]]] = None) -> dict[str, Any]:
+        """One optimizer step on ``relation``; returns loss and what was encoded."""
+        pos, neg = pairs or self.scheme.step_pairs(relation)
+        self.optimizer.zero_grad()
+        tp, tn = self.scheme.tensors(pos), self.scheme.tensors(neg)
+        loss = public_nce_loss(self._embed(tp), self._embed(tn), self.temperature)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        return {"loss": float(loss.detach()), "positives": len(pos), "negatives": len(neg),
+                "sequences": len(pos) + len(neg),
+                "real_tokens": int(tp["attention_mask"].sum() + tn["attention_mask"].sum()),
+                "padded_tokens": int(tp["input_ids"].numel() + tn["input_ids"].numel()),
+                # what the loss scores: every positive anchor i against every negative k
+                "anchor_negative_pairs": len(pos) * len(neg), "anchor_positive_terms": len(pos) * len(pos)}

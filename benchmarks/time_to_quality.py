@@ -1,0 +1,412 @@
+#!/usr/bin/env python
+"""Time to quality: wall time until the SemEval-2012 validation analogy accuracy (79 questions,
+the public trainer's model-selection metric) first reaches a target, relbert-ds vs the public
+RelBERT trainer's scheme, same backbone, same data, same machine, one invocation.
+
+Two modes. ``--mode interleaved`` (default; see :func:`run_interleaved`): both arms in this
+process, always advancing the arm whose clock is behind, so that both meet the same machine
+load (the figure to quote on a shared machine); our arm is then the trainer at world size 1
+with the default global batch. ``--mode sequential``: the arms one after the other, ours
+through the real launcher on 2 ranks:
+
+- ``ours``: the real trainer through the real launcher (``deepspeed``, ``--nproc`` ranks,
+  default 2 = ``./run.sh train``), validating after every epoch (5 steps on SemEval-2012 with the
+  default batch plan) on the SemEval-2012 validation analogy questions only. Its clock starts
+  when the launcher starts (imports, model load and DeepSpeed set-up, checkpoints and exports
+  are all counted); an epoch's accuracy counts from the moment its record lands in
+  ``history.jsonl``.
+- ``public``: the public trainer's scheme (benchmarks/public_scheme.py: one relation per step,
+  its positives + 400 negatives, prompts padded to 64 tokens, summed nce, AdamW with 10 warm-up
+  steps then constant) in this process on all cores, validated every ``--public_validate_every``
+  steps with the same scoring code. Its clock starts before its model is loaded.
+
+Both arms use the same learning rate by default (2e-5: the public trainer's better rate for this
+backbone per docs/REFERENCE_RUN.md). Reported per target: minutes to reach it for each arm
+(wall clock, and the training clock = optimizer steps + validation only), and the ratio; a
+target an arm does not reach within its budget is reported as not reached.
+
+    python benchmarks/time_to_quality.py                               # target 45.6 (REFERENCE_RUN)
+    python benchmarks/time_to_quality.py --ours_budget_min 12 --public_budget_min 30 --target 0.456
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import common  # noqa: E402
+
+REFERENCE_TARGET = 0.456  # public trainer, one epoch (23 min) at lr 2e-5 on this kind of machine
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="all-MiniLM-L6-v2")
+    p.add_argument("--target", type=float, nargs="+", default=[REFERENCE_TARGET],
+                   help="accuracy target(s) as fractions (default 0.456: the public trainer after one epoch); "
+                        "the best accuracy the public arm reaches in its budget is always added as a target")
+    p.add_argument("--lr", type=float, default=2e-5, help="learning rate of both arms (default 2e-5)")
+    p.add_argument("--ours_budget_min", type=float, default=8.0, help="budget of our arm in minutes")
+    p.add_argument("--public_budget_min", type=float, default=30.0, help="budget of the public arm in minutes")
+    p.add_argument("--ours_epochs", type=int, default=40, help="epochs our trainer is asked for (the budget stops it)")
+    p.add_argument("--ours_args", nargs=argparse.REMAINDER, default=[],
+                   help="extra train.py options for our arm (put last)")
+    p.add_argument("--nproc", type=int, default=2, help="our ranks (default 2)")
+    p.add_argument("--launcher", default="deepspeed", choices=("deepspeed", "torchrun", "python"))
+    p.add_argument("--public_validate_every", type=int, default=10, help="public arm: validate every N steps")
+    p.add_argument("--public_negatives", type=int, default=400)
+    p.add_argument("--public_positives", type=int, default=10)
+    p.add_argument("--public_padding", default="max_length", choices=("max_length", "longest"),
+                   help="max_length = the public code (default); longest = dynamic padding")
+    p.add_argument("--arms", nargs="+", default=["ours", "public"], choices=("ours", "public"))
+    p.add_argument("--mode", default="interleaved", choices=("interleaved", "sequential"),
+                   help="interleaved (default): both arms in this process, always advancing the arm whose clock "
+                        "is behind, so both see the same machine load; sequential: our arm through the real "
+                        "launcher first, then the public arm")
+    p.add_argument("--relations_per_rank", type=int, default=16,
+                   help="interleaved mode: our relation groups per step at world size 1 (default 16 = 2 ranks x 8)")
+    p.add_argument("--threads", type=int, default=None, help="interleaved mode: torch threads (default: all cores)")
+    p.add_argument("--work_dir", default="runs/benchmarks/time_to_quality")
+    p.add_argument("--output", default=None, help="results JSON (default benchmarks/results/time_to_quality.json)")
+    return p
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def semeval_questions() -> Any:
+    from relbert_ds.data import load_relation_dataset
+    from relbert_ds.data.derived import relation_analogy_questions
+
+    return relation_analogy_questions(load_relation_dataset("semeval2012", "validation"))
+
+
+def accuracy(encoder: Any, questions: Any) -> float:
+    """SemEval-2012 validation analogy accuracy of ``encoder`` (the trainer's own scoring)."""
+    import numpy as np
+
+    from relbert_ds.evaluation.analogy import analogy_pairs, score_analogy
+
+    pairs = analogy_pairs(questions.questions)
+    table = dict(zip(pairs, encoder.encode(pairs)))
+    return float(score_analogy(questions, lambda ps: np.stack([table[tuple(p)] for p in ps]))["accuracy"])
+
+
+# --------------------------------------------------------------------------- arms
+
+
+def run_ours(args: argparse.Namespace) -> dict[str, Any]:
+    """Launch the trainer; note when each epoch's validation lands; stop at the budget."""
+    run_dir = Path(args.work_dir) / "ours"
+    train_args = ["--deepspeed_config", "ds_configs/zero2.json", "--model", args.model, "--output_dir", str(run_dir),
+                  "--overwrite", "--epochs", str(args.ours_epochs), "--lr", str(args.lr),
+                  "--analogy", "semeval2012", "--metric", "analogy", "--no-projector", "--keep_last", "1",
+                  *args.ours_args]
+    cmd = common.launch_cmd("launchers/train.py", train_args, args.nproc, args.launcher)
+    print("$ " + " ".join(cmd), file=sys.stderr, flush=True)
+    history = run_dir / "history.jsonl"
+    if history.exists():
+        history.unlink()
+    log_path = Path(args.work_dir) / "ours.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    budget = args.ours_budget_min * 60
+    arrivals: dict[int, float] = {}
+    load_before = common.loadavg()
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=common.rank_env(), cwd=str(common.REPO),
+                                start_new_session=True)
+        stopped_by_budget = False
+        while True:
+            done = proc.poll() is not None
+            now = time.perf_counter() - start
+            if history.exists():
+                for line in history.read_text().splitlines():
+                    if '"kind": "epoch"' in line:
+                        epoch = json.loads(line)["epoch"]
+                        arrivals.setdefault(epoch, now)
+            if done:
+                break
+            if now > budget:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                stopped_by_budget = True
+                break
+            time.sleep(0.5)
+    wall = time.perf_counter() - start
+    if proc.returncode not in (0, None) and not stopped_by_budget:
+        raise RuntimeError(f"our arm failed (exit {proc.returncode}); see {log_path}:\n"
+                           f"{log_path.read_text()[-4000:]}")
+    steps, epochs = common.read_history(run_dir) if history.exists() else ([], [])
+    # The trainer's step timer runs from one step's end to the next, so the first step of an epoch
+    # also holds the previous epoch's validation and checkpoint: the clock at the end of epoch k is
+    # the steps of epochs <= k plus epoch k's own validation (checkpoints included, start-up not).
+    running, curve = 0.0, []
+    step_s: dict[int, float] = {}
+    for s in steps:
+        step_s[s["epoch"]] = step_s.get(s["epoch"], 0.0) + s["step_seconds"]
+    for e in epochs:
+        if e["epoch"] not in arrivals:
+            continue  # written after the budget ran out
+        running += step_s.get(e["epoch"], 0.0)
+        curve.append({"epoch": e["epoch"] + 1, "optimizer_steps": e["optimizer_step"],
+                      "accuracy": e["analogy"]["semeval2012"], "wall_s": arrivals[e["epoch"]],
+                      "train_clock_s": running + e["seconds"]})
+    return {"arm": "ours", "command": " ".join(cmd), "budget_s": budget, "stopped_by_budget": stopped_by_budget,
+            "wall_s": wall, "loadavg_before": load_before, "loadavg_after": common.loadavg(), "curve": curve,
+            "world_size": args.nproc, "lr": args.lr, "log": str(log_path)}
+
+
+def run_public(args: argparse.Namespace, questions: Any) -> dict[str, Any]:
+    """The public scheme in this process: steps until the budget, validating every N steps."""
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    load_before = common.loadavg()
+    start = time.perf_counter()
+    from relbert_ds import RelationEncoder
+    from relbert_ds.data import load_relation_dataset
+
+    from benchmarks.public_scheme import PublicScheme, PublicTrainer
+
+    torch.manual_seed(0)
+    encoder = RelationEncoder.from_pretrained(args.model)
+    scheme = PublicScheme(load_relation_dataset("semeval2012", "train"), encoder, args.public_positives,
+                          args.public_negatives, seed=0, padding=args.public_padding)
+    trainer = PublicTrainer(encoder, scheme, lr=args.lr)
+    budget = args.public_budget_min * 60
+    curve, clock, step, epoch, losses = [], 0.0, 0, 0, []
+    setup_s = time.perf_counter() - start
+    stopped_by_budget = False
+    while True:
+        for relation in scheme.epoch_order():
+            if time.perf_counter() - start > budget:
+                stopped_by_budget = True
+                break
+            t = time.perf_counter()
+            losses.append(trainer.step(relation)["loss"])
+            step += 1
+            clock += time.perf_counter() - t
+            if step % args.public_validate_every == 0 or step % scheme.steps_per_epoch == 0:
+                t = time.perf_counter()
+                acc = accuracy(encoder, questions)
+                clock += time.perf_counter() - t
+                curve.append({"optimizer_steps": step, "epoch": step / scheme.steps_per_epoch, "accuracy": acc,
+                              "wall_s": time.perf_counter() - start, "train_clock_s": clock,
+                              "mean_loss_since_last": sum(losses) / len(losses)})
+                losses = []
+                print(f"public: step {step} acc {100 * acc:.1f} at {curve[-1]['wall_s'] / 60:.1f} min",
+                      file=sys.stderr, flush=True)
+        if stopped_by_budget:
+            break
+        epoch += 1
+    return {"arm": "public", "budget_s": budget, "stopped_by_budget": stopped_by_budget,
+            "wall_s": time.perf_counter() - start, "setup_s": setup_s, "optimizer_steps": step,
+            "loadavg_before": load_before, "loadavg_after": common.loadavg(), "curve": curve, "lr": args.lr,
+            "padding": args.public_padding, "positives": args.public_positives, "negatives": args.public_negatives,
+            "validate_every": args.public_validate_every, "threads": torch.get_num_threads()}
+
+
+def run_interleaved(args: argparse.Namespace, questions: Any) -> dict[str, Any]:
+    """Both arms in this process, one unit of work at a time (ours: one optimizer step, validated at
+    each epoch's end; public: one relation step, validated every N steps), always the arm whose
+    clock is behind: both clocks advance together, so both arms meet the same machine load.
+
+    Our arm is relbert-ds's trainer at world size 1 (``Trainer._setup``/``_build_engine`` and the
+    loop body, as benchmarks/train_throughput.py), ``--relations_per_rank`` groups per step (16 =
+    the global batch of the default 2 ranks x 8); no checkpoints or exports are written here.
+    Each arm's clock includes its own set-up (model load, DeepSpeed initialisation, tokenization).
+    """
+    import tempfile
+
+    import torch
+
+    from benchmarks.public_scheme import PublicScheme, PublicTrainer
+    from benchmarks.train_throughput import build_ours, ours_step
+    from relbert_ds import RelationEncoder
+    from relbert_ds.data import load_relation_dataset
+
+    common.setup_single_process(args.threads)
+    run_dir = tempfile.mkdtemp(prefix="relbert_ds_ttq_")
+    clocks = {"ours": 0.0, "public": 0.0}
+    curves: dict[str, list] = {"ours": [], "public": []}
+    load = {"before": common.loadavg()}
+    budgets = {"ours": args.ours_budget_min * 60, "public": args.public_budget_min * 60}
+    active = [a for a in ("ours", "public") if a in args.arms]
+    state: dict[str, Any] = {}
+    if "ours" in active:
+        t = time.perf_counter()
+        ns = argparse.Namespace(model=args.model, deepspeed_config="ds_configs/zero2.json",
+                                relations_per_rank=args.relations_per_rank, positives_per_relation=8,
+                                negatives_per_relation=8, lr=args.lr, threads=args.threads)
+        torch.manual_seed(0)
+        state["ours"] = {"trainer": build_ours(ns, run_dir), "epoch": 0, "micro": 0, "steps": 0}
+        clocks["ours"] = time.perf_counter() - t
+        state["ours"]["setup_s"] = clocks["ours"]
+    if "public" in active:
+        t = time.perf_counter()
+        torch.manual_seed(0)
+        encoder = RelationEncoder.from_pretrained(args.model)
+        scheme = PublicScheme(load_relation_dataset("semeval2012", "train"), encoder, args.public_positives,
+                              args.public_negatives, seed=0, padding=args.public_padding)
+        state["public"] = {"trainer": PublicTrainer(encoder, scheme, lr=args.lr), "scheme": scheme, "order": [],
+                           "steps": 0}
+        clocks["public"] = time.perf_counter() - t
+        state["public"]["setup_s"] = clocks["public"]
+    while active:
+        arm = min(active, key=lambda a: clocks[a])
+        st = state[arm]
+        t = time.perf_counter()
+        if arm == "ours":
+            trainer = st["trainer"]
+            ours_step(trainer, st["epoch"], st["micro"])
+            st["steps"] += 1
+            st["micro"] += 1
+            if st["micro"] == trainer.sampler.steps_per_epoch:
+                st["epoch"], st["micro"] = st["epoch"] + 1, 0
+                acc = accuracy(trainer.encoder, questions)
+                clocks[arm] += time.perf_counter() - t
+                curves[arm].append({"epoch": st["epoch"], "optimizer_steps": st["steps"], "accuracy": acc,
+                                    "wall_s": clocks[arm], "train_clock_s": clocks[arm] - st["setup_s"],
+                                    "loadavg": common.loadavg()[0] if common.loadavg() else None})
+                print(f"ours: epoch {st['epoch']} acc {100 * acc:.1f} at {clocks[arm] / 60:.1f} min (clock)",
+                      file=sys.stderr, flush=True)
+            else:
+                clocks[arm] += time.perf_counter() - t
+        else:
+            if not st["order"]:
+                st["order"] = st["scheme"].epoch_order()
+            st["trainer"].step(st["order"].pop(0))
+            st["steps"] += 1
+            steps_per_epoch = st["scheme"].steps_per_epoch
+            if st["steps"] % args.public_validate_every == 0 or st["steps"] % steps_per_epoch == 0:
+                acc = accuracy(st["trainer"].encoder, questions)
+                clocks[arm] += time.perf_counter() - t
+                curves[arm].append({"epoch": st["steps"] / steps_per_epoch, "optimizer_steps": st["steps"],
+                                    "accuracy": acc, "wall_s": clocks[arm],
+                                    "train_clock_s": clocks[arm] - st["setup_s"],
+                                    "loadavg": common.loadavg()[0] if common.loadavg() else None})
+                print(f"public: step {st['steps']} acc {100 * acc:.1f} at {clocks[arm] / 60:.1f} min (clock)",
+                      file=sys.stderr, flush=True)
+            else:
+                clocks[arm] += time.perf_counter() - t
+        if clocks[arm] >= budgets[arm]:
+            active.remove(arm)
+    load["after"] = common.loadavg()
+    import shutil
+
+    shutil.rmtree(run_dir, ignore_errors=True)
+    out = {}
+    for arm in state:
+        out[arm] = {"arm": arm, "mode": "interleaved", "budget_s": budgets[arm], "stopped_by_budget": True,
+                    "wall_s": clocks[arm], "setup_s": state[arm]["setup_s"], "optimizer_steps": state[arm]["steps"],
+                    "loadavg_before": load["before"], "loadavg_after": load["after"], "curve": curves[arm],
+                    "lr": args.lr, "threads": torch.get_num_threads()}
+    if "ours" in out:
+        out["ours"]["relations_per_step"] = args.relations_per_rank
+    if "public" in out:
+        out["public"].update({"padding": args.public_padding, "positives": args.public_positives,
+                              "negatives": args.public_negatives, "validate_every": args.public_validate_every})
+    return out
+
+
+def first_reach(curve: list[dict], target: float) -> Optional[dict]:
+    for point in curve:
+        if point["accuracy"] >= target - 1e-9:
+            return point
+    return None
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    head = common.header("time_to_quality", argv if argv is not None else sys.argv[1:])
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from relbert_ds.cli.common import setup_logging
+
+    setup_logging(False)
+    import torch
+
+    from relbert_ds import RelationEncoder
+
+    questions = semeval_questions()
+    torch.set_num_threads(os.cpu_count() or 1)
+    zero_shot = accuracy(RelationEncoder.from_pretrained(args.model), questions)
+    arms: dict[str, Any] = {}
+    if args.mode == "interleaved":
+        arms = run_interleaved(args, questions)
+    else:
+        for name in args.arms:
+            print(f"== arm {name}", file=sys.stderr, flush=True)
+            arms[name] = run_ours(args) if name == "ours" else run_public(args, questions)
+
+    targets = [{"value": t, "source": "given" if t != REFERENCE_TARGET else
+                "REFERENCE_RUN: public trainer, 1 epoch at lr 2e-5 (23 min)"} for t in args.target]
+    if "public" in arms and arms["public"]["curve"]:
+        best = max(p["accuracy"] for p in arms["public"]["curve"])
+        if all(abs(best - t["value"]) > 1e-9 for t in targets):
+            targets.append({"value": best, "source": "best the public arm reached in its budget"})
+    rows, results = [], []
+    for t in targets:
+        entry: dict[str, Any] = {"target": t["value"], "source": t["source"]}
+        for name, arm in arms.items():
+            point = first_reach(arm["curve"], t["value"])
+            entry[name] = {"reached": point is not None, "wall_s": point["wall_s"] if point else None,
+                           "train_clock_s": point["train_clock_s"] if point else None,
+                           "optimizer_steps": point["optimizer_steps"] if point else None,
+                           "epoch": point["epoch"] if point else None}
+        if "ours" in entry and "public" in entry and entry["ours"]["reached"] and entry["public"]["reached"]:
+            entry["wall_ratio_public_over_ours"] = entry["public"]["wall_s"] / entry["ours"]["wall_s"]
+            entry["train_clock_ratio_public_over_ours"] = entry["public"]["train_clock_s"] / entry["ours"]["train_clock_s"]
+        results.append(entry)
+
+        def cell(name: str) -> str:
+            if name not in arms:
+                return "not run"
+            e = entry[name]
+            if not e["reached"]:
+                return f"not reached in {arms[name]['budget_s'] / 60:.0f} min budget"
+            where = f"epoch {e['epoch']}" if name == "ours" else f"step {e['optimizer_steps']}"
+            return f"{e['wall_s'] / 60:.1f} min ({e['train_clock_s'] / 60:.1f} min training clock, {where})"
+
+        ratio = entry.get("wall_ratio_public_over_ours")
+        rows.append([f"{100 * t['value']:.1f} ({t['source']})", cell("ours"), cell("public"),
+                     f"{ratio:.1f}x" if ratio else "n/a"])
+    table = common.markdown_table(["target accuracy %", "relbert-ds", "public RelBERT scheme",
+                                   "speed-up (public / ours, wall)"], rows)
+    summary_rows = []
+    for name, arm in arms.items():
+        best = max(arm["curve"], key=lambda p: p["accuracy"]) if arm["curve"] else None
+        summary_rows.append([name, f"{arm['wall_s'] / 60:.1f}", len(arm["curve"]),
+                             f"{100 * best['accuracy']:.1f}" if best else "n/a",
+                             f"{best['wall_s'] / 60:.1f}" if best else "n/a",
+                             f"{arm['loadavg_before']} -> {arm['loadavg_after']}"])
+    table += "\n" + common.markdown_table(["arm", "ran (min)", "validations", "best accuracy %", "at (min)",
+                                           "load average before -> after"], summary_rows)
+    table += (f"\nSemEval-2012 validation analogy (79 questions), backbone {args.model}, zero-shot "
+              f"{100 * zero_shot:.1f}%; lr {args.lr} in both arms; "
+              + (f"interleaved in one process ({arms[next(iter(arms))]['threads']} threads): each arm's time is its own "
+                 f"clock (set-up + steps + validation) while the other arm waited, ours at world size 1 with "
+                 f"{args.relations_per_rank} relations per step.\n" if args.mode == "interleaved" else
+                 f"sequential: ours on {args.nproc} rank(s) via {args.launcher} (wall from launch), then the public "
+                 f"arm in this process.\n"))
+    document = {**head, "config": {k: v for k, v in vars(args).items()}, "zero_shot_accuracy": zero_shot,
+                "targets": results, "arms": arms}
+    common.emit(table, Path(args.output or common.default_output("time_to_quality")), document)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""Every benchmark script, run for real with tiny settings (tiny random BERT, a step or two):
+the JSON and the markdown table are written with the expected keys and sane values. No timing
+is asserted: the figures of these runs mean nothing, only their presence does."""
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.launch import check, rank_env, run
+
+pytestmark = pytest.mark.slow  # each starts real processes (launchers, ranks): 20-45 s on a 2-core machine
+
+
+def bench(script: str, *args: str, timeout: float = 300):
+    return check(run([sys.executable, f"benchmarks/{script}.py", *args], timeout=timeout,
+                     env=rank_env(OMP_NUM_THREADS="2")))
+
+
+def load(path: Path) -> dict:
+    doc = json.loads(path.read_text())
+    assert doc["machine"]["cpu_count"] >= 1 and len(doc["loadavg_start"]) == 3 and len(doc["loadavg_end"]) == 3
+    assert doc["table_markdown"].startswith("|")
+    return doc
+
+
+def positive(x) -> bool:
+    return x is not None and math.isfinite(x) and x > 0
+
+
+def test_train_throughput(tiny_bert, tmp_path):
+    out = tmp_path / "tt.json"
+    result = bench("train_throughput", "--model", tiny_bert, "--relations_per_rank", "4", "--repeats", "2",
+                   "--max_steps_per_repeat", "2", "--public_steps", "1", "--public_negatives", "24",
+                   "--peak_tflops", "0.05", "--count_world_sizes", "1", "2", "--output", str(out))
+    doc = load(out)
+    assert "overhead" in result.stdout and doc["table_markdown"] in result.stdout or "| arm |" in result.stdout
+    assert set(doc["arms"]) == {"ours", "bare", "public", "public_longest"}
+    for arm in doc["arms"].values():
+        assert positive(arm["pairs_per_s"]) and positive(arm["tokens_per_s"]) and positive(arm["mfu"])
+    assert doc["arms"]["ours"]["steps"] == doc["arms"]["bare"]["steps"] == 4
+    assert doc["arms"]["ours"]["real_tokens_per_step"] == doc["arms"]["bare"]["real_tokens_per_step"]  # same tokens
+    assert doc["arms"]["public"]["padded_tokens_per_step"] == 64 * doc["arms"]["public"]["pairs_per_step"]
+    assert len(doc["repeats"]) == 2 and all(positive(r["overhead_ratio"]) for r in doc["repeats"])
+    assert positive(doc["overhead_ratio"]["median"]) and doc["overhead_ratio"]["target"] == 1.10
+    assert positive(doc["epoch_ratio_over_ours"]["public"]["median"])
+    neg = doc["negatives"]
+    assert neg["public"]["negatives_per_anchor"] == 24 and neg["ours"]["sequences_per_step"] == 64
+    assert positive(neg["negatives_per_sequence_ratio_ours_over_public"])
+    assert [w["world_size"] for w in neg["ours_by_world_size"]] == [1, 2]
+
+
+def test_time_to_quality_interleaved(tiny_bert, tmp_path):
+    out = tmp_path / "ttq.json"
+    bench("time_to_quality", "--model", tiny_bert, "--target", "0.2", "--ours_budget_min", "0.15",
+          "--public_budget_min", "0.05", "--relations_per_rank", "40", "--public_validate_every", "1",
+          "--public_negatives", "16", "--output", str(out))
+    doc = load(out)
+    assert doc["config"]["mode"] == "interleaved" and set(doc["arms"]) == {"ours", "public"}
+    ours, public = doc["arms"]["ours"], doc["arms"]["public"]
+    assert ours["curve"] and public["curve"] and ours["optimizer_steps"] >= 2
+    assert [p["epoch"] for p in ours["curve"]] == list(range(1, len(ours["curve"]) + 1))
+    for arm in (ours, public):
+        assert all(0 <= p["accuracy"] <= 1 and p["wall_s"] >= p["train_clock_s"] > 0 for p in arm["curve"])
+    assert doc["targets"][0]["target"] == 0.2 and {"ours", "public"} <= set(doc["targets"][0])
+
+
+def test_time_to_quality_sequential(tiny_bert, tmp_path):
+    out = tmp_path / "ttq.json"
+    bench("time_to_quality", "--mode", "sequential", "--model", tiny_bert, "--target", "0.2", "--ours_budget_min", "1.5",
+          "--public_budget_min", "0.05", "--nproc", "1", "--launcher", "python", "--public_validate_every", "1",
+          "--public_negatives", "16", "--work_dir", str(tmp_path / "work"), "--output", str(out),
+          "--ours_args", "--max_steps", "2", "--relations_per_rank", "40", "--positives_per_relation", "2",
+          "--negatives_per_relation", "2")
+    doc = load(out)
+    assert set(doc["arms"]) == {"ours", "public"} and 0 <= doc["zero_shot_accuracy"] <= 1
+    ours, public = doc["arms"]["ours"], doc["arms"]["public"]
+    assert ours["curve"] and public["curve"]
+    assert all(0 <= p["accuracy"] <= 1 and positive(p["wall_s"]) for p in ours["curve"] + public["curve"])
+    target = doc["targets"][0]
+    assert target["target"] == 0.2 and {"ours", "public"} <= set(target)
+    assert len(doc["targets"]) in (1, 2)  # plus the public arm's best when it differs
+
+
+def test_eval_throughput(tiny_bert, tmp_path):
+    out = tmp_path / "et.json"
+    bench("eval_throughput", "--model", tiny_bert, "--analogy", "sat", "--split", "valid", "--repeats", "1",
+          "--nprocs", "1", "2", "--output", str(out))
+    doc = load(out)
+    assert set(doc["arms"]) == {"ranks=1", "ranks=2", "naive"}
+    assert doc["question_pairs"] == 37 * 6 and doc["unique_pairs"] <= doc["question_pairs"]
+    assert doc["arms"]["naive"]["pairs_encoded"] == doc["question_pairs"]
+    assert doc["arms"]["ranks=2"]["pairs_encoded"] == doc["unique_pairs"]
+    assert all(positive(a["question_pairs_per_s"]["median"]) for a in doc["arms"].values())
+    assert {"ranks=1 / ranks=2 (encode time)", "naive / ranks=1 (encode time)"} <= set(doc["ratios"])
+    assert doc["accuracy_agreement"]["max_abs_difference"] < 0.03  # same encoder, same questions
+
+
+def test_memory_measured(tiny_bert, tmp_path):
+    out = tmp_path / "mem.json"
+    bench("memory", "--models", "roberta-large", "--gpus", "8", "--measure_model", tiny_bert, "--measure_configs",
+          "zero0", "zero3", "--measure_steps", "1", "--nproc", "1", "--launcher", "python",
+          "--work_dir", str(tmp_path / "work"), "--output", str(out))
+    doc = load(out)
+    runs = doc["measured"]["runs"]
+    assert set(runs) == {"zero0", "zero3"} and positive(doc["measured"]["floor_rss_mb"])
+    for name, stage in (("zero0", 0), ("zero3", 3)):
+        assert runs[name]["error"] is None and runs[name]["zero_stage"] == stage
+        assert runs[name]["peak_rss_mb"] > 0
+
+
+def test_quality_recipe_search_and_recipe(tiny_bert, tmp_path):
+    search = tmp_path / "search.json"
+    common = ["--model", tiny_bert, "--nproc", "1", "--launcher", "python", "--work_dir", str(tmp_path / "work"),
+              "--max_steps", "1"]
+    bench("quality_recipe", "search", "--runs", "nce_lr1e-4", "--epochs", "1", "--output", str(search), *common)
+    doc = load(search)
+    assert [r["name"] for r in doc["runs"]] == ["nce_lr1e-4"] and doc["winner"]["run"] == "nce_lr1e-4"
+    assert set(doc["runs"][0]["curve"][0]["analogy"]) == {"semeval2012", "sat", "u2"}
+    quality = tmp_path / "quality.json"
+    bench("quality_recipe", "--run", "nce_lr1e-4", "--epochs", "1", "--eval_analogy", "sat",
+          "--eval_classification", "none", "--output", str(quality), *common)
+    doc = load(quality)
+    rows = {(r["dataset"], r["split"]): r for r in doc["rows"]}
+    assert set(rows) == {("SemEval-2012 analogy", "validation"), ("SAT", "test"), ("SAT", "validation")}
+    assert all(0 <= r["zero_shot"] <= 1 and 0 <= r["trained"] <= 1 for r in rows.values())
+    assert doc["recipe"]["selection_sets"] == ["semeval2012", "sat", "u2"] and "within_20_minutes" in doc
