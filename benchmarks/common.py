@@ -14,7 +14,6 @@ import math
 import os
 import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -190,27 +189,8 @@ def emit(table: str, path: Path, document: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- processes
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def tool(name: str) -> str:
-    """A console script of this interpreter's environment (deepspeed, torchrun)."""
-    path = BIN / name
-    return str(path) if path.exists() else name
-
-
-def rank_env(**extra: str) -> dict[str, str]:
-    """Environment for launched ranks: no inherited rank variables, one BLAS thread, offline hub."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
-    env.update({"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-                "PYTHONPATH": str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""),
-                "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}"})
-    env.update(extra)
-    return env
+# The tests' launch helpers (free ports, the venv's tools, the ranks' environment) serve here too.
+from tests.launch import free_port, rank_env, tool  # noqa: E402,F401
 
 
 def launch_cmd(script: str, args: Sequence[str], nproc: int, launcher: str = "torchrun") -> list[str]:

@@ -29,13 +29,10 @@ every negative of its step).
 from __future__ import annotations
 
 import argparse
-import copy
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -221,7 +218,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import torch
 
     from relbert_ds import RelationEncoder
-    from relbert_ds.data import load_relation_dataset
     from relbert_ds.monitor import device_peak_flops
     from relbert_ds.sampler import RelationAwareSampler
 

@@ -198,6 +198,19 @@ def consolidated_weights(tag_dir: Path) -> dict[str, torch.Tensor]:
     return torch.load(states, map_location="cpu", weights_only=True)["module"]
 
 
+def check_prompt(meta: dict[str, Any], tag_dir: Path, template: Optional[str] = None,
+                 pooling: Optional[str] = None) -> None:
+    """Refuse a template/pooling other than the one the checkpoint was trained with."""
+    from relbert_ds.prompts import resolve_template
+
+    if template is not None and resolve_template(template) != meta["template"]:
+        raise CheckpointError(f"checkpoint {tag_dir} was trained with template {meta['template']!r}, not "
+                              f"{resolve_template(template)!r}; fix: drop --template (the checkpoint's is used)")
+    if pooling is not None and pooling != meta["pooling"]:
+        raise CheckpointError(f"checkpoint {tag_dir} was trained with pooling {meta['pooling']!r}, not {pooling!r}; "
+                              f"fix: drop --pooling (the checkpoint's is used)")
+
+
 def encoder_from_checkpoint(path: Path, template: Optional[str] = None, pooling: Optional[str] = None) -> Any:
     """A RelationEncoder with the weights of a trainer checkpoint (any ZeRO stage).
 
@@ -205,16 +218,10 @@ def encoder_from_checkpoint(path: Path, template: Optional[str] = None, pooling:
     ``template``/``pooling``, when given, must match what the checkpoint was trained with.
     """
     from relbert_ds.encoder import RelationEncoder
-    from relbert_ds.prompts import resolve_template
 
     tag_dir = resolve_tag_dir(Path(path))
     meta = read_meta(tag_dir)
-    if template is not None and resolve_template(template) != meta["template"]:
-        raise CheckpointError(f"checkpoint {tag_dir} was trained with template {meta['template']!r}, not "
-                              f"{resolve_template(template)!r}; fix: drop --template (the checkpoint's is used)")
-    if pooling is not None and pooling != meta["pooling"]:
-        raise CheckpointError(f"checkpoint {tag_dir} was trained with pooling {meta['pooling']!r}, not {pooling!r}; "
-                              f"fix: drop --pooling (the checkpoint's is used)")
+    check_prompt(meta, tag_dir, template, pooling)
     encoder = RelationEncoder.from_pretrained(meta["model"], template=meta["template"], pooling=meta["pooling"],
                                               max_length=meta.get("max_length"))
     prefix = "encoder.backbone."

@@ -26,7 +26,7 @@ from relbert_ds.data import load_analogy_dataset, load_relation_dataset
 from relbert_ds.data.derived import relation_analogy_questions
 from relbert_ds.data.schemas import AnalogyDataset, RelationDataset
 from relbert_ds.encoder import RelationEncoder
-from relbert_ds.engine import ResolvedDeepSpeed, initialize_engine, model_construction_context, resolve_deepspeed_config
+from relbert_ds.engine import initialize_engine, model_construction_context, resolve_deepspeed_config
 from relbert_ds.errors import CheckpointError, ConfigError, DataError
 from relbert_ds.losses import LossOutput, build_loss
 from relbert_ds.monitor import (TrainingMonitor, device_peak_flops, matmul_parameters, model_flops_per_token,

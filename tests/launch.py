@@ -26,10 +26,13 @@ def tool(name: str) -> str:
 
 
 def rank_env(**extra: str) -> dict[str, str]:
+    """Environment for launched ranks: no inherited rank variables, one BLAS thread, offline hub,
+    this checkout first on the path."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
     env.update({"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-                "PYTHONPATH": str(REPO), "PATH": f"{BIN}:{env.get('PATH', '')}"})
+                "PYTHONPATH": str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""),
+                "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}"})
     env.update(extra)
     return env
 

@@ -175,12 +175,7 @@ def resolve_model(spec: str, template: Optional[str] = None, pooling: Optional[s
                              f"into the backbone it names with the prompt it was trained with; fix: export it "
                              f"first (or drop --override_prompt)")
         # Cheap checks now (every rank agrees before any weights are read); load() repeats them.
-        if template is not None and resolve_template(template) != meta["template"]:
-            raise ModelError(f"checkpoint {tag_dir} was trained with template {meta['template']!r}, not "
-                             f"{resolve_template(template)!r}; fix: drop --template (the checkpoint's is used)")
-        if pooling is not None and pooling != meta["pooling"]:
-            raise ModelError(f"checkpoint {tag_dir} was trained with pooling {meta['pooling']!r}, not "
-                             f"{pooling!r}; fix: drop --pooling (the checkpoint's is used)")
+        checkpointing.check_prompt(meta, tag_dir, template, pooling)
         backbones.check_model_exists(meta["model"])
         return ResolvedModel(spec=spec, resolved=str(tag_dir), kind="deepspeed_checkpoint", trained=True)
     resolved = backbones.check_model_exists(spec)

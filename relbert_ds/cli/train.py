@@ -3,7 +3,6 @@ mpirun, srun or plain python (see README)."""
 from __future__ import annotations
 
 import json
-import sys
 from typing import Optional, Sequence
 
 from relbert_ds.config import build_train_parser, run_config_from_args

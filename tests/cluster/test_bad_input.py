@@ -7,7 +7,7 @@ or launchers/evaluate.py) with 1 or 2 real ranks, and must end with
 - no Python traceback,
 - nothing overwritten (runs and files the case points at keep their bytes and mtimes).
 
-The README's troubleshooting table lists the same cases (docs/CLUSTER.md). The launches run two
+The README's troubleshooting table lists the same cases (Running on a cluster). The launches run two
 at a time (one shared fixture) to keep the table quick; errors come before models load.
 """
 from __future__ import annotations
@@ -209,7 +209,7 @@ def test_the_table_is_big_enough():
 def test_safe_loading_audit():
     """Every torch.load in the library reads with weights_only=True (our own RNG and model-state
     files); nothing turns remote code on by default. DeepSpeed's own loads of its optimizer shards
-    (weights_only=False, inside deepspeed) are documented in docs/CLUSTER.md: resume only from
+    (weights_only=False, inside deepspeed) are documented in the README (Safe loading): resume only from
     checkpoints you wrote."""
     import ast
 

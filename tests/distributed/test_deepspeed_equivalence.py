@@ -4,7 +4,6 @@ the concatenated global batch (fp32: every gradient entry to 1e-5; measured here
 difference ~1.5e-6, relative L2 ~1e-5, which is the fp32 rounding floor of the computation
 itself: the fp32 one-process gradients are 9e-6 from a float64 computation)."""
 import json
-import sys
 
 import pytest
 import torch

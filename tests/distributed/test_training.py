@@ -117,7 +117,6 @@ def test_exported_model_loads(full_run):
     assert enc.template == TEMPLATES["d"] and enc.pooling == "average_no_mask"
     plain = AutoModel.from_pretrained(str(model))
     # the export holds the trained weights, not the initial ones
-    from transformers import AutoModel as _A
     ckpt = torch.load(next((out / "checkpoints" / "global_step20").glob("*model_states.pt")), weights_only=False)
     trained = {k.removeprefix("encoder.backbone."): v for k, v in ckpt["module"].items()
                if k.startswith("encoder.backbone.")}
