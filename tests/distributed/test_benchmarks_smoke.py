@@ -126,3 +126,17 @@ def test_quality_recipe_search_and_recipe(tiny_bert, tmp_path):
     assert set(rows) == {("SemEval-2012 analogy", "validation"), ("SAT", "test"), ("SAT", "validation")}
     assert all(0 <= r["zero_shot"] <= 1 and 0 <= r["trained"] <= 1 for r in rows.values())
     assert doc["recipe"]["selection_sets"] == ["semeval2012", "sat", "u2"] and "within_20_minutes" in doc
+
+
+def test_launch_paths(tiny_bert, tmp_path):
+    out = tmp_path / "lp.json"
+    bench("launch_paths", "--paths", "python", "srun-env", "--steps", "2", "--work_dir", str(tmp_path / "runs"),
+          "--output", str(out), "--", "--model", tiny_bert, "--relations_per_rank", "4")
+    doc = load(out)
+    assert set(doc["summary"]) == {"python", "srun-env"}
+    assert doc["summary"]["python"]["world_size"] == 1 and doc["summary"]["srun-env"]["world_size"] == 2
+    for path in ("python", "srun-env"):
+        assert doc["summary"][path]["steps_timed"] == 1 and positive(doc["summary"][path]["median_step_s"])
+        # the runs really trained through that path: their config says so
+        resolved = json.loads((tmp_path / "runs" / path / "config.json").read_text())["resolved"]
+        assert resolved["launcher"] == {"python": "single", "srun-env": "slurm"}[path]
