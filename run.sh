@@ -78,7 +78,7 @@ case "$cmd" in
         deepspeed --num_gpus "$NPROC" --master_port "$(free_port)" launchers/train.py \
             --deepspeed_config ds_configs/zero2.json --output_dir "$OUT" --overwrite "$@"
         # Analogy questions only: the classification probes (BLESS, K&H+N: 138k prompts to encode per
-        # model, then 9 MLP fits each) take about 40 min per model on 2 CPU cores. The full table:
+        # model, then 9 MLP fits each) took 61 min for the two models on 2 CPU cores. The full table:
         #   deepspeed --num_gpus 2 launchers/evaluate.py --model $OUT/best_model --baseline all-MiniLM-L6-v2
         log "evaluating $OUT/best_model (the epoch chosen on validation) and the untrained backbone on the analogy sets"
         deepspeed --num_gpus "$NPROC" --master_port "$(free_port)" launchers/evaluate.py \

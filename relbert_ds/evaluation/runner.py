@@ -23,7 +23,9 @@ Cost on the 2-core development CPU (all-MiniLM-L6-v2, batch 64, ``--split valid 
 jobs sharing the CPU, so upper bounds): the five bundled analogy sets (4,777 unique pairs)
 101 s wall on 1 rank, 44 s on 2 ranks; everything bundled (analogy + BLESS + K&H+N,
 142,786 unique pairs) 53 min on 1 rank (encode 31 min, classification 22 min) and 41 min on
-2 ranks (encode 22 min, classification 19 min), with identical metrics.
+2 ranks (encode 22 min, classification 19 min), with identical metrics. On the idle machine
+(benchmarks/results/quality.json, 2 ranks): encode 4.8-5.2 min per model; the classifier grid
+15 min for the zero-shot backbone and 36 min for a trained model (more fits run to max_iter).
 """
 from __future__ import annotations
 
