@@ -24,7 +24,6 @@ path only.
 from __future__ import annotations
 
 import argparse
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,21 +34,10 @@ from typing import Any, Optional, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import common  # noqa: E402
+from tests.launch import slurm_job_id_with_free_port  # noqa: E402
 
 PATHS = ("deepspeed", "torchrun", "mpirun", "srun-env", "python")
 TRAIN = "launchers/train.py"
-
-
-def _slurm_job_id() -> int:
-    """A job id whose derived master port (15000 + id % 20000) is free now."""
-    for job in range(1000, 20000, 37):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", 15000 + job))
-                return job
-            except OSError:
-                continue
-    raise RuntimeError("no free port in 15000-35000")
 
 
 def run_path(path: str, nproc: int, run_dir: Path, steps: int, extra: Sequence[str]) -> dict[str, Any]:
@@ -64,7 +52,7 @@ def run_path(path: str, nproc: int, run_dir: Path, steps: int, extra: Sequence[s
         common.run([common.tool("mpirun"), "-np", str(nproc), sys.executable, "-m", "mpi4py", TRAIN, *args],
                    timeout=1800)
     elif path == "srun-env":
-        job = _slurm_job_id()
+        job = slurm_job_id_with_free_port()
         procs = []
         for rank in range(nproc):
             env = common.rank_env(SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_STEP_NUM_TASKS=str(nproc),

@@ -25,6 +25,19 @@ def tool(name: str) -> str:
     return str(path) if path.exists() else name
 
 
+def slurm_job_id_with_free_port() -> int:
+    """A job id whose derived master port (15000 + id % 20000, as relbert_ds.distributed derives it
+    under SLURM) is free right now: for starting ranks with srun's environment by hand."""
+    for job in range(1000, 20000, 37):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", 15000 + job))
+                return job
+            except OSError:
+                continue
+    raise RuntimeError("no free port in 15000-35000")
+
+
 def rank_env(**extra: str) -> dict[str, str]:
     """Environment for launched ranks: no inherited rank variables, one BLAS thread, offline hub,
     this checkout first on the path."""

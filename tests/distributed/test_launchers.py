@@ -2,13 +2,13 @@
 torchrun, mpirun (mpi4py), srun's environment (two processes with SLURM's variables, as srun
 starts them), and plain python (one rank). The real SLURM cluster is exercised in tests/cluster."""
 import json
-import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.launch import REPO, check, deepspeed_cmd, rank_env, run, tool, torchrun_cmd
+from tests.launch import (REPO, check, deepspeed_cmd, rank_env, run, slurm_job_id_with_free_port, tool,
+                          torchrun_cmd)
 
 pytestmark = pytest.mark.slow
 TRAIN = "launchers/train.py"
@@ -45,21 +45,9 @@ def test_mpirun(tiny_bert, tmp_path):
     assert_trained(tmp_path / "r", 2, "mpi")
 
 
-def _slurm_port_job_id() -> int:
-    """A job id whose derived port (15000 + id % 20000) is free right now."""
-    for job in range(1000, 20000, 37):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", 15000 + job))
-                return job
-            except OSError:
-                continue
-    raise RuntimeError("no free port in 15000-35000")
-
-
 def test_srun_environment(tiny_bert, tmp_path):
     """What srun gives each task: SLURM_PROCID/LOCALID/STEP_NUM_TASKS, the node list, the job id."""
-    job = _slurm_port_job_id()
+    job = slurm_job_id_with_free_port()
     procs = []
     for rank in range(2):
         env = rank_env(SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_STEP_NUM_TASKS="2",
