@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="interleaved mode: torch threads (default: all cores)")
     p.add_argument("--work_dir", default="runs/benchmarks/time_to_quality")
     p.add_argument("--output", default=None, help="results JSON (default benchmarks/results/time_to_quality.json)")
+    p.add_argument("--from_json", default=None, metavar="FILE",
+                   help="report the curves of an earlier results JSON against --target (no training)")
     return p
 
 
@@ -323,8 +325,10 @@ def run_interleaved(args: argparse.Namespace, questions: Any) -> dict[str, Any]:
 
 
 def first_reach(curve: list[dict], target: float) -> Optional[dict]:
+    """The first validation at or above ``target``. Targets are quoted to 0.1 point (45.6% is 36 of
+    the 79 questions, 45.57%), so an accuracy that rounds to the target reaches it."""
     for point in curve:
-        if point["accuracy"] >= target - 1e-9:
+        if point["accuracy"] >= target - 5e-4:
             return point
     return None
 
@@ -341,6 +345,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from relbert_ds import RelationEncoder
 
+    if args.from_json:  # re-report a finished run (its curves) against other targets; trains nothing
+        previous = json.loads(Path(args.from_json).read_text())
+        for key in ("lr", "mode", "relations_per_rank", "nproc", "launcher", "model"):
+            setattr(args, key, previous["config"].get(key, getattr(args, key)))
+        head = {**head, "reported_from": previous["command"], "created_utc_of_run": previous["created_utc"],
+                "machine": previous["machine"], "loadavg_start": previous["loadavg_start"]}
+        return report(args, head, previous["zero_shot_accuracy"], previous["arms"])
     questions = semeval_questions()
     torch.set_num_threads(os.cpu_count() or 1)
     zero_shot = accuracy(RelationEncoder.from_pretrained(args.model), questions)
@@ -351,7 +362,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for name in args.arms:
             print(f"== arm {name}", file=sys.stderr, flush=True)
             arms[name] = run_ours(args) if name == "ours" else run_public(args, questions)
+    return report(args, head, zero_shot, arms)
 
+
+def report(args: argparse.Namespace, head: dict[str, Any], zero_shot: float, arms: dict[str, Any]) -> int:
+    """Minutes to each target per arm, their ratio, the arms' summary: print and write the JSON."""
     targets = [{"value": t, "source": "given" if t != REFERENCE_TARGET else
                 "REFERENCE_RUN: public trainer, 1 epoch at lr 2e-5 (23 min)"} for t in args.target]
     if "public" in arms and arms["public"]["curve"]:

@@ -64,6 +64,14 @@ def test_time_to_quality_interleaved(tiny_bert, tmp_path):
     for arm in (ours, public):
         assert all(0 <= p["accuracy"] <= 1 and p["wall_s"] >= p["train_clock_s"] > 0 for p in arm["curve"])
     assert doc["targets"][0]["target"] == 0.2 and {"ours", "public"} <= set(doc["targets"][0])
+    # re-reported against another target from the curves alone: first points at or above it
+    again = tmp_path / "again.json"
+    bench("time_to_quality", "--from_json", str(out), "--target", "0.0", "--output", str(again))
+    redone = load(again)
+    assert redone["arms"] == doc["arms"] and redone["targets"][0]["target"] == 0.0
+    for arm in ("ours", "public"):
+        first = doc["arms"][arm]["curve"][0]
+        assert redone["targets"][0][arm]["reached"] and redone["targets"][0][arm]["wall_s"] == first["wall_s"]
 
 
 def test_time_to_quality_sequential(tiny_bert, tmp_path):
