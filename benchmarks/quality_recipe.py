@@ -85,17 +85,16 @@ def summarize_run(record: dict[str, Any]) -> dict[str, Any]:
     """Add the per-epoch validation curve and timings of a finished run (from its run directory)."""
     run_dir = Path(record["run_dir"])
     steps, epoch_records = common.read_history(run_dir)
-    # The trainer's step timer runs from one step's end to the next, so the first step of an epoch
-    # also holds the previous epoch's validation, checkpoint and export: the elapsed time at the
-    # end of epoch k is the steps of epochs <= k plus epoch k's own validation.
+    # The elapsed training clock at the end of epoch k: the steps of epochs <= k plus the
+    # validations so far (checkpoints and exports are not counted; the process wall time is).
     steps_by_epoch: dict[int, float] = {}
     for s in steps:
         steps_by_epoch[s["epoch"]] = steps_by_epoch.get(s["epoch"], 0.0) + s["step_seconds"]
     running, curve = 0.0, []
     for e in epoch_records:
-        running += steps_by_epoch.get(e["epoch"], 0.0)
+        running += steps_by_epoch.get(e["epoch"], 0.0) + e["seconds"]
         curve.append({"epoch": e["epoch"] + 1, "analogy": e.get("analogy", {}), "analogy_mean": e.get("analogy_mean"),
-                      "val_loss": e.get("loss"), "elapsed_s": running + e["seconds"]})
+                      "val_loss": e.get("loss"), "elapsed_s": running})
     best = max(curve, key=lambda c: (c["analogy_mean"] if c["analogy_mean"] is not None else -1, -c["epoch"])) \
         if curve else None
     config_json = json.loads((run_dir / "config.json").read_text())

@@ -152,9 +152,8 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
         raise RuntimeError(f"our arm failed (exit {proc.returncode}); see {log_path}:\n"
                            f"{log_path.read_text()[-4000:]}")
     steps, epochs = common.read_history(run_dir) if history.exists() else ([], [])
-    # The trainer's step timer runs from one step's end to the next, so the first step of an epoch
-    # also holds the previous epoch's validation and checkpoint: the clock at the end of epoch k is
-    # the steps of epochs <= k plus epoch k's own validation (checkpoints included, start-up not).
+    # The training clock at the end of epoch k: the steps of epochs <= k plus the validations so
+    # far (checkpoints and start-up not counted; wall_s counts everything from the launch).
     running, curve = 0.0, []
     step_s: dict[int, float] = {}
     for s in steps:
@@ -162,10 +161,10 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     for e in epochs:
         if e["epoch"] not in arrivals:
             continue  # written after the budget ran out
-        running += step_s.get(e["epoch"], 0.0)
+        running += step_s.get(e["epoch"], 0.0) + e["seconds"]
         curve.append({"epoch": e["epoch"] + 1, "optimizer_steps": e["optimizer_step"],
                       "accuracy": e["analogy"]["semeval2012"], "wall_s": arrivals[e["epoch"]],
-                      "train_clock_s": running + e["seconds"]})
+                      "train_clock_s": running})
     return {"arm": "ours", "command": " ".join(cmd), "budget_s": budget, "stopped_by_budget": stopped_by_budget,
             "wall_s": wall, "loadavg_before": load_before, "loadavg_after": common.loadavg(), "curve": curve,
             "world_size": args.nproc, "lr": args.lr, "log": str(log_path)}

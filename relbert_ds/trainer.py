@@ -371,6 +371,8 @@ class Trainer:
             engine.train()
             first = start_micro if epoch == start_epoch else 0
             for micro in range(first, micro_per_epoch):
+                if window.micro == 0:  # a step's clock starts here: validation and checkpoints are not steps
+                    window.start = time.perf_counter()
                 batch = sampler.local_batch(epoch, micro)
                 out, tokens = self._micro_step(batch)
                 window.add(out, len(batch), tokens)
