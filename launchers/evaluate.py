@@ -10,8 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from relbert_ds.cli.common import exit_process  # noqa: E402
-from relbert_ds.cli.evaluate import main  # noqa: E402
+from relbert_ds.cli.evaluate import run  # noqa: E402
 
 if __name__ == "__main__":
-    exit_process(main())
+    run()

@@ -12,8 +12,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from relbert_ds.cli.common import exit_process  # noqa: E402
-from relbert_ds.cli.train import main  # noqa: E402
+from relbert_ds.cli.train import run  # noqa: E402
 
 if __name__ == "__main__":
-    exit_process(main())
+    run()

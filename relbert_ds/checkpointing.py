@@ -110,11 +110,7 @@ def find_checkpoint(run_dir: Path, resume: str) -> Path:
                                   f"--output_dir, or start without --resume")
         tag_dir = run_dir / CHECKPOINTS / pointer.read_text().strip()
     else:
-        tag_dir = Path(resume)
-        if (tag_dir / CHECKPOINTS / LATEST).exists():  # a run directory was given
-            return find_checkpoint(tag_dir, "latest")
-        if (tag_dir / LATEST).exists() and not (tag_dir / MARKER).exists():  # a checkpoints/ directory
-            tag_dir = tag_dir / (tag_dir / LATEST).read_text().strip()
+        tag_dir, _ = _pointed_tag(Path(resume))
     if not (tag_dir / MARKER).exists():
         raise CheckpointError(f"{tag_dir} is not a complete relbert-ds checkpoint (no {MARKER}); fix: pass "
                               f"--resume latest or a checkpoints/global_step<N> folder that finished writing")
@@ -161,18 +157,26 @@ def latest_complete(run_dir: Path) -> Optional[Path]:
     return tag_dir if (tag_dir / MARKER).exists() else None
 
 
+def _pointed_tag(path: Path) -> tuple[Path, Optional[Path]]:
+    """The tag folder that a run folder or its ``checkpoints`` folder names in ``latest`` (a tag
+    folder names itself), and that ``latest`` file (None where none was followed)."""
+    if (path / MARKER).exists():
+        return path, None
+    for folder in (path / CHECKPOINTS, path):
+        if (folder / LATEST).exists():
+            return folder / (folder / LATEST).read_text().strip(), folder / LATEST
+    return path, None
+
+
 def resolve_tag_dir(path: Path) -> Path:
     """A run folder, its ``checkpoints`` folder (their latest) or a ``global_step<N>`` folder ->
     the tag folder, which must be complete."""
-    if (path / MARKER).exists():
-        return path
-    for folder in (path / CHECKPOINTS, path):
-        if (folder / LATEST).exists():
-            tag_dir = folder / (folder / LATEST).read_text().strip()
-            if (tag_dir / MARKER).exists():
-                return tag_dir
-            raise CheckpointError(f"{tag_dir} (named by {folder / LATEST}) is not a complete relbert-ds checkpoint "
-                                  f"(no {MARKER}); fix: pass a checkpoints/global_step<N> folder that finished writing")
+    tag_dir, pointer = _pointed_tag(path)
+    if (tag_dir / MARKER).exists():
+        return tag_dir
+    if pointer is not None:
+        raise CheckpointError(f"{tag_dir} (named by {pointer}) is not a complete relbert-ds checkpoint "
+                              f"(no {MARKER}); fix: pass a checkpoints/global_step<N> folder that finished writing")
     raise CheckpointError(f"{path} is not a complete relbert-ds checkpoint (no {MARKER}, no {LATEST} pointer); fix: "
                           f"pass a run's checkpoints folder or one of its global_step<N> folders that finished writing")
 

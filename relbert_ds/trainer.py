@@ -425,7 +425,6 @@ class Trainer:
         if not preempted:
             final = str(self.export(self.run_dir / "model", epoch_results=epochs_log[-1] if epochs_log else None,
                                     best=best))
-        monitor.close()
         best_dir = self.run_dir / "best_model"
         return TrainResult(str(self.run_dir), final, str(best_dir) if best_dir.exists() else None, best["epoch"],
                            best["score"], opt_steps, preempted, epochs_log)

@@ -174,7 +174,7 @@ def resolve_model(spec: str, template: Optional[str] = None, pooling: Optional[s
             raise ModelError(f"--override_prompt does not apply to the checkpoint {spec}: its weights are read "
                              f"into the backbone it names with the prompt it was trained with; fix: export it "
                              f"first (or drop --override_prompt)")
-        # Cheap checks now (every rank agrees before any weights are read); load() repeats them.
+        # Checked now, before any weights are read, so that every rank agrees on the error.
         checkpointing.check_prompt(meta, tag_dir, template, pooling)
         backbones.check_model_exists(meta["model"])
         return ResolvedModel(spec=spec, resolved=str(tag_dir), kind="deepspeed_checkpoint", trained=True)
