@@ -1,44 +1,48 @@
 """Lexical relation classification: an MLP probe on frozen relation embeddings.
 
-Feature of a pair (h, t): ``concat(emb(h, t), emb(t, h))``. Classifier: scikit-learn
-``MLPClassifier`` (one hidden layer, adam, ``random_state`` fixed). As in RelBERT 2021, the
-learning rate {1e-3, 1e-4, 1e-5} x hidden size {100, 150, 200} grid is searched and the
-configuration with the best macro F1 on the ``validation`` split is reported on the evaluated
-split (ties: the first in grid order, learning rate outer). Without a validation split, or
-when the evaluated split *is* the validation split (selecting on it would leak), the default
-configuration (1e-3, 100) is fitted alone.
+Feature of a pair (h, t): ``concat(emb(h, t), emb(t, h))``, with ``emb`` the pooled relation
+vector (``features="mean"``, relbert-ds's pooling) or that vector times the number of pooled
+tokens (``features="sum"``, the public relbert code's summed pooling; the caller scales the
+lookup, see ``runner``). Classifier: a one-hidden-layer MLP with scikit-learn
+``MLPClassifier``'s defaults. As in RelBERT 2021, the learning rate {1e-3, 1e-4, 1e-5} x hidden
+size {100, 150, 200} grid is searched and the configuration with the best macro F1 on the
+``validation`` split is reported on the evaluated split (ties: the first in grid order,
+learning rate outer). Without a validation split, or when the evaluated split *is* the
+validation split (selecting on it would leak), the default configuration (1e-3, 100) is fitted
+alone and the result says so (``selected_on`` is None, ``default_reason`` why).
 
-The nine fits are independent, so they are sharded over ranks: rank ``r`` fits configurations
-``r, r + W, ...`` and returns its validation scores and evaluated-split predictions; one
-all-gather gives every rank all of them and every rank picks the same winner. Each fit runs
-with BLAS limited to ``blas_threads`` (default 1) so that its arithmetic, hence its result, is
-the same whatever the number of ranks; spare cores of a rank can run several fits at once
-(``workers``), which changes nothing in the results.
+Two implementations of the same protocol (``probe``):
+
+- ``"torch"`` (default): :mod:`relbert_ds.evaluation.probe` trains the nine grid points
+  together as one batched model, on ``device`` (a GPU when the caller has one). Ranks split the
+  *datasets* (each dataset is trained whole on one rank, so its arithmetic, hence its
+  predictions, are the same for any number of ranks) and all-gather the finished results.
+- ``"sklearn"`` (the reference): nine ``MLPClassifier`` fits, sharded over ranks by
+  configuration (rank ``r`` fits ``r, r + W, ...``), each with BLAS limited to ``blas_threads``
+  so that its result is the same whatever the number of ranks; ``workers`` runs several fits
+  of a rank at once (joblib), which changes nothing in the results.
 
 Reported: accuracy, macro F1 and micro F1 (sklearn's definitions over the labels present in
 gold or predictions; for single-label data micro F1 equals accuracy), per-class F1, the chosen
-configuration and every configuration's validation macro F1.
-
-Cost (measured on the 2-core development CPU, all-MiniLM-L6-v2 = 768 features, max_iter 200,
-one fit per core, while other jobs kept the load at 4-7): the grid search on BLESS (18.6k
-training pairs) took 330 s on 1 rank with the fits run one after the other and 388 s on 2
-ranks; on K&H+N (40.3k training pairs) 935 s and 656 s. Fits with learning rate 1e-4 and 1e-5
-run to ``max_iter`` (they do not converge within 200 epochs), so ``max_iter`` (sklearn's
-default, exposed as ``--max_iter``) bounds the cost almost linearly. Encoding the pairs of
-both datasets (both directions, about 138k prompts) costs more than the fits; see runner.
+configuration, every configuration's validation macro F1 and epochs, the probe and features.
+Timings of both probes: docs/PROBE_AGREEMENT.md.
 """
 from __future__ import annotations
 
+import json
 import time
 import warnings
 from contextlib import nullcontext
-from typing import Callable, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
 
-from relbert_ds.collectives import all_gather_no_grad, world_info
+from relbert_ds.collectives import all_gather_no_grad, gather_sizes, world_info
 from relbert_ds.data.schemas import ClassificationDataset, LexicalPair, Pair
+from relbert_ds.errors import ConfigError
+from relbert_ds.evaluation import probe as probe_mod
 
 Lookup = Callable[[Sequence[Pair]], np.ndarray]
 
@@ -46,6 +50,10 @@ LEARNING_RATES = (1e-3, 1e-4, 1e-5)
 HIDDEN_SIZES = (100, 150, 200)
 DEFAULT_CONFIG = {"learning_rate_init": 1e-3, "hidden_layer_sizes": 100}
 DEFAULT_MAX_ITER = 200
+PROBES = ("torch", "sklearn")
+DEFAULT_PROBE = "torch"
+FEATURES = ("mean", "sum")
+DEFAULT_FEATURES = "mean"
 
 
 def search_grid() -> list[dict]:
@@ -122,80 +130,232 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, labels: Seque
     }
 
 
-def run_classification(dataset: ClassificationDataset, lookup: Lookup, split: str = "test",
-                       max_iter: int = DEFAULT_MAX_ITER, seed: int = 0, blas_threads: Optional[int] = 1,
-                       search: Optional[bool] = None, keep_predictions: bool = False, workers: int = 1) -> dict:
-    """Fit the probe on ``train`` and report it on ``split`` (a collective: every rank calls it).
+def check_probe(probe: str, features: str = DEFAULT_FEATURES) -> None:
+    """Refuse an unknown probe or feature name (a ConfigError with the choices)."""
+    if probe not in PROBES:
+        raise ConfigError(f"unknown probe {probe!r}; fix: use one of {', '.join(PROBES)}")
+    if features not in FEATURES:
+        raise ConfigError(f"unknown probe features {features!r}; fix: use one of {', '.join(FEATURES)}")
 
-    Args:
-        dataset: needs ``train`` and ``split``; ``validation`` enables the grid search.
-        lookup: pairs -> vectors (the shared table of :func:`encode_sharded`).
-        split: the split reported (``test`` or ``validation``).
-        search: force the grid search on or off; default: on iff a validation split exists and
-            ``split`` is not it.
-        workers: fit this rank's configurations in that many processes at once (joblib/loky);
-            each fit stays single-threaded (``blas_threads``), so results do not change. The CLI
-            uses its threads per rank; inside a training job keep 1.
 
-    Returns a JSON-ready dict, identical on every rank.
-    """
-    start = time.perf_counter()
-    labels = dataset.labels
-    code = {label: i for i, label in enumerate(labels)}
-    train = dataset.splits["train"]
-    evaluated = dataset.splits[split]
-    validation = dataset.splits.get("validation")
+@dataclass
+class _Problem:
+    """One dataset's probe inputs: integer-coded features of train, validation and the evaluated split."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_eval: np.ndarray
+    y_eval: np.ndarray
+    configs: list[dict]
+    search: bool
+
+
+def _problem(dataset: ClassificationDataset, lookup: Lookup, split: str, search: Optional[bool]) -> _Problem:
+    code = {label: i for i, label in enumerate(dataset.labels)}
     search = will_search(dataset, split, search)
-    configs = search_grid() if search else [dict(DEFAULT_CONFIG)]
 
-    x_train = pair_features(train, lookup)
-    y_train = np.array([code[p.relation] for p in train], dtype=np.int64)
-    x_eval = pair_features(evaluated, lookup)
-    y_eval = np.array([code[p.relation] for p in evaluated], dtype=np.int64)
-    x_val = pair_features(validation, lookup) if search else np.zeros((0, x_train.shape[1]), np.float32)
-    y_val = np.array([code[p.relation] for p in validation], dtype=np.int64) if search else np.zeros(0, np.int64)
+    def coded(pairs: Sequence[LexicalPair]) -> tuple[np.ndarray, np.ndarray]:
+        return pair_features(pairs, lookup), np.array([code[p.relation] for p in pairs], dtype=np.int64)
 
-    rank, world = world_info()
-    mine = list(range(rank, len(configs), world))
-    jobs = [(configs[i], x_train, y_train, [x_val, x_eval], max_iter, seed, blas_threads) for i in mine]
+    x_train, y_train = coded(dataset.splits["train"])
+    x_eval, y_eval = coded(dataset.splits[split])
+    if search:
+        x_val, y_val = coded(dataset.splits["validation"])
+    else:
+        x_val, y_val = np.zeros((0, x_train.shape[1]), np.float32), np.zeros(0, np.int64)
+    return _Problem(x_train, y_train, x_val, y_val, x_eval, y_eval,
+                    search_grid() if search else [dict(DEFAULT_CONFIG)], search)
+
+
+def _fit_sklearn(problem: _Problem, indices: Sequence[int], max_iter: int, seed: int, blas_threads: Optional[int],
+                 workers: int) -> list[tuple[np.ndarray, np.ndarray, int]]:
+    """(validation predictions, evaluated-split predictions, n_iter) of configurations ``indices``."""
+    jobs = [(problem.configs[i], problem.x_train, problem.y_train, [problem.x_val, problem.x_eval], max_iter, seed,
+             blas_threads) for i in indices]
     if workers > 1 and len(jobs) > 1:
         from joblib import Parallel, delayed  # scikit-learn's own dependency
 
         fitted = Parallel(n_jobs=min(workers, len(jobs)), backend="loky")(delayed(fit_predict)(*j) for j in jobs)
     else:
         fitted = [fit_predict(*j) for j in jobs]
-    rows = []
-    for index, ((pred_val, pred_eval), n_iter) in zip(mine, fitted):
-        val_f1 = classification_metrics(y_val, pred_val, labels)["f1_macro"] if search else float("nan")
-        rows.append(np.concatenate([[index, val_f1, n_iter], pred_eval.astype(np.float64)]))
-    width = 3 + len(evaluated)
-    local = torch.from_numpy(np.stack(rows) if rows else np.zeros((0, width))).to(torch.float64)
-    table = all_gather_no_grad(local).cpu().numpy()
-    table = table[np.argsort(table[:, 0], kind="stable")]
-    assert [int(i) for i in table[:, 0]] == list(range(len(configs))), "every configuration fitted once"
+    return [(pred_val, pred_eval, n_iter) for (pred_val, pred_eval), n_iter in fitted]
 
-    best = 0
-    if search:
-        scores = table[:, 1]
-        best = int(np.flatnonzero(scores == scores.max())[0])  # first in grid order among ties
-    chosen = table[best, 3:].astype(np.int64)
+
+def _thread_limit(threads: Optional[int], device: Any):
+    """Torch's CPU threads pinned to ``threads`` while the probe trains (its arithmetic depends on them)."""
+    if threads is None or torch.device(device or "cpu").type != "cpu":
+        return nullcontext()
+
+    class _Limit:
+        def __enter__(self):
+            self.before = torch.get_num_threads()
+            torch.set_num_threads(threads)
+
+        def __exit__(self, *exc):
+            torch.set_num_threads(self.before)
+
+    return _Limit()
+
+
+def _fit_torch(problem: _Problem, max_iter: int, seed: int, device: Any,
+               threads: Optional[int]) -> list[tuple[np.ndarray, np.ndarray, int]]:
+    """Every configuration of ``problem`` trained together (:func:`probe.fit_grid`)."""
+    points = [probe_mod.GridPoint(int(c["hidden_layer_sizes"]), float(c["learning_rate_init"]))
+              for c in problem.configs]
+    n_classes = int(max(problem.y_train.max(initial=0), problem.y_eval.max(initial=0),
+                        problem.y_val.max(initial=0))) + 1
+    with _thread_limit(threads, device):
+        grid = probe_mod.fit_grid(problem.x_train, problem.y_train, points, n_classes, max_iter=max_iter, seed=seed,
+                                  device=device)
+        pred_val, pred_eval = grid.predict(problem.x_val), grid.predict(problem.x_eval)
+    return [(pred_val[i], pred_eval[i], grid.n_iter[i]) for i in range(len(points))]
+
+
+def _report(dataset: ClassificationDataset, split: str, problem: _Problem,
+            fitted: Sequence[tuple[np.ndarray, np.ndarray, int]], max_iter: int, seed: int, probe: str,
+            features: str, keep_predictions: bool) -> dict:
+    """The result dict from every configuration's predictions (selection on validation macro F1)."""
+    labels = dataset.labels
+    scores = [classification_metrics(problem.y_val, pv, labels)["f1_macro"] if problem.search else float("nan")
+              for pv, _, _ in fitted]
+    best = int(np.flatnonzero(np.array(scores) == max(scores))[0]) if problem.search else 0  # first among ties
+    chosen = np.asarray(fitted[best][1], dtype=np.int64)
+    validation = dataset.splits.get("validation")
+    default_reason = None
+    if not problem.search:
+        default_reason = "no validation split" if validation is None else "the validation split is the one reported"
+    evaluated = dataset.splits[split]
     out = {
         "dataset": dataset.name,
         "split": split,
         "source": dataset.source,
-        "n_train": len(train),
+        "n_train": len(dataset.splits["train"]),
         "n_validation": len(validation) if validation is not None else 0,
         "n_eval": len(evaluated),
         "labels": labels,
-        "selected_on": "validation" if search else None,
-        "config": {**configs[best], "max_iter": max_iter, "random_state": seed},
-        "n_iter": int(table[best, 2]),
-        "grid": [{**c, "validation_f1_macro": (float(table[i, 1]) if search else None), "n_iter": int(table[i, 2])}
-                 for i, c in enumerate(configs)],
+        "probe": probe,
+        "features": features,
+        "selected_on": "validation" if problem.search else None,
+        "default_reason": default_reason,
+        "config": {**problem.configs[best], "max_iter": max_iter, "random_state": seed},
+        "n_iter": int(fitted[best][2]),
+        "grid": [{**c, "validation_f1_macro": (float(scores[i]) if problem.search else None),
+                  "n_iter": int(fitted[i][2])} for i, c in enumerate(problem.configs)],
     }
-    out.update(classification_metrics(y_eval, chosen, labels))
-    out["time_s"] = time.perf_counter() - start
+    out.update(classification_metrics(problem.y_eval, chosen, labels))
     if keep_predictions:
         out["predictions"] = [{"index": i, "head": p.head, "tail": p.tail, "gold": p.relation,
                                "prediction": labels[int(c)]} for i, (p, c) in enumerate(zip(evaluated, chosen))]
     return out
+
+
+def _gather_sklearn(problem: _Problem, max_iter: int, seed: int, blas_threads: Optional[int],
+                    workers: int) -> list[tuple[np.ndarray, np.ndarray, int]]:
+    """The sklearn grid sharded by configuration over ranks; every rank gets every configuration's results."""
+    rank, world = world_info()
+    mine = list(range(rank, len(problem.configs), world))
+    rows = [np.concatenate([[index, n_iter], pred_val, pred_eval]).astype(np.float64)
+            for index, (pred_val, pred_eval, n_iter) in zip(mine, _fit_sklearn(problem, mine, max_iter, seed,
+                                                                                blas_threads, workers))]
+    width = 2 + len(problem.y_val) + len(problem.y_eval)
+    local = torch.from_numpy(np.stack(rows) if rows else np.zeros((0, width))).to(torch.float64)
+    table = all_gather_no_grad(local).cpu().numpy()
+    table = table[np.argsort(table[:, 0], kind="stable")]
+    assert [int(i) for i in table[:, 0]] == list(range(len(problem.configs))), "every configuration fitted once"
+    n_val = len(problem.y_val)
+    return [(r[2:2 + n_val].astype(np.int64), r[2 + n_val:].astype(np.int64), int(r[1])) for r in table]
+
+
+def owners(costs: Sequence[float], world: int) -> list[int]:
+    """Rank of each item: largest cost first to the least-loaded rank (ties: lowest rank); deterministic."""
+    load = [0.0] * world
+    out = [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        r = min(range(world), key=lambda r: (load[r], r))
+        out[i] = r
+        load[r] += costs[i]
+    return out
+
+
+def _all_gather_json(items: dict[int, dict]) -> dict[int, dict]:
+    """Union of every rank's ``{index: result}`` (JSON-encoded bytes over one all-gather)."""
+    _, world = world_info()
+    if world == 1:
+        return items
+    payload = json.dumps({str(k): v for k, v in items.items()}).encode("utf-8")
+    local = torch.tensor(list(payload), dtype=torch.uint8)
+    sizes = gather_sizes(len(payload))
+    gathered = bytes(all_gather_no_grad(local, sizes).cpu().tolist())
+    out: dict[int, dict] = {}
+    offset = 0
+    for size in sizes:
+        out.update({int(k): v for k, v in json.loads(gathered[offset:offset + size].decode("utf-8")).items()})
+        offset += size
+    return out
+
+
+def run_classifications(items: Sequence[tuple[ClassificationDataset, str]], lookup: Lookup,
+                        max_iter: int = DEFAULT_MAX_ITER, seed: int = 0, blas_threads: Optional[int] = 1,
+                        search: Optional[bool] = None, keep_predictions: bool = False, workers: int = 1,
+                        probe: str = DEFAULT_PROBE, features: str = DEFAULT_FEATURES, device: Any = None) -> list[dict]:
+    """Fit the probe of every ``(dataset, split)`` and report it (a collective: every rank calls it).
+
+    Args:
+        items: each dataset needs ``train`` and its split; ``validation`` enables the grid search.
+        lookup: pairs -> vectors (the shared table of :func:`encode_sharded`; for ``features="sum"``
+            already scaled by the pooled token counts).
+        search: force the grid search on or off; default: on iff a validation split exists and
+            the split is not it.
+        blas_threads: CPU threads of one fit (sklearn) or of the batched grid (torch on the CPU);
+            fixed so that results do not depend on the number of ranks.
+        workers: sklearn only: fit that many configurations of a rank at once.
+        probe: ``"torch"`` (batched grid, datasets split over ranks) or ``"sklearn"`` (reference).
+        features: ``"mean"`` or ``"sum"``, recorded in the result (the lookup carries it).
+        device: where the torch probe trains (default CPU).
+
+    Returns one JSON-ready dict per item, identical on every rank.
+    """
+    check_probe(probe, features)
+    if probe == "sklearn":
+        out = []
+        for dataset, split in items:
+            start = time.perf_counter()
+            problem = _problem(dataset, lookup, split, search)
+            fitted = _gather_sklearn(problem, max_iter, seed, blas_threads, workers)
+            result = _report(dataset, split, problem, fitted, max_iter, seed, probe, features, keep_predictions)
+            out.append({**result, "time_s": time.perf_counter() - start})
+        return out
+    rank, world = world_info()
+    costs = [len(d.splits["train"]) * (9 if will_search(d, s, search) else 1) for d, s in items]
+    mine: dict[int, dict] = {}
+    for index, owner in enumerate(owners(costs, world)):
+        if owner != rank:
+            continue
+        dataset, split = items[index]
+        start = time.perf_counter()
+        problem = _problem(dataset, lookup, split, search)
+        fitted = _fit_torch(problem, max_iter, seed, device, blas_threads)
+        result = _report(dataset, split, problem, fitted, max_iter, seed, probe, features, keep_predictions)
+        mine[index] = {**result, "time_s": time.perf_counter() - start, "device": str(torch.device(device or "cpu"))}
+    results = _all_gather_json(mine)
+    return [results[i] for i in range(len(items))]
+
+
+def run_classification(dataset: ClassificationDataset, lookup: Lookup, split: str = "test",
+                       max_iter: int = DEFAULT_MAX_ITER, seed: int = 0, blas_threads: Optional[int] = 1,
+                       search: Optional[bool] = None, keep_predictions: bool = False, workers: int = 1,
+                       probe: str = DEFAULT_PROBE, features: str = DEFAULT_FEATURES, device: Any = None) -> dict:
+    """Fit the probe on ``train`` and report it on ``split``: :func:`run_classifications` of one dataset."""
+    return run_classifications([(dataset, split)], lookup, max_iter=max_iter, seed=seed, blas_threads=blas_threads,
+                               search=search, keep_predictions=keep_predictions, workers=workers, probe=probe,
+                               features=features, device=device)[0]
+
+
+def scale_by_counts(lookup: Lookup, counts: Callable[[Sequence[Pair]], np.ndarray]) -> Lookup:
+    """A lookup whose vectors are multiplied by their prompts' pooled token counts (relbert's summed pooling)."""
+    def scaled(pairs: Sequence[Pair]) -> np.ndarray:
+        return lookup(pairs) * counts(pairs)[:, None].astype(np.float32)
+
+    return scaled

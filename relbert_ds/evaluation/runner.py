@@ -233,20 +233,81 @@ def _finite(x: Any) -> Optional[float]:
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
 
 
+def pooled_token_counts(encoder: Any, pairs: Sequence[Pair], chunk: int = 1024) -> np.ndarray:
+    """(N,) float32: how many tokens the encoder's pooling averages for each pair's prompt.
+
+    The same tokenization as ``RelationEncoder.tokenize`` (truncation at ``max_length``) and the
+    same selection as ``pooling.token_weights``; at least 1, as ``pooling.pool`` divides by it.
+    Multiplying a pooled vector by it gives the public relbert code's summed pooling.
+    """
+    from relbert_ds.pooling import token_weights
+
+    if not hasattr(encoder, "tokenizer") or not hasattr(encoder, "prompts"):
+        raise ConfigError("probe features 'sum' need the encoder's tokenizer to count pooled tokens; fix: evaluate "
+                          "a RelationEncoder, or use the features 'mean'")
+    out = np.zeros(len(pairs), dtype=np.float32)
+    for start in range(0, len(pairs), chunk):
+        part = list(pairs[start:start + chunk])
+        batch = encoder.tokenizer(encoder.prompts(part), truncation=True, max_length=encoder.max_length,
+                                  padding=True, return_tensors="pt", return_token_type_ids=False)
+        weights = token_weights(batch["input_ids"], batch["attention_mask"], encoder.pooling, encoder.mask_token_id)
+        out[start:start + len(part)] = weights.sum(dim=1).clamp_min(1.0).numpy()
+    return out
+
+
+def _all_ranks_true(flag: bool) -> bool:
+    """True on every rank iff ``flag`` is true on every rank (one tiny all-gather)."""
+    _, world = world_info()
+    if world == 1:
+        return flag
+    return bool(all_gather_no_grad(torch.tensor([int(flag)], dtype=torch.int64)).min().item())
+
+
+def encode_table(encoder: Any, pairs: Sequence[Pair], batch_size: int = 64, show_progress: bool = False,
+                 cache_dir: Optional[Union[str, Path]] = None) -> tuple[np.ndarray, dict]:
+    """The (N, H) vector table of ``pairs`` (a collective), read from ``cache_dir`` when it holds it.
+
+    Every rank reads the cache; unless every rank found the table, all of them encode (one
+    ``encode_sharded``) and rank 0 writes it. Returns the table and what the cache did.
+    """
+    if cache_dir is None:
+        return encode_sharded(encoder, pairs, batch_size=batch_size, show_progress=show_progress), {}
+    from relbert_ds.evaluation.cache import VectorCache, cache_key
+
+    cache = VectorCache(cache_dir)
+    key = cache_key(encoder, pairs)
+    table = cache.load(key, int(encoder.hidden_size))
+    info = {"cache_file": str(cache.path(key)), "cache_hit": _all_ranks_true(table is not None)}
+    if not info["cache_hit"]:
+        table = encode_sharded(encoder, pairs, batch_size=batch_size, show_progress=show_progress)
+        if world_info()[0] == 0:
+            cache.save(key, table)
+    return table, info
+
+
 def evaluate_tasks(encoder: Any, tasks: TaskSet, batch_size: int = 64,
                    max_iter: int = classification_mod.DEFAULT_MAX_ITER, seed: int = 0,
                    blas_threads: Optional[int] = 1, keep_predictions: bool = False,
                    exhaustive_limit: int = mapping_mod.DEFAULT_EXHAUSTIVE_LIMIT,
-                   show_progress: bool = False, keep_vectors: bool = False, fit_workers: int = 1) -> dict:
+                   show_progress: bool = False, keep_vectors: bool = False, fit_workers: int = 1,
+                   probe: str = classification_mod.DEFAULT_PROBE,
+                   probe_features: str = classification_mod.DEFAULT_FEATURES, device: Any = None,
+                   cache_dir: Optional[Union[str, Path]] = None) -> dict:
     """Evaluate one encoder on prepared tasks (a collective; see the module docstring).
 
-    With ``keep_vectors`` the result also holds ``vectors``: ``{"pairs": [...], "table": (N, H)
-    float32}``, the one table every metric was computed from (not JSON; pop it before saving).
+    ``probe``/``probe_features``/``device``: the classification probe (see
+    :func:`classification.run_classifications`); ``sum`` features scale each prompt's vector
+    by its pooled token count (:func:`pooled_token_counts`). ``cache_dir``: read and write the
+    vector table there (:mod:`relbert_ds.evaluation.cache`). With ``keep_vectors`` the result
+    also holds ``vectors``: ``{"pairs": [...], "table": (N, H) float32}``, the one table every
+    metric was computed from (not JSON; pop it before saving).
     """
+    classification_mod.check_probe(probe, probe_features)
     start = time.perf_counter()
     _, world = world_info()
     pairs = tasks.pairs()
-    table = encode_sharded(encoder, pairs, batch_size=batch_size, show_progress=show_progress)
+    table, cache_info = encode_table(encoder, pairs, batch_size=batch_size, show_progress=show_progress,
+                                     cache_dir=cache_dir)
     row_of = {p: i for i, p in enumerate(pairs)}
 
     def lookup(query: Sequence[Pair]) -> np.ndarray:
@@ -255,7 +316,10 @@ def evaluate_tasks(encoder: Any, tasks: TaskSet, batch_size: int = 64,
     timing = {"encode_s": time.perf_counter() - start}
     result: dict[str, Any] = {"model": model_identity(encoder), "world_size": world, "n_pairs": len(pairs),
                               "batch_size": batch_size, "analogy": {}, "classification": {}, "mapping": {},
-                              "missing": list(tasks.missing)}
+                              "missing": list(tasks.missing), **cache_info}
+    if tasks.classification:
+        result["probe"] = {"implementation": probe, "features": probe_features,
+                           "device": str(torch.device(device)) if device is not None else "cpu"}
 
     t = time.perf_counter()
     answered: dict[str, list] = {}
@@ -278,10 +342,19 @@ def evaluate_tasks(encoder: Any, tasks: TaskSet, batch_size: int = 64,
     timing["analogy_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    for data, split in tasks.classification:
-        result["classification"][f"{data.name}/{split}"] = classification_mod.run_classification(
-            data, lookup, split=split, max_iter=max_iter, seed=seed, blas_threads=blas_threads,
-            keep_predictions=keep_predictions, workers=fit_workers)
+    probe_lookup = lookup
+    if probe_features == "sum" and tasks.classification:
+        counted = list(dict.fromkeys(p for data, split in tasks.classification for p in
+                                     classification_mod.classification_pairs(
+                                         data, classification_mod.needed_splits(data, split))))
+        count_of = dict(zip(counted, pooled_token_counts(encoder, counted).tolist()))
+        probe_lookup = classification_mod.scale_by_counts(
+            lookup, lambda query: np.array([count_of[tuple(p)] for p in query], dtype=np.float32))
+    reports = classification_mod.run_classifications(
+        tasks.classification, probe_lookup, max_iter=max_iter, seed=seed, blas_threads=blas_threads,
+        keep_predictions=keep_predictions, workers=fit_workers, probe=probe, features=probe_features, device=device)
+    for (data, split), report in zip(tasks.classification, reports):
+        result["classification"][f"{data.name}/{split}"] = report
     timing["classification_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -300,7 +373,10 @@ def evaluate_tasks(encoder: Any, tasks: TaskSet, batch_size: int = 64,
 def evaluate(encoder: Any, analogy: Spec = None, classification: Spec = None, mapping: Spec = None,
              split: Union[str, Sequence[str]] = "test", batch_size: int = 64,
              max_iter: int = classification_mod.DEFAULT_MAX_ITER, seed: int = 0, blas_threads: Optional[int] = 1,
-             keep_predictions: bool = False, show_progress: bool = False, fit_workers: int = 1) -> dict:
+             keep_predictions: bool = False, show_progress: bool = False, fit_workers: int = 1,
+             probe: str = classification_mod.DEFAULT_PROBE,
+             probe_features: str = classification_mod.DEFAULT_FEATURES, device: Any = None,
+             cache_dir: Optional[Union[str, Path]] = None) -> dict:
     """Evaluate ``encoder`` on analogy, classification and mapping benchmarks (a collective).
 
     Every rank calls it with the same arguments and gets the same result dict (``metrics``
@@ -310,7 +386,8 @@ def evaluate(encoder: Any, analogy: Spec = None, classification: Spec = None, ma
     tasks = prepare_tasks(analogy=analogy, classification=classification, mapping=mapping, split=split)
     return evaluate_tasks(encoder, tasks, batch_size=batch_size, max_iter=max_iter, seed=seed,
                           blas_threads=blas_threads, keep_predictions=keep_predictions, show_progress=show_progress,
-                          fit_workers=fit_workers)
+                          fit_workers=fit_workers, probe=probe, probe_features=probe_features, device=device,
+                          cache_dir=cache_dir)
 
 
 # --------------------------------------------------------------------------- reporting
@@ -384,7 +461,24 @@ def _cell(res: dict, task: str, dataset: str, split: str, metric: str) -> str:
     text = f"{100 * value:.1f}"
     if task == "analogy" and entry.get("n_tied"):
         text += f" ({entry['n_tied']} tied)"
+    if task == "classification" and entry.get("default_reason") == "no validation split":
+        text += " (default grid point: no validation split)"
     return text
+
+
+def _probe_note(results: dict[str, dict]) -> str:
+    """The footer line naming the classification probe and features of each model ('' without classification)."""
+    notes = []
+    for label, res in results.items():
+        probe = res.get("probe")
+        if probe and res.get("classification"):
+            pooled = "summed (relbert's)" if probe["features"] == "sum" else "mean"
+            notes.append(f"{label} = {probe['implementation']} probe on {probe['device']}, features concat(emb(h,t), "
+                         f"emb(t,h)) of {pooled} pooled vectors")
+    if not notes:
+        return ""
+    return ("Classification: " + "; ".join(notes) + "; grid hidden {100,150,200} x lr {1e-3,1e-4,1e-5} selected on "
+            "validation macro F1 (without a validation split: the default grid point hidden 100, lr 1e-3).\n")
 
 
 def _template_label(template: Optional[str]) -> str:
@@ -405,7 +499,7 @@ def markdown_table(results: dict[str, dict]) -> str:
         lines.append(f"| {task} | {dataset} | {split} | {metric} | {n} | " + " | ".join(cells) + " |")
     models = "; ".join(f"{label} = {r['model'].get('name')} (template {_template_label(r['model'].get('template'))}, "
                        f"pooling {r['model'].get('pooling')})" for label, r in results.items())
-    return "\n".join(lines) + f"\n\nModels: {models}\n"
+    return "\n".join(lines) + f"\n\nModels: {models}\n" + _probe_note(results)
 
 
 def write_tensorboard(results: dict[str, dict], log_dir: Union[str, Path], step: int = 0,

@@ -192,9 +192,12 @@ def _synthetic_classification(n_train=30, n_val=9, n_test=12, with_validation=Tr
     return ClassificationDataset("synthetic", splits, "mem"), table_lookup(table)
 
 
-def test_classification_learns_separable_data():
+@pytest.mark.parametrize("probe", ["torch", "sklearn"])
+def test_classification_learns_separable_data(probe):
     data, lookup = _synthetic_classification()
-    out = classification.run_classification(data, lookup, split="test", max_iter=300, keep_predictions=True)
+    out = classification.run_classification(data, lookup, split="test", max_iter=300, keep_predictions=True,
+                                            probe=probe)
+    assert out["probe"] == probe and out["features"] == "mean"
     assert out["accuracy"] == 1.0 and out["f1_macro"] == 1.0 and out["f1_micro"] == 1.0
     assert out["f1_per_class"] == {"hyper": 1.0, "mero": 1.0, "random": 1.0}
     assert out["selected_on"] == "validation" and len(out["grid"]) == 9
@@ -205,8 +208,8 @@ def test_classification_learns_separable_data():
 
 def test_parallel_fits_change_nothing():
     data, lookup = _synthetic_classification()
-    one = classification.run_classification(data, lookup, max_iter=20, workers=1)
-    two = classification.run_classification(data, lookup, max_iter=20, workers=2)
+    one = classification.run_classification(data, lookup, max_iter=20, workers=1, probe="sklearn")
+    two = classification.run_classification(data, lookup, max_iter=20, workers=2, probe="sklearn")
     for out in (one, two):
         out.pop("time_s")
     assert one == two
@@ -243,7 +246,7 @@ def test_grid_selection_uses_validation(monkeypatch):
     _scripted_fit.y_val = np.array([code[p.relation] for p in data.splits["validation"]])
     fit, calls = _scripted_fit(good_config=7)
     monkeypatch.setattr(classification, "fit_predict", fit)
-    out = classification.run_classification(data, lookup, split="test")
+    out = classification.run_classification(data, lookup, split="test", probe="sklearn")
     assert sorted(calls) == list(range(9))
     assert out["config"]["learning_rate_init"] == 1e-5 and out["config"]["hidden_layer_sizes"] == 150
     assert out["grid"][7]["validation_f1_macro"] == 1.0
@@ -253,7 +256,7 @@ def test_grid_selection_uses_validation(monkeypatch):
     # Ties go to the first configuration in grid order.
     fit, _ = _scripted_fit(good_config=5, also_good=(2,))
     monkeypatch.setattr(classification, "fit_predict", fit)
-    assert classification.run_classification(data, lookup)["config"]["hidden_layer_sizes"] == 200  # index 2
+    assert classification.run_classification(data, lookup, probe="sklearn")["config"]["hidden_layer_sizes"] == 200
 
 
 def test_no_validation_or_validation_reported_uses_default(monkeypatch):
