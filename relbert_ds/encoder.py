@@ -1,14 +1,19 @@
 """RelationEncoder: a backbone, a prompt template and a pooling mode, as one torch module.
 
-``encoder(input_ids, attention_mask)`` gives one relation vector per prompt; ``encode(pairs)``
-is the inference entry point; ``save_pretrained``/``from_pretrained`` read and write a
-standard Hugging Face folder whose ``config.json`` carries ``relbert_config`` with the keys of
-the public relbert v2 code (``template``, ``aggregation_mode``), so models move both ways.
+``encoder(input_ids, attention_mask)`` gives one relation vector per prompt; ``encode(pairs)``,
+``similarity(a, b)`` and ``analogy(stem, choices)`` are the inference entry points (see
+docs/PYTHON_API.md); ``save_pretrained``/``from_pretrained`` read and write a standard Hugging
+Face folder whose ``config.json`` carries ``relbert_config`` with the keys of the public relbert
+v2 code (``template``, ``aggregation_mode``), so models move both ways. The export also holds a
+``pytorch_model.bin`` copy of the weights by default: the public relbert 2.0.2 (transformers
+4.21) reads no safetensors.
 """
 from __future__ import annotations
 
+import json
+import warnings
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, NamedTuple, Sequence, Union
 
 import numpy as np
 import torch
@@ -19,8 +24,55 @@ from relbert_ds.pooling import DEFAULT_POOLING, POOLING_MODES, pool
 from relbert_ds.prompts import DEFAULT_TEMPLATE, MASK, check_template_for_tokenizer, fill_template, resolve_template
 
 Pair = tuple[str, str]
+PairOrPairs = Union[Sequence[str], Iterable[Sequence[str]]]  # one (head, tail) or many
 RELBERT_CONFIG_KEY = "relbert_config"
 DEFAULT_MAX_LENGTH = 64  # as in the public relbert code
+
+
+class UntrainedModelWarning(UserWarning):
+    """A model without ``relbert_config`` was loaded: a plain backbone, not trained for relations.
+
+    Its vectors are zero-shot. Silence it with ``from_pretrained(..., warn_untrained=False)``
+    or ``warnings.simplefilter("ignore", UntrainedModelWarning)``.
+    """
+
+
+class RankedChoice(NamedTuple):
+    """One choice of :meth:`RelationEncoder.analogy`: the pair, its cosine with the stem, its input index."""
+
+    pair: Pair
+    score: float
+    index: int
+
+
+def is_single_pair(pairs: Any) -> bool:
+    """True for one ``(head, tail)`` (a tuple or list of two strings), False for a collection of pairs."""
+    return isinstance(pairs, (tuple, list)) and len(pairs) == 2 and all(isinstance(w, str) for w in pairs)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device | None:
+    """``None`` (leave the model where it is), ``"auto"`` (CUDA when present, else CPU) or a torch device.
+
+    Checked before any weights are read: a CUDA device that is not there is one clear error.
+    """
+    if device is None:
+        return None
+    if isinstance(device, str) and device.strip().lower() == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"device {device!r} is not a device; fix: pass 'auto' (CUDA when present, else CPU), "
+                          f"'cpu', 'cuda' or 'cuda:N'") from None
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"device {device!r} asked for, but torch sees no CUDA GPU; fix: pass device='auto' "
+                              f"(CUDA when present, else CPU) or 'cpu'")
+        if resolved.index is not None and resolved.index >= count:
+            raise ConfigError(f"device {device!r} asked for, but torch sees {count} CUDA GPU(s) (cuda:0 to "
+                              f"cuda:{count - 1}); fix: pass one of them or 'auto'")
+    return resolved
 
 
 def validate_pairs(pairs: Iterable[Sequence[str]]) -> list[Pair]:
@@ -63,20 +115,44 @@ class RelationEncoder(torch.nn.Module):
 
     # ---------------------------------------------------------------- construction / saving
     @classmethod
-    def from_pretrained(cls, name_or_path: str = backbones.BUNDLED_BACKBONE, *, template: str | None = None,
+    def from_pretrained(cls, name_or_path: str | None = None, *, template: str | None = None,
                         pooling: str | None = None, max_length: int | None = None,
-                        trust_remote_code: bool = False, dtype: Any = None) -> "RelationEncoder":
-        """Load a backbone, or a RelBERT model saved by relbert-ds or the public relbert code.
+                        trust_remote_code: bool = False, dtype: Any = None,
+                        device: str | torch.device | None = None, warn_untrained: bool = True) -> "RelationEncoder":
+        """Load a RelBERT model saved by relbert-ds or the public relbert code, or a plain backbone.
 
-        A folder whose ``config.json`` has ``relbert_config`` supplies its template and pooling;
-        explicit arguments override them. Without it the defaults are template ``d`` and
-        ``average_no_mask`` (the released RelBERT models' choices).
+        Args:
+            name_or_path: a model folder, a hub id or a backbone name. ``None`` loads the bundled
+                backbone (all-MiniLM-L6-v2, untrained for relations) and warns.
+            template, pooling, max_length: override what the model's ``relbert_config`` says.
+                Without one the defaults are template ``d`` and ``average_no_mask`` (the released
+                RelBERT models' choices) and max_length 64.
+            device: ``None`` (default) leaves the model on the CPU, where the trainer and the
+                evaluator place it themselves; ``"auto"`` picks CUDA when present, else the CPU;
+                or ``"cpu"``, ``"cuda:1"``, a ``torch.device``.
+            warn_untrained: emit an :class:`UntrainedModelWarning` when the model carries no
+                ``relbert_config`` (a plain backbone). Callers that load a backbone on purpose
+                (training starts from one) pass False.
         """
+        if name_or_path is None:
+            name_or_path = backbones.BUNDLED_BACKBONE
+            if warn_untrained:
+                warnings.warn(f"no model named: loading the bundled backbone {backbones.BUNDLED_BACKBONE}, which is "
+                              f"not trained for relations (zero-shot vectors); pass a trained model folder or hub id "
+                              f"to from_pretrained", UntrainedModelWarning, stacklevel=2)
+                warn_untrained = False  # one warning for one cause
+        target = resolve_device(device)
         resolved, config, tokenizer, settings = cls.check_loadable(
             name_or_path, template=template, pooling=pooling, max_length=max_length,
             trust_remote_code=trust_remote_code)
+        if warn_untrained and not read_relbert_config(config):
+            warnings.warn(f"{name_or_path} has no relbert_config in its config.json: it is a plain backbone, not "
+                          f"trained for relations, so its vectors are zero-shot; pass a model trained with "
+                          f"relbert-ds or relbert (or warn_untrained=False when that is intended)",
+                          UntrainedModelWarning, stacklevel=2)
         backbone = backbones.load_backbone(resolved, config=config, trust_remote_code=trust_remote_code, dtype=dtype)
-        return cls(backbone, tokenizer, name=name_or_path, **settings)
+        encoder = cls(backbone, tokenizer, name=name_or_path, **settings)
+        return encoder.to(target) if target is not None else encoder
 
     @classmethod
     def check_loadable(cls, name_or_path: str, *, template: str | None = None, pooling: str | None = None,
@@ -103,16 +179,24 @@ class RelationEncoder(torch.nn.Module):
         """What ``config.json`` stores under ``relbert_config`` (relbert v2 keys + max_length)."""
         return {"template": self.template, "aggregation_mode": self.pooling, "max_length": self.max_length}
 
-    def save_pretrained(self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    def save_pretrained(self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None,
+                        relbert_compatible: bool = True) -> None:
         """Write a Hugging Face folder: safetensors weights, tokenizer, config.json with relbert_config.
 
         ``state_dict`` lets the trainer pass weights consolidated from ZeRO-3 partitions.
+        ``relbert_compatible`` (default True) also writes the same tensors as ``pytorch_model.bin``
+        (``pytorch_model-*.bin`` + index when the safetensors are sharded): the public relbert
+        2.0.2 pins transformers 4.21, which cannot read safetensors. It doubles the weights on
+        disk; pass False to write safetensors only. transformers and relbert-ds keep reading the
+        safetensors file when both are there.
         """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.backbone.config.update({RELBERT_CONFIG_KEY: self.relbert_config()})
         self.backbone.save_pretrained(str(directory), state_dict=state_dict)
         self.tokenizer.save_pretrained(str(directory))
+        if relbert_compatible:
+            write_torch_weights(directory)
 
     # ---------------------------------------------------------------- tokens
     @property
@@ -155,13 +239,16 @@ class RelationEncoder(torch.nn.Module):
         """Tokenize and forward ``pairs`` in one batch (autograd as the caller's mode allows)."""
         return self(**self.tokenize(pairs))
 
-    def encode(self, pairs: Iterable[Sequence[str]], batch_size: int = 64, as_tensor: bool = False,
+    def encode(self, pairs: PairOrPairs, batch_size: int = 64, as_tensor: bool = False,
                show_progress: bool = False) -> np.ndarray | torch.Tensor:
-        """Relation vectors of ``pairs`` as float32, one row per input pair, in input order.
+        """Relation vectors as float32: one pair ``("paris", "france")`` gives a 1-D vector (H,);
+        many pairs give one row per input pair (n, H), in input order.
 
         Identical pairs are encoded once; prompts are batched by token length (longest first,
         so that running out of memory happens on the first batch, not the last).
         """
+        if is_single_pair(pairs):
+            return self.encode([pairs], batch_size=batch_size, as_tensor=as_tensor, show_progress=show_progress)[0]
         pairs = validate_pairs(pairs)
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
@@ -185,6 +272,78 @@ class RelationEncoder(torch.nn.Module):
             self.train(was_training)
         out = vectors[[row_of[p] for p in pairs]] if pairs else vectors
         return out if as_tensor else out.numpy()
+
+    def similarity(self, a: PairOrPairs, b: PairOrPairs, batch_size: int = 64) -> float | np.ndarray:
+        """Cosine similarity of the relation vectors of pair(s) ``a`` and pair(s) ``b`` (float64).
+
+        The shape follows the inputs: one pair and one pair give a float; one pair and n pairs
+        (either side) a 1-D array (n,); n pairs and m pairs the matrix (n, m) (what
+        sentence-transformers' ``util.cos_sim`` gives, as numpy). Both sides are encoded in one call.
+        """
+        from relbert_ds.evaluation.analogy import cosine  # the evaluator's cosine: one definition
+
+        a_single, b_single = is_single_pair(a), is_single_pair(b)
+        a_pairs = validate_pairs([a] if a_single else a)
+        b_pairs = validate_pairs([b] if b_single else b)
+        vectors = self.encode(a_pairs + b_pairs, batch_size=batch_size)
+        scores = cosine(vectors[:len(a_pairs)], vectors[len(a_pairs):])
+        if a_single and b_single:
+            return float(scores[0, 0])
+        if a_single or b_single:
+            return scores[0] if a_single else scores[:, 0]
+        return scores
+
+    def analogy(self, stem: Sequence[str], choices: Iterable[Sequence[str]],
+                batch_size: int = 64) -> list[RankedChoice]:
+        """Rank ``choices`` by the cosine of their relation vector with the stem's, best first.
+
+        Returns every choice as ``RankedChoice(pair, score, index)`` (``index``: its position in
+        ``choices``). Equal scores keep the input order, so the first entry is the evaluator's
+        prediction for the same multiple-choice question.
+        """
+        if not is_single_pair(stem):
+            raise ConfigError(f"the analogy stem {stem!r} is not one (head, tail) pair; fix: pass e.g. "
+                              f"('word', 'language')")
+        choices = validate_pairs(choices)
+        if not choices:
+            raise ConfigError("analogy() got no choices; fix: pass at least one (head, tail) pair to rank")
+        scores = np.atleast_1d(self.similarity(stem, choices, batch_size=batch_size))
+        order = np.argsort(-scores, kind="stable")
+        return [RankedChoice(choices[i], float(scores[i]), int(i)) for i in order]
+
+
+def write_torch_weights(directory: str | Path) -> list[Path]:
+    """Copy the safetensors weights of ``directory`` into ``pytorch_model.bin`` (torch.save, same tensors).
+
+    Read back from the safetensors file(s) just written rather than from memory, so the two
+    files hold the same tensors whatever transformers dropped or renamed on saving. Sharded
+    weights become ``pytorch_model-*.bin`` shards with a ``pytorch_model.bin.index.json``,
+    the layout transformers 4.21 reads. Returns the files written.
+    """
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    written: list[Path] = []
+    index = directory / backbones.SAFETENSORS_INDEX
+    if index.is_file():
+        meta = json.loads(index.read_text())
+        renamed = {name: _bin_shard_name(name) for name in dict.fromkeys(meta["weight_map"].values())}
+        for source, target in renamed.items():
+            torch.save(load_file(str(directory / source)), directory / target)
+            written.append(directory / target)
+        meta["weight_map"] = {key: renamed[name] for key, name in meta["weight_map"].items()}
+        (directory / backbones.TORCH_INDEX).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        written.append(directory / backbones.TORCH_INDEX)
+    else:
+        torch.save(load_file(str(directory / backbones.SAFETENSORS_WEIGHTS)), directory / backbones.TORCH_WEIGHTS)
+        written.append(directory / backbones.TORCH_WEIGHTS)
+    return written
+
+
+def _bin_shard_name(safetensors_name: str) -> str:
+    """``model-00001-of-00002.safetensors`` -> ``pytorch_model-00001-of-00002.bin``."""
+    stem = safetensors_name[:-len(".safetensors")] if safetensors_name.endswith(".safetensors") else safetensors_name
+    return "pytorch_" + stem + ".bin"
 
 
 def _check_pooling(pooling: str, template: str) -> None:
