@@ -149,3 +149,65 @@ def test_bad_model_and_options(tiny_bert, tmp_path):
     enc = RelationEncoder.from_pretrained(tiny_bert, template="a", pooling="mask", max_length=8)
     with pytest.raises(ConfigError, match="lost its mask token"):
         enc.encode([("a", "b")])
+
+
+# ---------------------------------------------------------------- relbert-compatible export (pytorch_model.bin)
+def _same_tensors(a: dict, b: dict) -> None:
+    assert sorted(a) == sorted(b) and len(a) > 0
+    for key in a:
+        assert a[key].dtype == b[key].dtype and a[key].shape == b[key].shape, key
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_export_writes_pytorch_model_bin_with_the_same_tensors(tiny_bert, tmp_path):
+    from safetensors.torch import load_file
+
+    enc = RelationEncoder.from_pretrained(tiny_bert, template="b", warn_untrained=False)
+    # The trainer passes consolidated weights: they, not the module's own, must land in both files.
+    state = {k: v.clone() * 2 for k, v in enc.backbone.state_dict().items()}
+    enc.save_pretrained(tmp_path, state_dict=state)
+    safetensors_weights = load_file(str(tmp_path / "model.safetensors"))
+    torch_weights = torch.load(tmp_path / "pytorch_model.bin", weights_only=True, map_location="cpu")
+    _same_tensors(safetensors_weights, torch_weights)
+    assert len(torch_weights) == len(enc.backbone.state_dict())  # every weight, not a subset
+    key = "embeddings.word_embeddings.weight"
+    assert torch.equal(torch_weights[key], state[key]) and not torch.equal(torch_weights[key],
+                                                                           enc.backbone.state_dict()[key])
+    # The folder still loads (from safetensors), and a copy with only the .bin gives the same vectors:
+    # what transformers 4.21 inside relbert 2.0.2 reads.
+    both = RelationEncoder.from_pretrained(str(tmp_path))
+    (tmp_path / "model.safetensors").unlink()
+    bin_only = RelationEncoder.from_pretrained(str(tmp_path))
+    assert both.template == TEMPLATES["b"]
+    assert np.array_equal(both.encode(PAIRS), bin_only.encode(PAIRS))
+    assert np.abs(both.encode(PAIRS) - enc.encode(PAIRS)).max() > 1e-3  # the doubled weights, not the originals
+
+
+def test_export_opt_out_writes_safetensors_only(tiny_bert, tmp_path):
+    RelationEncoder.from_pretrained(tiny_bert, warn_untrained=False).save_pretrained(tmp_path, relbert_compatible=False)
+    assert (tmp_path / "model.safetensors").is_file() and not (tmp_path / "pytorch_model.bin").exists()
+
+
+def test_sharded_safetensors_become_sharded_bins(tiny_bert, tmp_path):
+    from safetensors.torch import load_file
+
+    from relbert_ds.encoder import write_torch_weights
+
+    enc = RelationEncoder.from_pretrained(tiny_bert, warn_untrained=False)
+    enc.backbone.save_pretrained(str(tmp_path), max_shard_size="1MB")
+    enc.tokenizer.save_pretrained(str(tmp_path))
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) >= 2
+    written = write_torch_weights(tmp_path)
+    bin_index = json.loads((tmp_path / "pytorch_model.bin.index.json").read_text())
+    assert sorted(bin_index["weight_map"]) == sorted(index["weight_map"]) and len(written) == len(shards) + 1
+    for shard in shards:
+        bin_shard = "pytorch_" + shard.replace(".safetensors", ".bin")
+        _same_tensors(load_file(str(tmp_path / shard)),
+                      torch.load(tmp_path / bin_shard, weights_only=True, map_location="cpu"))
+        assert all(bin_index["weight_map"][k] == bin_shard for k, v in index["weight_map"].items() if v == shard)
+    want = enc.encode(PAIRS)
+    for f in [*shards, "model.safetensors.index.json"]:
+        (tmp_path / f).unlink()
+    assert np.array_equal(RelationEncoder.from_pretrained(str(tmp_path), warn_untrained=False).encode(PAIRS), want)
