@@ -162,7 +162,7 @@ def _fill_bucket_sizes(ds: dict[str, Any], source: str, fill: Fill, hidden_size:
     if not wanted:
         return
     if not isinstance(hidden_size, int) or isinstance(hidden_size, bool) or hidden_size < 1:
-        raise ConfigError(f"{source}: {', '.join(wanted)} are \"auto\" but the backbone's hidden size is unknown "
+        raise ConfigError(f"{source}: {', '.join(wanted)} {'is' if len(wanted) == 1 else 'are'} \"auto\" but the backbone's hidden size is unknown "
                           f"({hidden_size!r}); fix: set them to numbers (e.g. reduce_bucket_size 5e8)")
     h = hidden_size
     fill("zero_optimization.reduce_bucket_size", h * h, f"hidden size {h} squared")
@@ -183,4 +183,4 @@ def _refuse_unfilled(ds: dict[str, Any], source: str) -> None:
     else:
         hint = "relbert-ds fills the \"auto\" values the Hugging Face Trainer fills (see relbert_ds/ds_auto.py)"
     more = f" (and {len(left) - 1} more: {', '.join(left[1:4])}{', ...' if len(left) > 4 else ''})" if len(left) > 1 else ""
-    raise ConfigError(f"{source}: {path} is \"auto\", which nothing fills{more}; {hint}; fix: set {path} to a value")
+    raise ConfigError(f"{source}: {path} is \"auto\", which nothing fills{more}; {hint}; fix: set {path} to a value (or remove it)")
