@@ -184,3 +184,18 @@ def _refuse_unfilled(ds: dict[str, Any], source: str) -> None:
         hint = "relbert-ds fills the \"auto\" values the Hugging Face Trainer fills (see relbert_ds/ds_auto.py)"
     more = f" (and {len(left) - 1} more: {', '.join(left[1:4])}{', ...' if len(left) > 4 else ''})" if len(left) > 1 else ""
     raise ConfigError(f"{source}: {path} is \"auto\", which nothing fills{more}; {hint}; fix: set {path} to a value (or remove it)")
+
+
+def hidden_size_of(model_config: Any) -> Optional[int]:
+    """The hidden size the bucket-size ``"auto"`` values are computed from, looked up as the
+    Hugging Face integration does: ``hidden_size``, else the largest of ``hidden_sizes``, else the
+    same in a multimodal model's ``text_config``; None when the config has none of them."""
+    for config in (model_config, getattr(model_config, "text_config", None)):
+        if config is None:
+            continue
+        if isinstance(getattr(config, "hidden_size", None), int):
+            return config.hidden_size
+        sizes = getattr(config, "hidden_sizes", None)
+        if sizes:
+            return max(sizes)
+    return None

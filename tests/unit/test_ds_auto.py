@@ -193,3 +193,16 @@ def test_shipped_hf_configs_are_the_docs_examples_plus_bf16_auto(name, example):
     shipped = json.loads((REPO / "ds_configs" / name).read_text())
     # bf16 "auto" added (as in transformers' own tests/deepspeed configs) so bf16 GPUs get bf16
     assert shipped == {**example, "bf16": {"enabled": "auto"}}
+
+
+def test_hidden_size_of_backbone_configs():
+    from transformers import BertConfig, GPT2Config, LlavaConfig, ResNetConfig
+
+    from relbert_ds.ds_auto import hidden_size_of
+
+    assert hidden_size_of(BertConfig(hidden_size=48, num_attention_heads=4)) == 48
+    assert hidden_size_of(GPT2Config(n_embd=40)) == 40  # n_embd is GPT-2's hidden size
+    assert hidden_size_of(ResNetConfig(hidden_sizes=[16, 64, 32, 8])) == 64
+    llava = LlavaConfig(text_config={"model_type": "llama", "hidden_size": 72, "num_attention_heads": 4})
+    assert hidden_size_of(llava) == 72
+    assert hidden_size_of(object()) is None
