@@ -33,3 +33,7 @@ class CheckpointError(UserError):
 
 class DistributedError(UserError):
     """A rank that cannot join the job (master unreachable, inconsistent world size)."""
+
+
+class HubError(UserError):
+    """Publishing to the Hugging Face hub failed: no token, repo exists, hub unreachable, not an export."""
