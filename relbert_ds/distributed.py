@@ -22,9 +22,11 @@ import socket
 import subprocess
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional, TypeVar
 
 from relbert_ds.errors import DistributedError
+
+T = TypeVar("T")
 
 DEFAULT_CONNECT_TIMEOUT_S = 300.0
 DEFAULT_COLLECTIVE_TIMEOUT_S = 1800.0
@@ -243,26 +245,79 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def agree_on_errors(fn, *, main_only: bool = False):
-    """Run ``fn`` (on every rank, or rank 0 only) and make every rank raise the same UserError
-    when any rank hit one, so that one message is printed (by rank 0) and no rank is left
-    waiting in a collective. Returns ``fn``'s result (None on ranks that did not run it)."""
+def env_rank(env: Optional[Mapping[str, str]] = None) -> int:
+    """This process's global rank as the launcher's environment states it (0 when none does),
+    without joining the job: for deciding who prints before the process group exists."""
+    env = os.environ if env is None else env
+    value = _int(env, "RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID")
+    return value or 0
+
+
+def set_threads(threads: Optional[int], local_world_size: int) -> int:
+    """Torch CPU threads per rank: ``threads``, else the node's cores shared by its local ranks
+    (ranks on one node must not oversubscribe its cores). No-op on GPUs; returns the count."""
+    import torch
+
+    count = threads or max(1, (os.cpu_count() or 1) // max(1, local_world_size))
+    if not torch.cuda.is_available():
+        torch.set_num_threads(count)
+    return count
+
+
+class AgreedError(RuntimeError):
+    """A non-user exception raised on some rank inside :func:`agree`, re-raised on every rank.
+
+    ``report`` is the failing rank's traceback (what rank 0 prints, once).
+    """
+
+    def __init__(self, message: str, report: str) -> None:
+        super().__init__(message)
+        self.report = report
+        self.agreed = True
+
+
+def agree(fn: Callable[[], T], *, main_only: bool = False) -> Optional[T]:
+    """Run ``fn`` (on every rank, or on rank 0 only) and agree on the outcome across ranks.
+
+    Any exception on any rank makes EVERY rank raise, after one small exchange, so no rank is
+    left waiting in a collective for a peer that gave up: the lowest failing rank's
+    :class:`UserError` is raised as the same class with the same message everywhere; any other
+    exception becomes :class:`AgreedError` carrying that rank's traceback. Either is marked
+    ``agreed``, so the CLI shell prints it once, on rank 0. Returns ``fn``'s result (None on
+    ranks that did not run it).
+    """
+    import traceback
+
     import torch.distributed as dist
 
     from relbert_ds import errors
 
-    result, failure = None, None
+    result, failure, own = None, None, None
     if not main_only or is_main():
         try:
             result = fn()
-        except errors.UserError as exc:
-            failure = (type(exc).__name__, str(exc))
+        except Exception as exc:  # noqa: BLE001 - every failure must reach the other ranks
+            own = exc
+            failure = {"rank": rank(), "type": type(exc).__name__, "message": str(exc),
+                       "user": isinstance(exc, errors.UserError),
+                       "report": "".join(traceback.format_exception(exc))}
     if world_size() > 1:
         gathered: list = [None] * world_size()
         dist.all_gather_object(gathered, failure)
         failure = next((f for f in gathered if f is not None), None)
-    if failure is not None:
-        exc = getattr(errors, failure[0], errors.UserError)(failure[1])
-        exc.agreed = True  # every rank raises it: only rank 0 prints
+    if failure is None:
+        return result
+    if failure["user"]:
+        if own is not None and failure["rank"] == rank():
+            exc = own
+        else:
+            exc = getattr(errors, failure["type"], errors.UserError)(failure["message"])
+        exc.agreed = True  # type: ignore[attr-defined]
         raise exc
-    return result
+    where = f"rank {failure['rank']}: " if world_size() > 1 else ""
+    raise AgreedError(f"{where}{failure['type']}: {failure['message']}", failure["report"]) from own
+
+
+def agree_on_errors(fn: Callable[[], T], *, main_only: bool = False) -> Optional[T]:
+    """Deprecated name of :func:`agree` (kept for scripts written against relbert-ds 0.1)."""
+    return agree(fn, main_only=main_only)

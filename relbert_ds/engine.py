@@ -6,8 +6,12 @@ DeepSpeed's JSON is the source of truth for what is DeepSpeed's. relbert-ds reso
 left open in it and records each decision (``ResolvedDeepSpeed.notes``, logged at start-up):
 - ``"auto"`` precision: bf16 on GPUs that have it, fp16 with dynamic loss scaling on older
   GPUs, fp32 on CPU (bf16 matmuls were ~50x slower than fp32 on the CPUs we measured);
-- the batch triad: DeepSpeed's sample is one *relation group*; ``train_batch_size`` =
-  relations per rank x accumulation steps x world size, derived from what is given;
+- the global batch: ``train_batch_size`` (or ``--relations_per_step``) is the number of
+  relations per optimizer step over all ranks, whatever the world size (:func:`resolve_batch`);
+  the sampler divides its prompts over the ranks, so DeepSpeed's per-rank micro batch is only
+  bookkeeping here (it is written so that DeepSpeed's triad assertion holds);
+- ``"auto"`` values of Hugging Face-style configs (lr, betas, warm-up, bucket sizes, ...):
+  filled from our options and the backbone by :mod:`relbert_ds.ds_auto`;
 - optimizer/scheduler: taken from the JSON when present (then --lr & co. are refused), else
   from our options: AdamW written into the JSON, and our warm-up schedule (WarmupSchedule)
   handed to ``deepspeed.initialize``.
@@ -25,6 +29,7 @@ from typing import Any, Iterator, Optional
 
 from relbert_ds.config import RunConfig
 from relbert_ds.errors import ConfigError
+from relbert_ds.schedule import StepPlan, WarmupSchedule, plan_steps
 
 log = logging.getLogger("relbert_ds")
 
@@ -51,47 +56,25 @@ class ResolvedDeepSpeed:
     config: dict[str, Any]
     source: str
     precision: str  # fp32 | bf16 | fp16
-    micro_batch: int  # relation groups per rank per micro step
-    accumulation: int
-    world_size: int
+    batch: "BatchPlan"
+    steps: StepPlan
     zero_stage: int
     notes: list[str] = field(default_factory=list)
-    schedule: Optional["WarmupSchedule"] = None  # ours; None when the JSON has a scheduler
+    schedule: Optional[WarmupSchedule] = None  # ours; None when the JSON has a scheduler
+
+    @property
+    def accumulation(self) -> int:
+        return self.batch.accumulation
+
+    @property
+    def relations_per_step(self) -> int:
+        return self.batch.relations_per_step
 
     @property
     def offload(self) -> bool:
         zero = self.config.get("zero_optimization", {})
         return any(zero.get(k, {}).get("device", "none") not in ("none", None)
                    for k in ("offload_optimizer", "offload_param"))
-
-
-class WarmupSchedule:
-    """LR factor for the optimizer step with 0-based index ``s``: linear warm-up that already
-    trains on the first step ((s+1)/warmup), then constant or linear decay to 0 at the end.
-
-    Ours rather than DeepSpeed's WarmupLR, which spends its first two steps at lr 0. A callable
-    object (not a lambda), so ``LambdaLR.state_dict`` carries it into checkpoints.
-    """
-
-    def __init__(self, warmup_steps: int, kind: str, total_steps: int) -> None:
-        self.warmup_steps, self.kind, self.total_steps = int(warmup_steps), kind, int(total_steps)
-
-    def __call__(self, s: int) -> float:
-        if s < self.warmup_steps:
-            return (s + 1) / self.warmup_steps
-        if self.kind == "linear":
-            return max(0.0, (self.total_steps - s) / max(1, self.total_steps - self.warmup_steps))
-        return 1.0
-
-    def describe(self) -> str:
-        tail = f"linear decay to 0 at step {self.total_steps}" if self.kind == "linear" else "constant"
-        return f"{self.warmup_steps} linear warm-up steps then {tail}"
-
-    def __repr__(self) -> str:
-        return f"WarmupSchedule({self.warmup_steps}, {self.kind!r}, {self.total_steps})"
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, WarmupSchedule) and vars(self) == vars(other)
 
 
 def load_ds_config(path: Optional[str]) -> tuple[dict[str, Any], str]:
@@ -154,8 +137,42 @@ def resolve_precision(ds: dict[str, Any], source: str, gpu: Optional[tuple[bool,
     return precision, why
 
 
-def resolve_batch(ds: dict[str, Any], source: str, relations_per_rank: Optional[int], world_size: int) -> tuple[int, int]:
-    """Fill DeepSpeed's batch triad; a clear error says which value to change when it cannot hold."""
+DEFAULT_RELATIONS_PER_STEP = 16
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """The global batch of an optimizer step and how DeepSpeed is told about it."""
+
+    relations_per_step: int  # relations per optimizer step over all ranks (the user's global batch)
+    accumulation: int  # micro steps per optimizer step
+    world_size: int
+    notes: tuple[str, ...] = ()
+
+    @property
+    def deepspeed_triad(self) -> tuple[int, int, int]:
+        """(micro batch per rank, accumulation, train_batch_size) for DeepSpeed's JSON.
+
+        DeepSpeed asserts ``train_batch_size == micro x accumulation x world``. When the global
+        batch divides evenly its unit stays the relation; otherwise DeepSpeed counts one rank's
+        share of a micro step as its sample (it only uses these numbers for bookkeeping: the
+        sampler, not DeepSpeed, builds the batches).
+        """
+        a, w = self.accumulation, self.world_size
+        if self.relations_per_step % (a * w) == 0:
+            return self.relations_per_step // (a * w), a, self.relations_per_step
+        return 1, a, a * w
+
+
+def resolve_batch(ds: dict[str, Any], source: str, relations_per_step: Optional[int], world_size: int,
+                  relations_per_rank: Optional[int] = None) -> BatchPlan:
+    """The global batch from the options and the DeepSpeed JSON; writes DeepSpeed's triad.
+
+    Sources, first match wins: ``--relations_per_step``; the JSON's ``train_batch_size``
+    (global, like ours; the two must agree when both are given); the deprecated
+    ``--relations_per_rank`` or the JSON's ``train_micro_batch_size_per_gpu`` (per rank: the
+    batch then grows with the world size, which a note says); else 16.
+    """
     def given(key: str) -> Optional[int]:
         value = ds.get(key)
         if value is None or _is_auto(value):
@@ -166,30 +183,42 @@ def resolve_batch(ds: dict[str, Any], source: str, relations_per_rank: Optional[
 
     micro, accum, total = given("train_micro_batch_size_per_gpu"), given("gradient_accumulation_steps"), \
         given("train_batch_size")
-    if relations_per_rank is not None and micro is not None and micro != relations_per_rank:
-        raise ConfigError(f"--relations_per_rank {relations_per_rank} and train_micro_batch_size_per_gpu {micro} in "
-                          f"{source} disagree (both are relation groups per rank); fix: set only one of them")
-    if micro is None:
-        micro = relations_per_rank
-    if micro is None and total is not None and accum is not None and total % (accum * world_size) == 0:
-        micro = total // (accum * world_size)
-    micro = micro or 8
-    if accum is None:
-        accum = total // (micro * world_size) if total is not None and total % (micro * world_size) == 0 else 1
-    if total is not None and total != micro * accum * world_size:
-        raise ConfigError(
-            f"{source}: train_batch_size {total} != {micro} relation groups per rank x {accum} accumulation steps x "
-            f"{world_size} ranks = {micro * accum * world_size}; fix: set train_batch_size to "
-            f"{micro * accum * world_size}, or to \"auto\" (relbert-ds derives it), or change "
-            f"gradient_accumulation_steps / --relations_per_rank")
-    ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"] = micro, accum
-    ds["train_batch_size"] = micro * accum * world_size
-    return micro, accum
+    accum = accum or 1
+    notes: list[str] = []
+    if relations_per_rank is not None:
+        if relations_per_step is not None:
+            raise ConfigError("--relations_per_rank and --relations_per_step both given; fix: give only "
+                              "--relations_per_step (the global batch; --relations_per_rank is deprecated)")
+        if micro is not None and micro != relations_per_rank:
+            raise ConfigError(f"--relations_per_rank {relations_per_rank} and train_micro_batch_size_per_gpu {micro} "
+                              f"in {source} disagree (both are relations per rank); fix: set only one of them")
+        relations_per_step = relations_per_rank * world_size
+        notes.append(f"--relations_per_rank is deprecated: it makes the global batch grow with the world size; "
+                     f"use --relations_per_step {relations_per_step} for this run's batch")
+    if relations_per_step is not None and total is not None and total != relations_per_step:
+        raise ConfigError(f"--relations_per_step {relations_per_step} and train_batch_size {total} in {source} "
+                          f"disagree (both are the global batch in relations); fix: set only one of them")
+    if relations_per_step is None and total is not None:
+        relations_per_step = total
+        if micro is not None and micro * accum * world_size != total:
+            raise ConfigError(
+                f"{source}: train_batch_size {total} != train_micro_batch_size_per_gpu {micro} x {accum} "
+                f"accumulation steps x {world_size} ranks; fix: drop train_micro_batch_size_per_gpu (relbert-ds "
+                f"divides the global batch over the ranks) or set it to \"auto\"")
+    if relations_per_step is None and micro is not None:
+        relations_per_step = micro * accum * world_size
+        notes.append(f"train_micro_batch_size_per_gpu {micro} in {source} is per rank: the global batch "
+                     f"({relations_per_step}) grows with the world size; set train_batch_size for a fixed one")
+    plan = BatchPlan(relations_per_step or DEFAULT_RELATIONS_PER_STEP, accum, world_size, tuple(notes))
+    ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"] = \
+        plan.deepspeed_triad
+    return plan
 
 
-def resolve_optimizer(ds: dict[str, Any], source: str, run: RunConfig, total_steps: int,
-                      on_cpu: bool) -> tuple[list[str], Optional["WarmupSchedule"]]:
-    """Optimizer and scheduler from the JSON or from our options, never both.
+def resolve_optimizer(ds: dict[str, Any], source: str, run: RunConfig, total_steps: int, on_cpu: bool,
+                      filled_by_auto: frozenset[str] = frozenset()) -> tuple[list[str], Optional[WarmupSchedule]]:
+    """Optimizer and scheduler from the JSON or from our options, never both (an option that
+    filled an ``"auto"`` of the JSON, listed in ``filled_by_auto``, is not a second source).
 
     Returns notes and, when the schedule is ours, the :class:`WarmupSchedule` to hand to
     ``deepspeed.initialize`` (None when the JSON's scheduler section rules).
@@ -198,7 +227,7 @@ def resolve_optimizer(ds: dict[str, Any], source: str, run: RunConfig, total_ste
     ours_opt = {"--lr": t.lr, "--weight_decay": t.weight_decay}
     ours_sched = {"--warmup_steps": t.warmup_steps, "--lr_schedule": t.lr_schedule}
     if "optimizer" in ds:
-        clash = [k for k, v in ours_opt.items() if v is not None]
+        clash = [k for k, v in ours_opt.items() if v is not None and k not in filled_by_auto]
         if clash:
             raise ConfigError(f"{' and '.join(clash)} given while {source} has an optimizer section; fix: set the "
                               f"learning rate in one place (remove the option or the JSON's optimizer)")
@@ -210,7 +239,7 @@ def resolve_optimizer(ds: dict[str, Any], source: str, run: RunConfig, total_ste
         ds["optimizer"] = {"type": "AdamW", "params": params}
         notes.append(f"optimizer: AdamW lr={params['lr']} weight_decay={params['weight_decay']} (relbert-ds options)")
     if "scheduler" in ds:
-        clash = [k for k, v in ours_sched.items() if v is not None]
+        clash = [k for k, v in ours_sched.items() if v is not None and k not in filled_by_auto]
         if clash:
             raise ConfigError(f"{' and '.join(clash)} given while {source} has a scheduler section; fix: set the "
                               f"schedule in one place (remove the option or the JSON's scheduler)")
@@ -230,12 +259,16 @@ def resolve_optimizer(ds: dict[str, Any], source: str, run: RunConfig, total_ste
     return notes, schedule
 
 
-def resolve_deepspeed_config(path: Optional[str], run: RunConfig, world_size: int, micro_steps_per_epoch: Optional[int] = None,
-                             gpu: Optional[tuple[bool, bool, str]] = None) -> ResolvedDeepSpeed:
+def resolve_deepspeed_config(path: Optional[str], run: RunConfig, world_size: int,
+                             steps_per_epoch: Optional[int] = None, gpu: Optional[tuple[bool, bool, str]] = None,
+                             hidden_size: Optional[int] = None) -> ResolvedDeepSpeed:
     """Load and resolve the DeepSpeed JSON for this run (pure: no process group needed).
 
-    ``micro_steps_per_epoch`` (from the sampler) sizes the linear-decay schedule.
+    ``steps_per_epoch`` (optimizer steps, from the sampler) sizes the run and its schedule
+    (:func:`relbert_ds.schedule.plan_steps`); ``hidden_size`` fills "auto" ZeRO bucket sizes.
     """
+    from relbert_ds.ds_auto import auto_options, resolve_hf_auto
+
     ds, source = load_ds_config(path)
     gpu = gpu or _gpu_info()
     for key in ("bf16", "fp16", "zero_optimization"):
@@ -245,19 +278,27 @@ def resolve_deepspeed_config(path: Optional[str], run: RunConfig, world_size: in
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"{source}: zero_optimization.stage is {stage!r}; fix: use 0, 1, 2 or 3")
     precision, why = resolve_precision(ds, source, gpu)
-    micro, accum = resolve_batch(ds, source, run.data.relations_per_rank, world_size)
-    steps = run.train.max_steps or max(1, (micro_steps_per_epoch or 1) * run.train.epochs // accum)
+    batch = resolve_batch(ds, source, run.data.relations_per_step, world_size, run.data.relations_per_rank)
+    steps = plan_steps(steps_per_epoch or 1, run.train.epochs, run.train.max_steps)
     notes = [f"precision: {precision} ({why})", f"ZeRO stage {stage}",
-             f"batch: {micro} relation groups per rank x {accum} accumulation steps x {world_size} ranks = "
-             f"{ds['train_batch_size']} per optimizer step"]
-    more, schedule = resolve_optimizer(ds, source, run, steps, on_cpu=not gpu[0])
+             f"batch: {batch.relations_per_step} relations per optimizer step over {world_size} rank(s), "
+             f"{batch.accumulation} micro step(s) each; {steps.steps_per_epoch} steps per epoch, "
+             f"{steps.total_steps} in all", *batch.notes]
+    t = run.train
+    filled_by_auto = frozenset(auto_options(ds))  # before the "auto" values are replaced
+    notes += resolve_hf_auto(ds, source, lr=t.lr if t.lr is not None else DEFAULT_LR,
+                             weight_decay=t.weight_decay if t.weight_decay is not None else 0.0,
+                             warmup_steps=t.warmup_steps if t.warmup_steps is not None else DEFAULT_WARMUP_STEPS,
+                             total_steps=steps.total_steps, hidden_size=hidden_size)
+    more, schedule = resolve_optimizer(ds, source, run, steps.total_steps, on_cpu=not gpu[0],
+                                       filled_by_auto=filled_by_auto)
     notes += more
     if "steps_per_print" not in ds:
         ds["steps_per_print"] = 1000000000  # our progress bar and TensorBoard report; keep DeepSpeed's log quiet
     if "tensorboard" in ds and ds["tensorboard"].get("enabled"):
         notes.append("DeepSpeed's own tensorboard monitor is on: it writes lr/timings under its own tags; "
                      "relbert-ds writes train/* and val/* to output_dir/tensorboard")
-    return ResolvedDeepSpeed(ds, source, precision, micro, accum, world_size, stage, notes, schedule)
+    return ResolvedDeepSpeed(ds, source, precision, batch, steps, stage, notes, schedule)
 
 
 def skip_cpu_shm_op() -> None:

@@ -50,6 +50,7 @@ __all__ = [
     "CombinedLoss",
     "LOSS_NAMES",
     "build_loss",
+    "check_loss_options",
 ]
 
 LOSS_NAMES = ("nce", "iloob", "triplet")
@@ -314,9 +315,26 @@ class RelationLoss(torch.nn.Module):
 
 
 def _check_temperature(temperature: float) -> float:
-    if not (isinstance(temperature, (int, float)) and temperature > 0):
-        raise ConfigError(f"temperature must be a number > 0, got {temperature!r}: RelBERT uses 0.05")
+    if isinstance(temperature, bool) or not (isinstance(temperature, (int, float)) and temperature > 0):
+        raise ConfigError(f"--temperature must be a number > 0, got {temperature!r}; fix: use a positive value "
+                          f"(RelBERT uses 0.05)")
     return float(temperature)
+
+
+def _check_margin(margin: float) -> float:
+    if isinstance(margin, bool) or not (isinstance(margin, (int, float)) and margin >= 0):
+        raise ConfigError(f"--margin must be a number >= 0, got {margin!r}; fix: use a value >= 0 (RelBERT uses 1.0)")
+    return float(margin)
+
+
+def check_loss_options(name: str, temperature: float = 0.05, margin: float = 1.0) -> None:
+    """ConfigError, naming the fix, for a loss name or hyper-parameter the losses refuse (the
+    run config calls this at start-up; the loss classes run the same checks)."""
+    if str(name).strip().lower() not in LOSS_NAMES:
+        raise ConfigError(f"--loss {name!r} is not one of {', '.join(LOSS_NAMES)}; fix: pick one of them (the "
+                          f"classification loss is added to any of them with --classification_loss)")
+    _check_temperature(temperature)
+    _check_margin(margin)
 
 
 class NCELoss(RelationLoss):
@@ -373,9 +391,7 @@ class TripletLoss(RelationLoss):
 
     def __init__(self, margin: float = 1.0, in_batch_negatives: bool = True, parent_negatives: bool = True) -> None:
         super().__init__()
-        if not (isinstance(margin, (int, float)) and margin >= 0):
-            raise ConfigError(f"margin must be a number >= 0, got {margin!r}: RelBERT uses 1.0")
-        self.margin = float(margin)
+        self.margin = _check_margin(margin)
         self.in_batch_negatives = in_batch_negatives
         self.parent_negatives = parent_negatives
 
@@ -465,18 +481,14 @@ def build_loss(
     """The loss called ``name`` ("nce", "iloob" or "triplet"), plus the classification loss
     (needs ``hidden_size``) when ``classification`` is set. ConfigError on an unknown name.
     """
+    check_loss_options(name, temperature, margin)
     key = str(name).strip().lower()
     if key == "nce":
         main: RelationLoss = NCELoss(temperature)
     elif key == "iloob":
         main = InfoLOOBLoss(temperature)
-    elif key == "triplet":
-        main = TripletLoss(margin)
     else:
-        raise ConfigError(
-            f"unknown loss {name!r}: choose one of {', '.join(LOSS_NAMES)} "
-            f"(the classification loss is added to any of them with classification=True)"
-        )
+        main = TripletLoss(margin)
     if classification:
         return CombinedLoss(main, ClassificationLoss(hidden_size))
     return main

@@ -1,23 +1,41 @@
-"""The relation-aware distributed sampler: one global batch per step, planned alike on every rank.
+"""The relation-aware distributed sampler: one global batch per optimizer step, planned alike on
+every rank, whatever the number of ranks.
 
-Every step the *global* batch holds ``relations_per_rank * world_size`` distinct relations;
-rank ``r`` takes the ``r``-th run of ``relations_per_rank`` whole relation groups. Each group
-carries ``min(positives_per_relation, available)`` positives and up to
+The global batch of an optimizer step holds ``relations_per_step`` distinct relations (the
+user's global batch, DeepSpeed's ``train_batch_size`` semantics). Each relation comes as a
+*group*: ``min(positives_per_relation, available)`` positives, then up to
 ``negatives_per_relation`` of the relation's own negatives. The plan is a pure function of
-``(seed, epoch, step, dataset, knobs)`` built from CPU ``torch.Generator`` streams seeded
-with integers mixed by SplitMix64 (never Python's salted ``hash()``), so every rank and
-every platform computes the same plan without communicating, and every rank runs the same
-number of steps (no collective can hang on an uneven tail).
+``(seed, epoch, step, dataset, knobs)`` built from CPU ``torch.Generator`` streams seeded with
+integers mixed by SplitMix64 (never Python's salted ``hash()``): every rank and every platform
+computes the same plan without communicating, and the plan does not depend on the world size.
 
-Relation order per epoch: a permutation seeded by ``(seed, epoch)``. With
-``parent_grouping`` the parents are permuted and the relations of each parent kept
-adjacent (permuted inside the parent), so siblings tend to share a global batch and act as
-hard negatives for each other. Relations without a parent are groups of their own.
+How a step is divided:
 
-Uneven tails: ``tail="drop"`` runs ``n_relations // B`` steps (``B`` relations per global
-step) and skips the leftover relations this epoch (a new permutation next epoch gives them
-their turn); ``tail="fill"`` runs ``ceil(n_relations / B)`` steps and completes the last one
-with relations drawn, seeded by ``(seed, epoch, step)``, from those not already in it.
+1. Gradient accumulation: the step's groups are split into ``accumulation`` micro batches of
+   whole groups (sizes differ by at most one group). Negatives are shared within a micro batch
+   only, so accumulation trades negatives for memory, never the data seen per step.
+2. Ranks: each micro batch is flattened into prompts (group by group: positives, then
+   negatives) and cut into ``world_size`` contiguous runs of prompts whose lengths differ by at
+   most one (``shard_by="prompt"``, the default): a relation's group may span ranks, and the
+   loss, which gathers every rank's rows with their relation ids, scores it exactly as one
+   process would. ``shard_by="relation"`` keeps whole groups on a rank (group counts differ by
+   at most one), the behaviour of relbert-ds 0.1. Concatenating the ranks' slices in rank order
+   gives the flattened micro batch, for any world size.
+
+Relation order per epoch: a permutation seeded by ``(seed, epoch)``. With ``parent_grouping``
+the parents are permuted and the relations of each parent kept adjacent (permuted inside the
+parent), so siblings tend to share a global batch and act as hard negatives for each other.
+Relations without a parent are groups of their own. With ``relation_weights`` (per relation,
+e.g. from per-source sampling weights) a relation takes ``floor(w)`` slots per epoch plus one
+more with probability ``w - floor(w)`` (seeded per epoch), so a source of weight 2 is seen twice
+per epoch and one of weight 0.5 half; a step never holds a relation twice (a repeated relation
+is swapped with the next later slot that is not yet in the step).
+
+Uneven tails: ``tail="drop"`` runs ``slots // relations_per_step`` steps and skips the leftover
+this epoch (a new permutation next epoch gives it its turn); ``tail="fill"`` runs
+``ceil(slots / relations_per_step)`` steps and completes the last one with relations drawn,
+seeded by ``(seed, epoch, step)``, from those not already in it. Both act on whole optimizer
+steps, so gradient accumulation never drops a micro step.
 """
 from __future__ import annotations
 
@@ -25,23 +43,27 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional, Sequence
 
 import torch
 
 from relbert_ds.data.schemas import Pair, RelationDataset
 from relbert_ds.errors import CheckpointError, ConfigError
 
-__all__ = ["LocalBatch", "RelationAwareSampler", "GroupPlan", "mix_seed"]
+__all__ = ["LocalBatch", "RelationAwareSampler", "GroupPlan", "mix_seed", "TAILS", "SHARD_BY", "check_knobs",
+           "split_evenly"]
 
 # (relation index, positive indices, negative indices) into dataset.relations[i].{positives,negatives}
 GroupPlan = tuple[int, list[int], list[int]]
 
+TAILS = ("fill", "drop")
+SHARD_BY = ("prompt", "relation")
+MIN_POSITIVES = 2  # a contrastive term needs an anchor and another positive
+
 _MASK64 = (1 << 64) - 1
 # Stream tags keep the generators of different purposes independent for equal (epoch, step).
-_TAG_ORDER, _TAG_PARENTS, _TAG_FILL, _TAG_GROUP = 0x0A, 0x0B, 0x0C, 0x0D
-_STATE_VERSION = 1
-_TAILS = ("fill", "drop")
+_TAG_ORDER, _TAG_PARENTS, _TAG_FILL, _TAG_GROUP, _TAG_WEIGHT = 0x0A, 0x0B, 0x0C, 0x0D, 0x0E
+_STATE_VERSION = 2
 
 
 def _splitmix64(x: int) -> int:
@@ -65,12 +87,20 @@ def _generator(*parts: int) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(mix_seed(*parts))
 
 
+def split_evenly(n: int, parts: int) -> list[tuple[int, int]]:
+    """``parts`` contiguous ``[start, end)`` ranges covering ``range(n)``, lengths differing by at
+    most one (the longer ones first)."""
+    base, extra = divmod(n, parts)
+    starts = [i * base + min(i, extra) for i in range(parts + 1)]
+    return [(starts[i], starts[i + 1]) for i in range(parts)]
+
+
 @dataclass
 class LocalBatch:
-    """This rank's share of one global step, flattened pair by pair.
+    """This rank's share of one micro step, flattened pair by pair.
 
-    Relation group by group: the group's positives, then its negatives. All tensors have one
-    entry per pair (shape ``(n,)``) and live on the CPU; the trainer moves them.
+    Rows follow the global flattening (group by group: positives, then negatives). All tensors
+    have one entry per pair (shape ``(n,)``) and live on the CPU; the trainer moves them.
     """
 
     pairs: list[Pair]
@@ -80,30 +110,70 @@ class LocalBatch:
     pair_ids: torch.Tensor  # (n,) long: dataset-wide id of the (head, tail) strings
     epoch: int
     step: int
+    micro: int = 0
 
     def __len__(self) -> int:
         return len(self.pairs)
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_knobs(*, relations_per_step: Optional[int] = None, accumulation: int = 1, world_size: int = 1,
+                rank: int = 0, positives_per_relation: int = 8, negatives_per_relation: int = 8, seed: int = 0,
+                tail: str = "fill", shard_by: str = "prompt") -> None:
+    """ConfigError, naming the fix, for any knob the sampler cannot honour (no data needed).
+
+    The run config calls this at start-up; the sampler calls it again with the data's limits
+    in :meth:`RelationAwareSampler.__init__`.
+    """
+    if not _is_int(world_size) or world_size < 1:
+        raise ConfigError(f"world size must be an integer >= 1, got {world_size!r}")
+    if not _is_int(rank) or not 0 <= rank < world_size:
+        raise ConfigError(f"rank must be in 0..{world_size - 1} for world size {world_size}, got {rank!r}")
+    if relations_per_step is not None and (not _is_int(relations_per_step) or relations_per_step < 1):
+        raise ConfigError(f"--relations_per_step must be an integer >= 1, got {relations_per_step!r}; fix: set it "
+                          f"to 1 or more")
+    if not _is_int(accumulation) or accumulation < 1:
+        raise ConfigError(f"gradient accumulation steps must be an integer >= 1, got {accumulation!r}")
+    if relations_per_step is not None and accumulation > relations_per_step:
+        raise ConfigError(f"{accumulation} gradient accumulation steps cannot split a global batch of "
+                          f"{relations_per_step} relations (each micro step needs a whole relation); fix: lower "
+                          f"gradient_accumulation_steps to at most {relations_per_step} or raise --relations_per_step")
+    if not _is_int(positives_per_relation) or positives_per_relation < MIN_POSITIVES:
+        raise ConfigError(f"--positives_per_relation must be an integer >= {MIN_POSITIVES} (an anchor and another "
+                          f"positive), got {positives_per_relation!r}; fix: set it to {MIN_POSITIVES} or more")
+    if not _is_int(negatives_per_relation) or negatives_per_relation < 0:
+        raise ConfigError(f"--negatives_per_relation must be an integer >= 0, got {negatives_per_relation!r}; fix: "
+                          f"set it to 0 (in-batch negatives only) or more")
+    if not _is_int(seed):
+        raise ConfigError(f"--seed must be an integer, got {seed!r}")
+    if tail not in TAILS:
+        raise ConfigError(f"--tail {tail!r} is not one of {', '.join(TAILS)}; fix: pick one of them")
+    if shard_by not in SHARD_BY:
+        raise ConfigError(f"--shard_by {shard_by!r} is not one of {', '.join(SHARD_BY)}; fix: pick one of them")
+
+
 class RelationAwareSampler:
-    """Plans global batches of whole relation groups and hands each rank its slice.
+    """Plans global batches of relation groups and hands each rank its share of each micro step.
 
     Args:
         dataset: the training relations.
         world_size, rank: the data-parallel world this sampler serves.
-        relations_per_rank: relation groups per rank per step (>= 1).
-        positives_per_relation: positives drawn per group (>= 2: a contrastive term needs
-            an anchor and another positive); fewer when the relation has fewer.
-        negatives_per_relation: own negatives drawn per group (>= 0; 0 leaves only the
-            in-batch negatives); fewer when the relation has fewer.
+        relations_per_step: relations per optimizer step, over all ranks (the global batch).
+        accumulation: micro steps per optimizer step (DeepSpeed's gradient accumulation).
+        positives_per_relation: positives drawn per group (>= 2); fewer when the relation has fewer.
+        negatives_per_relation: own negatives drawn per group (>= 0); fewer when it has fewer.
         seed: the run's seed; the plan depends on nothing else but the epoch and step.
         tail: ``"fill"`` or ``"drop"`` (see the module docstring).
         parent_grouping: keep relations of one parent adjacent in the epoch order.
+        shard_by: ``"prompt"`` (even prompt counts) or ``"relation"`` (whole groups per rank).
+        relation_weights: optional per-relation sampling weights (> 0), see the module docstring.
 
     Attributes:
-        steps_per_epoch: identical on every rank.
+        steps_per_epoch: optimizer steps per epoch, identical on every rank and world size.
         parent_names: distinct parent names in dataset order (``parent_ids`` index it).
-        position: ``(epoch, next step)``, moved by :meth:`advance`, saved by :meth:`state_dict`.
     """
 
     def __init__(
@@ -112,31 +182,35 @@ class RelationAwareSampler:
         *,
         world_size: int,
         rank: int,
-        relations_per_rank: int = 8,
+        relations_per_step: int = 16,
+        accumulation: int = 1,
         positives_per_relation: int = 8,
         negatives_per_relation: int = 8,
         seed: int = 0,
         tail: str = "fill",
         parent_grouping: bool = False,
+        shard_by: str = "prompt",
+        relation_weights: Optional[Sequence[float]] = None,
     ) -> None:
-        _validate_knobs(
-            dataset, world_size, rank, relations_per_rank, positives_per_relation,
-            negatives_per_relation, seed, tail,
-        )
+        check_knobs(relations_per_step=relations_per_step, accumulation=accumulation, world_size=world_size,
+                    rank=rank, positives_per_relation=positives_per_relation,
+                    negatives_per_relation=negatives_per_relation, seed=seed, tail=tail, shard_by=shard_by)
         self.dataset = dataset
         self.world_size = world_size
         self.rank = rank
-        self.relations_per_rank = relations_per_rank
+        self.relations_per_step = relations_per_step
+        self.accumulation = accumulation
         self.positives_per_relation = positives_per_relation
         self.negatives_per_relation = negatives_per_relation
         self.seed = int(seed)
         self.tail = tail
         self.parent_grouping = bool(parent_grouping)
-
+        self.shard_by = shard_by
         n = len(dataset.relations)
-        per_step = relations_per_rank * world_size
-        self.relations_per_step = per_step
-        self.steps_per_epoch = n // per_step if tail == "drop" else math.ceil(n / per_step)
+        self.weights = _check_weights(relation_weights, n)
+        _check_against_data(self)
+        slots = self.slots_per_epoch
+        self.steps_per_epoch = slots // relations_per_step if tail == "drop" else math.ceil(slots / relations_per_step)
 
         self.parent_names: list[str] = []
         self._relation_parent: list[int] = []  # relation index -> parent index or -1
@@ -147,6 +221,7 @@ class RelationAwareSampler:
             if group.parent not in self.parent_names:
                 self.parent_names.append(group.parent)
             self._relation_parent.append(self.parent_names.index(group.parent))
+        self._parents = torch.tensor(self._relation_parent, dtype=torch.long)
 
         # Identical (head, tail) strings share one id across the whole dataset, so the loss
         # can mask a pair that shows up in two relations (a false negative otherwise).
@@ -160,26 +235,62 @@ class RelationAwareSampler:
 
         self._fingerprint = self._make_fingerprint()
         self._order_cache: tuple[int, list[int]] = (-1, [])
-        self.position: tuple[int, int] = (0, 0)
+
+    # ---------------------------------------------------------------- sizes
+
+    @property
+    def slots_per_epoch(self) -> int:
+        """Relation slots in an epoch: the relation count, or the expected count under weights."""
+        if self.weights is None:
+            return len(self.dataset.relations)
+        floors = sum(int(math.floor(w)) for w in self.weights)
+        extra = round(sum(w - math.floor(w) for w in self.weights))
+        return max(1, floors + extra)
+
+    def group_size(self, relation: int) -> int:
+        """Prompts of one relation's group."""
+        group = self.dataset.relations[relation]
+        return min(self.positives_per_relation, len(group.positives)) + min(self.negatives_per_relation,
+                                                                             len(group.negatives))
 
     # ---------------------------------------------------------------- planning
 
     def epoch_order(self, epoch: int) -> list[int]:
-        """The relation order of ``epoch`` (a permutation of all relation indices)."""
+        """The relation slots of ``epoch`` in order (a permutation of all relations without
+        weights; with weights, each relation ``floor(w)`` or ``ceil(w)`` times)."""
         if self._order_cache[0] == epoch:
             return list(self._order_cache[1])
-        n = len(self.dataset.relations)
-        if not self.parent_grouping:
-            order = torch.randperm(n, generator=_generator(self.seed, epoch, _TAG_ORDER)).tolist()
-        else:
+        if self.parent_grouping:
             order = self._grouped_order(epoch)
+        else:
+            slots = self._weighted_slots(epoch)
+            order = [slots[i] for i in torch.randperm(len(slots), generator=_generator(self.seed, epoch,
+                                                                                         _TAG_ORDER)).tolist()]
+        if self.weights is not None:
+            order = _spread_repeats(order, self.relations_per_step)
         self._order_cache = (epoch, order)
         return list(order)
+
+    def _weighted_slots(self, epoch: int) -> list[int]:
+        """Each relation ``floor(w)`` times, plus ``round(sum of fractions)`` more slots drawn
+        without replacement in proportion to the fractional parts (seeded by the epoch): the
+        slot count is the same every epoch, so is ``steps_per_epoch``."""
+        n = len(self.dataset.relations)
+        if self.weights is None:
+            return list(range(n))
+        slots = [i for i, w in enumerate(self.weights) for _ in range(int(math.floor(w)))]
+        fractions = torch.tensor([w - math.floor(w) for w in self.weights], dtype=torch.float64)
+        extra = self.slots_per_epoch - len(slots)
+        if extra > 0:
+            g = _generator(self.seed, epoch, _TAG_WEIGHT)
+            slots += sorted(torch.multinomial(fractions, extra, replacement=False, generator=g).tolist())
+        return slots
 
     def _grouped_order(self, epoch: int) -> list[int]:
         """Parents in a permuted order, each parent's relations adjacent and permuted."""
         groups: dict[Any, list[int]] = {}  # key: parent index, or ("solo", i) without parent
-        for i, p in enumerate(self._relation_parent):
+        for i in self._weighted_slots(epoch):
+            p = self._relation_parent[i]
             groups.setdefault(p if p >= 0 else ("solo", i), []).append(i)
         keys = list(groups)  # dataset order: deterministic
         g = _generator(self.seed, epoch, _TAG_PARENTS)
@@ -192,9 +303,10 @@ class RelationAwareSampler:
     def _step_relations(self, epoch: int, step: int) -> list[int]:
         """The ``relations_per_step`` distinct relation indices of one global step."""
         per_step = self.relations_per_step
-        chosen = self.epoch_order(epoch)[step * per_step:(step + 1) * per_step]
+        # dict.fromkeys drops a weighted repeat that could not be moved to another step
+        chosen = list(dict.fromkeys(self.epoch_order(epoch)[step * per_step:(step + 1) * per_step]))
         missing = per_step - len(chosen)
-        if missing > 0:  # only the last step under tail="fill"
+        if missing > 0:  # the last step under tail="fill" (or a repeat dropped above)
             taken = set(chosen)
             rest = [i for i in range(len(self.dataset.relations)) if i not in taken]
             g = _generator(self.seed, epoch, step, _TAG_FILL)
@@ -209,24 +321,45 @@ class RelationAwareSampler:
         neg = torch.randperm(len(group.negatives), generator=g)[: self.negatives_per_relation].tolist()
         return relation, pos, neg
 
-    def plan(self, epoch: int, step: int) -> list[list[GroupPlan]]:
-        """The GLOBAL batch of ``(epoch, step)``: per rank, its relation groups.
+    def plan(self, epoch: int, step: int) -> list[GroupPlan]:
+        """The GLOBAL batch of optimizer step ``(epoch, step)``: its relation groups in order.
 
-        ``plan(e, s)[r]`` is rank ``r``'s list of ``(relation index, positive indices,
-        negative indices)``. Identical on every rank (no communication needed).
+        Identical on every rank and for every world size (no communication needed).
         """
         self._check_step(epoch, step)
-        relations = self._step_relations(epoch, step)
-        groups = [self._group(epoch, step, rel) for rel in relations]
-        r = self.relations_per_rank
-        return [groups[k * r:(k + 1) * r] for k in range(self.world_size)]
+        return [self._group(epoch, step, rel) for rel in self._step_relations(epoch, step)]
 
-    def local_batch(self, epoch: int, step: int) -> LocalBatch:
-        """This rank's slice of :meth:`plan`, flattened into pairs and id tensors."""
-        return self.batch_from_groups(self.plan(epoch, step)[self.rank], epoch, step)
+    def micro_plan(self, epoch: int, step: int, micro: int) -> list[GroupPlan]:
+        """The groups of micro step ``micro`` (0-based, < ``accumulation``) of a global step."""
+        if not 0 <= micro < self.accumulation:
+            raise ValueError(f"micro step {micro} is outside 0..{self.accumulation - 1}")
+        groups = self.plan(epoch, step)
+        start, end = split_evenly(len(groups), self.accumulation)[micro]
+        return groups[start:end]
 
-    def batch_from_groups(self, groups: list[GroupPlan], epoch: int = 0, step: int = 0) -> LocalBatch:
-        """Flatten relation groups (e.g. one rank's, or all ranks' concatenated) into a batch."""
+    def rank_rows(self, groups: Sequence[GroupPlan]) -> list[tuple[int, int]]:
+        """Each rank's ``[start, end)`` rows of the flattened ``groups`` (rank order)."""
+        if self.shard_by == "prompt":
+            return split_evenly(sum(len(pos) + len(neg) for _, pos, neg in groups), self.world_size)
+        bounds, row = [0], 0
+        for _, pos, neg in groups:
+            row += len(pos) + len(neg)
+            bounds.append(row)
+        return [(bounds[a], bounds[b]) for a, b in split_evenly(len(groups), self.world_size)]
+
+    def global_batch(self, epoch: int, step: int, micro: int = 0) -> LocalBatch:
+        """The whole micro batch flattened (every rank's rows, in rank order)."""
+        return self.batch_from_groups(self.micro_plan(epoch, step, micro), epoch, step, micro)
+
+    def local_batch(self, epoch: int, step: int, micro: int = 0) -> LocalBatch:
+        """This rank's contiguous share of :meth:`global_batch`."""
+        groups = self.micro_plan(epoch, step, micro)
+        start, end = self.rank_rows(groups)[self.rank]
+        return self.batch_from_groups(groups, epoch, step, micro, rows=(start, end))
+
+    def batch_from_groups(self, groups: Sequence[GroupPlan], epoch: int = 0, step: int = 0, micro: int = 0,
+                          rows: Optional[tuple[int, int]] = None) -> LocalBatch:
+        """Flatten relation groups into a batch; ``rows`` keeps only ``[start, end)`` of it."""
         pairs: list[Pair] = []
         rel_ids: list[int] = []
         is_pos: list[bool] = []
@@ -241,16 +374,20 @@ class RelationAwareSampler:
                     rel_ids.append(rel)
                     is_pos.append(positive)
                     pair_ids.append(ids[j])
+        if rows is not None:
+            start, end = rows
+            pairs, rel_ids, is_pos, pair_ids = pairs[start:end], rel_ids[start:end], is_pos[start:end], \
+                pair_ids[start:end]
         relation_ids = torch.tensor(rel_ids, dtype=torch.long)
-        parents = torch.tensor(self._relation_parent, dtype=torch.long)
         return LocalBatch(
             pairs=pairs,
             relation_ids=relation_ids,
             is_positive=torch.tensor(is_pos, dtype=torch.bool),
-            parent_ids=parents[relation_ids] if rel_ids else torch.zeros(0, dtype=torch.long),
+            parent_ids=self._parents[relation_ids] if rel_ids else torch.zeros(0, dtype=torch.long),
             pair_ids=torch.tensor(pair_ids, dtype=torch.long),
             epoch=epoch,
             step=step,
+            micro=micro,
         )
 
     def _check_step(self, epoch: int, step: int) -> None:
@@ -259,19 +396,21 @@ class RelationAwareSampler:
                 f"step ({epoch}, {step}) is outside the epoch: steps run 0..{self.steps_per_epoch - 1}"
             )
 
-    # ---------------------------------------------------------------- position and resume
+    def describe(self) -> dict[str, Any]:
+        """The plan's sizes for the log and ``--dry_run``: prompts per micro step and per rank."""
+        groups = self.plan(0, 0)
+        micro = [groups[a:b] for a, b in split_evenly(len(groups), self.accumulation)]
+        per_rank = [[b - a for a, b in self.rank_rows(m)] for m in micro]
+        return {"relations_per_step": self.relations_per_step, "accumulation": self.accumulation,
+                "world_size": self.world_size, "shard_by": self.shard_by, "steps_per_epoch": self.steps_per_epoch,
+                "prompts_per_step": sum(self.group_size(r) for r, _, _ in groups),
+                "prompts_per_rank_first_step": per_rank}
 
-    def advance(self) -> tuple[int, int]:
-        """Move :attr:`position` to the next step (rolling over to the next epoch)."""
-        epoch, step = self.position
-        step += 1
-        if step >= self.steps_per_epoch:
-            epoch, step = epoch + 1, 0
-        self.position = (epoch, step)
-        return self.position
+    # ---------------------------------------------------------------- resume
 
     def _make_fingerprint(self) -> dict[str, Any]:
-        """What a checkpoint's position is only meaningful for (rank excluded: all ranks share it)."""
+        """What a checkpoint's position is only meaningful for (the world size is not: the plan
+        does not depend on it)."""
         digest = hashlib.sha256(
             json.dumps(
                 [[g.relation_type, g.parent, [list(p) for p in g.positives], [list(p) for p in g.negatives]]
@@ -281,121 +420,113 @@ class RelationAwareSampler:
         ).hexdigest()[:16]
         return {
             "n_relations": len(self.dataset.relations),
-            "world_size": self.world_size,
-            "relations_per_rank": self.relations_per_rank,
+            "relations_per_step": self.relations_per_step,
+            "accumulation": self.accumulation,
             "positives_per_relation": self.positives_per_relation,
             "negatives_per_relation": self.negatives_per_relation,
             "seed": self.seed,
             "tail": self.tail,
             "parent_grouping": self.parent_grouping,
+            "relation_weights": None if self.weights is None else [round(w, 9) for w in self.weights],
             "dataset": f"{self.dataset.name}/{self.dataset.split}",
             "dataset_digest": digest,
         }
 
     def state_dict(self) -> dict[str, Any]:
-        """The position plus the fingerprint it belongs to (plain JSON-able types)."""
-        return {
-            "version": _STATE_VERSION,
-            "position": list(self.position),
-            "fingerprint": dict(self._fingerprint),
-        }
+        """The fingerprint a checkpoint's progress belongs to (plain JSON-able types)."""
+        return {"version": _STATE_VERSION, "fingerprint": dict(self._fingerprint)}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the position; :class:`CheckpointError` if the run does not match."""
-        if not isinstance(state, dict) or "position" not in state or "fingerprint" not in state:
+    def check_state(self, state: Any) -> None:
+        """:class:`CheckpointError` when a checkpoint's sampler state is not this plan's."""
+        if not isinstance(state, dict) or "fingerprint" not in state:
             raise CheckpointError(
-                "the checkpoint has no sampler state (position and fingerprint): it was not "
-                "written by relbert-ds's trainer; start a fresh run or point --resume at a relbert-ds checkpoint"
+                "the checkpoint has no sampler state (fingerprint): it was not written by relbert-ds's trainer; "
+                "fix: start a fresh run or point --resume at a relbert-ds checkpoint"
             )
         saved = state["fingerprint"]
         for key, ours in self._fingerprint.items():
             theirs = saved.get(key)
             if theirs != ours:
                 raise CheckpointError(_mismatch_message(key, theirs, ours))
-        epoch, step = (int(v) for v in state["position"])
+
+    def check_position(self, epoch: int, step: int) -> None:
+        """:class:`CheckpointError` when a saved position lies outside this plan's epochs."""
         if epoch < 0 or not 0 <= step < self.steps_per_epoch:
             raise CheckpointError(
-                f"the checkpoint's sampler position (epoch {epoch}, step {step}) is outside this "
-                f"run's {self.steps_per_epoch} steps per epoch: the checkpoint is damaged; resume from an earlier one"
+                f"the checkpoint's position (epoch {epoch}, step {step}) is outside this run's "
+                f"{self.steps_per_epoch} steps per epoch: the checkpoint is damaged; fix: resume from an earlier one"
             )
-        self.position = (epoch, step)
+
+
+def _spread_repeats(order: list[int], per_step: int) -> list[int]:
+    """Move repeated relations out of a step: swap each repeat with the next later slot whose
+    relation is not in that step yet (deterministic; the multiset is unchanged). A repeat that
+    finds no partner (only near the end of an epoch) is replaced by a filler in
+    :meth:`RelationAwareSampler._step_relations`."""
+    order = list(order)
+    for start in range(0, len(order), per_step):
+        end = min(start + per_step, len(order))
+        seen: set[int] = set()
+        for i in range(start, end):
+            if order[i] in seen:
+                j = next((j for j in range(end, len(order)) if order[j] not in seen), None)
+                if j is not None:
+                    order[i], order[j] = order[j], order[i]
+            seen.add(order[i])
+    return order
+
+
+def _check_weights(weights: Optional[Sequence[float]], n: int) -> Optional[list[float]]:
+    if weights is None:
+        return None
+    values = [float(w) for w in weights]
+    if len(values) != n:
+        raise ConfigError(f"{len(values)} relation weights for {n} relations; fix: give one weight per relation")
+    bad = [w for w in values if not (math.isfinite(w) and w > 0)]
+    if bad:
+        raise ConfigError(f"sampling weight {bad[0]!r} is not a positive number; fix: use weights > 0")
+    return None if all(w == 1.0 for w in values) else values
+
+
+def _check_against_data(s: RelationAwareSampler) -> None:
+    """Knobs that depend on the data: distinct relations per step, a prompt for every rank."""
+    n = len(s.dataset.relations)
+    label = f"{s.dataset.name}/{s.dataset.split}" if s.dataset.split else s.dataset.name
+    if n == 0:
+        raise ConfigError(f"the training set {label} has no relations; fix: check the data file {s.dataset.source!r}")
+    if s.relations_per_step > n:
+        raise ConfigError(f"--relations_per_step {s.relations_per_step} exceeds the {n} relations of {label} (a "
+                          f"global batch holds each relation at most once); fix: use --relations_per_step {n} or "
+                          f"less (more ranks can share a smaller batch: it is divided by prompts)")
+    per_micro = s.relations_per_step // s.accumulation
+    if s.shard_by == "relation" and per_micro < s.world_size:
+        raise ConfigError(f"--shard_by relation needs a whole relation per rank: {per_micro} relations per micro "
+                          f"step for {s.world_size} ranks; fix: raise --relations_per_step to at least "
+                          f"{s.world_size * s.accumulation}, or use --shard_by prompt")
+    smallest = sorted(s.group_size(r) for r in range(n))[:per_micro]
+    if sum(smallest) < s.world_size:
+        raise ConfigError(f"a micro step of {per_micro} relations can hold as few as {sum(smallest)} prompts, fewer "
+                          f"than the {s.world_size} ranks (each rank needs one); fix: raise --relations_per_step or "
+                          f"use fewer ranks")
 
 
 _KNOB_OPTION = {
-    "relations_per_rank": "relations per rank",
-    "positives_per_relation": "positives per relation",
-    "negatives_per_relation": "negatives per relation",
-    "seed": "seed",
-    "tail": "tail",
-    "parent_grouping": "parent grouping",
+    "relations_per_step": "--relations_per_step",
+    "accumulation": "gradient_accumulation_steps",
+    "positives_per_relation": "--positives_per_relation",
+    "negatives_per_relation": "--negatives_per_relation",
+    "seed": "--seed",
+    "tail": "--tail",
+    "parent_grouping": "--parent_grouping",
+    "relation_weights": "the sampling weights",
 }
 
 
 def _mismatch_message(key: str, theirs: Any, ours: Any) -> str:
     """One line naming what differs between a checkpoint and this run, and the fix."""
-    if key == "world_size":
-        return (
-            f"checkpoint was written with world size {theirs}, this run has {ours}: resume with "
-            f"the same number of ranks ({theirs}), or start a new run (the sampler's plan and "
-            f"the global batch depend on the world size)"
-        )
     if key in ("n_relations", "dataset", "dataset_digest"):
-        return (
-            f"checkpoint was written on different training data ({key}: {theirs}, this run: "
-            f"{ours}): resume with the same training set, or start a new run"
-        )
+        return (f"checkpoint was written on different training data ({key}: {theirs}, this run: {ours}); fix: "
+                f"resume with the same training set, or start a new run")
     label = _KNOB_OPTION.get(key, key)
-    return (
-        f"checkpoint was written with {label} = {theirs}, this run has {ours}: resume with "
-        f"{label} = {theirs}, or start a new run"
-    )
-
-
-def _validate_knobs(
-    dataset: RelationDataset,
-    world_size: int,
-    rank: int,
-    relations_per_rank: int,
-    positives_per_relation: int,
-    negatives_per_relation: int,
-    seed: int,
-    tail: str,
-) -> None:
-    """ConfigError, naming the fix, for any knob the sampler cannot honour."""
-
-    def _is_int(v: Any) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
-
-    if not _is_int(world_size) or world_size < 1:
-        raise ConfigError(f"world size must be an integer >= 1, got {world_size!r}")
-    if not _is_int(rank) or not 0 <= rank < world_size:
-        raise ConfigError(f"rank must be in 0..{world_size - 1} for world size {world_size}, got {rank!r}")
-    if not _is_int(relations_per_rank) or relations_per_rank < 1:
-        raise ConfigError(f"relations_per_rank must be an integer >= 1, got {relations_per_rank!r}: set it to 1 or more")
-    if not _is_int(positives_per_relation) or positives_per_relation < 2:
-        raise ConfigError(
-            f"positives_per_relation must be an integer >= 2 (an anchor and another positive), "
-            f"got {positives_per_relation!r}: set it to 2 or more"
-        )
-    if not _is_int(negatives_per_relation) or negatives_per_relation < 0:
-        raise ConfigError(
-            f"negatives_per_relation must be an integer >= 0, got {negatives_per_relation!r}: "
-            f"set it to 0 (in-batch negatives only) or more"
-        )
-    if not _is_int(seed):
-        raise ConfigError(f"seed must be an integer, got {seed!r}")
-    if tail not in _TAILS:
-        raise ConfigError(f"tail must be one of {', '.join(_TAILS)}, got {tail!r}")
-    n = len(dataset.relations)
-    label = f"{dataset.name}/{dataset.split}" if dataset.split else dataset.name
-    if n == 0:
-        raise ConfigError(f"the training set {label} has no relations: check the data file {dataset.source!r}")
-    per_step = relations_per_rank * world_size
-    if per_step > n:
-        if n // world_size >= 1:
-            fix = f"lower relations_per_rank to at most {n // world_size}"
-        else:
-            fix = f"use at most {n} ranks (each rank needs one whole relation per step)"
-        raise ConfigError(
-            f"relations_per_rank x world size = {per_step} exceeds the {n} relations of {label}; {fix}"
-        )
+    return f"checkpoint was written with {label} = {theirs}, this run has {ours}; fix: resume with {label} = " \
+           f"{theirs}, or start a new run"

@@ -1,16 +1,27 @@
 """The training loop: data -> relation-aware sampler -> encoder -> cross-device loss -> DeepSpeed
-step -> monitor -> per-epoch validation and model selection -> checkpoints -> export.
+step -> monitor -> validation and model selection -> checkpoints -> export.
 
 Every rank runs the same code and the same number of steps; collectives happen at the same
 points on every rank (the forward under ZeRO-3, the loss's gathers, DeepSpeed's reductions,
 validation's sharded encoding, checkpoint saves).
+
+Public API, for the command line and for scripts (benchmarks use it too)::
+
+    trainer = Trainer(run)
+    trainer.prepare()             # ranks, data, engine, resume: every check before any heavy work
+    record = trainer.train_step() # one optimizer step (all its micro steps); the step's metrics
+    result = trainer.validate()   # the validation sets, as the evaluator computes them
+    trainer.fit()                 # prepare + the whole run (validation, selection, checkpoints, export)
+
+What a run has done so far is one object, :class:`TrainProgress`: it is what a checkpoint saves
+and what a resume restores.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
-import os
 import shutil
 import signal
 import time
@@ -20,14 +31,15 @@ from typing import Any, Optional
 
 import torch
 
-from relbert_ds import __version__, checkpointing, distributed
+from relbert_ds import __version__, backbones, checkpointing, distributed
 from relbert_ds.config import RunConfig, write_json
-from relbert_ds.data import load_analogy_dataset, load_relation_dataset
-from relbert_ds.data.derived import relation_analogy_questions
+from relbert_ds.data import load_relation_dataset
 from relbert_ds.data.schemas import AnalogyDataset, RelationDataset
 from relbert_ds.encoder import RelationEncoder
-from relbert_ds.engine import initialize_engine, model_construction_context, resolve_deepspeed_config
-from relbert_ds.errors import CheckpointError, ConfigError, DataError
+from relbert_ds.engine import (ResolvedDeepSpeed, initialize_engine, load_ds_config, model_construction_context,
+                               resolve_batch, resolve_deepspeed_config)
+from relbert_ds.errors import CheckpointError, DataError
+from relbert_ds.evaluation import validation
 from relbert_ds.losses import LossOutput, build_loss
 from relbert_ds.monitor import (TrainingMonitor, device_peak_flops, matmul_parameters, model_flops_per_token,
                                peak_memory_bytes)
@@ -63,10 +75,46 @@ class TrainResult:
     final_model: Optional[str]
     best_model: Optional[str]
     best_epoch: Optional[int]
+    best_step: Optional[int]
     best_metric: Optional[float]
     optimizer_steps: int
     preempted: bool = False
-    epochs: list[dict[str, Any]] = field(default_factory=list)
+    evaluations: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class TrainProgress:
+    """What a run has done so far: saved in every checkpoint, restored on resume.
+
+    ``epoch``/``step_in_epoch`` is the position of the NEXT optimizer step in the sampler's plan.
+    ``best`` is the best validation so far (``epoch``, ``step``, ``metric``, ``score``);
+    ``stale`` counts validations without improvement (early stopping); ``evaluations`` holds
+    every validation result.
+    """
+
+    optimizer_steps: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    best: dict[str, Any] = field(default_factory=lambda: {"epoch": None, "step": None, "metric": None, "score": None})
+    stale: int = 0
+    evaluations: list[dict[str, Any]] = field(default_factory=list)
+
+    def advance(self, steps_per_epoch: int) -> bool:
+        """Count one optimizer step; True when it ended an epoch."""
+        self.optimizer_steps += 1
+        self.step_in_epoch += 1
+        if self.step_in_epoch == steps_per_epoch:
+            self.epoch, self.step_in_epoch = self.epoch + 1, 0
+            return True
+        return False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainProgress":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 class _StopFlag:
@@ -87,13 +135,7 @@ class _StopFlag:
 
     def agreed(self) -> bool:
         """True on every rank when any rank was signalled (one small all-reduce)."""
-        if distributed.world_size() == 1:
-            return self.raised
-        import torch.distributed as dist
-
-        flag = torch.tensor([1.0 if self.raised else 0.0], device=_comm_device())
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item() > 0)
+        return bool(_sum_across_ranks([1.0 if self.raised else 0.0])[0] > 0)
 
 
 def _comm_device() -> torch.device:
@@ -119,6 +161,8 @@ def prepare_run_dir(run_dir: Path, resume: Optional[str], overwrite: bool) -> No
         return
     existing = [name for name in RUN_MARKERS if (run_dir / name).exists()]
     if existing and not overwrite:
+        from relbert_ds.errors import ConfigError
+
         raise ConfigError(f"{run_dir} already holds a run ({', '.join(existing)}); fix: pass --resume latest to "
                           f"continue it, --overwrite to replace it, or another --output_dir")
     if existing:
@@ -153,102 +197,152 @@ def consolidated_state_dict(module: torch.nn.Module) -> Optional[dict[str, torch
     return out
 
 
+def override_dropout(model: torch.nn.Module, p: float) -> int:
+    """Set every dropout probability of ``model`` to ``p``: ``nn.Dropout`` modules and the float
+    ``*dropout*`` attributes some attention implementations read at forward time (and the
+    config's, for anything built later). Returns how many were set."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = p
+            count += 1
+        for name, value in list(vars(module).items()):
+            if "dropout" in name.lower() and isinstance(value, float):
+                setattr(module, name, p)
+                count += 1
+    config = getattr(model, "config", None)
+    for name, value in list(vars(config).items()) if config is not None else []:
+        if "dropout" in name.lower() and isinstance(value, float):
+            setattr(config, name, p)
+    return count
+
+
 class Trainer:
-    """Runs one training job; every rank constructs it and calls :meth:`fit`."""
+    """Runs one training job; every rank constructs it and calls :meth:`fit` (or
+    :meth:`prepare` and then :meth:`train_step` / :meth:`validate` itself)."""
 
     def __init__(self, run: RunConfig) -> None:
         self.run = run
         self.run_dir = Path(run.train.output_dir)
         self.stop_flag = _StopFlag()
+        self.progress = TrainProgress()
+        self.monitor: Optional[TrainingMonitor] = None
+        self.prepared = False
 
     # ------------------------------------------------------------------ set-up
-    def _setup(self) -> None:
+    def prepare(self) -> "Trainer":
+        """Join the job, check and load everything, build the engine, resume. Idempotent.
+
+        Every check that user input can fail happens before the engine is built and is agreed
+        across ranks (one message from rank 0, no rank left waiting).
+        """
+        if self.prepared:
+            return self
+        self.info = distributed.init_distributed()
+        distributed.set_threads(self.run.train.threads, self.info.local_world_size)
+        self._check_inputs()
+        self._log_startup()
+        self._build_engine()
+        t = self.run.train
+        # Measured before any RNG state is restored (it must not move the restored RNG).
+        self.peak_flops = device_peak_flops(t.peak_tflops, self.resolved.precision) if distributed.is_main() \
+            else (0.0, "")
+        # Resume first: a refused resume must leave the run's files as they were.
+        if self.resume_dir is not None:
+            self._resume()
+        if distributed.is_main():
+            self._write_run_files()
+        self.monitor = TrainingMonitor(self.run_dir / "tensorboard" if t.tensorboard else None, distributed.is_main(),
+                                       self.steps.total_steps, self.progress.optimizer_steps)
+        if distributed.is_main():
+            peak, source = self.peak_flops
+            log.info("MFU against %.2f TFLOP/s per device (%s)", peak / 1e12, source)
+        self.stop_flag.install()
+        self.prepared = True
+        return self
+
+    def _check_inputs(self) -> None:
         """Everything that can fail on user input, agreed across ranks before any heavy work."""
-        run, info = self.run, self.info
-        distributed.agree_on_errors(lambda: run.validate())
+        run = self.run
+        distributed.agree(run.validate)
         if run.train.resume == "auto":
             # Requeued jobs: continue from the newest complete checkpoint, or start afresh (a run
             # that died before its first checkpoint is replaced).
-            has = distributed.agree_on_errors(lambda: checkpointing.latest_complete(self.run_dir) is not None)
+            has = distributed.agree(lambda: checkpointing.latest_complete(self.run_dir) is not None)
             run.train.resume = "latest" if has else None
             run.train.overwrite = run.train.overwrite or not has
-        distributed.agree_on_errors(lambda: prepare_run_dir(self.run_dir, run.train.resume, run.train.overwrite),
-                                    main_only=True)
-        if run.train.resume is not None:
-            self.resume_dir = distributed.agree_on_errors(
-                lambda: checkpointing.find_checkpoint(self.run_dir, run.train.resume))
-        else:
-            self.resume_dir = None
+        distributed.agree(lambda: prepare_run_dir(self.run_dir, run.train.resume, run.train.overwrite), main_only=True)
+        self.resume_dir = distributed.agree(lambda: checkpointing.find_checkpoint(self.run_dir, run.train.resume)) \
+            if run.train.resume is not None else None
+        distributed.agree(self._load_inputs)
 
-        def load() -> None:
-            self.train_data = load_relation_dataset(run.data.train_data, run.data.train_split)
-            self.validation_relations = self._load_validation_relations()
-            self.analogy_sets = self._load_analogy_sets()
-            m = run.model
-            # Every check of model, tokenizer, template and pooling, agreed before any collective.
-            RelationEncoder.check_loadable(m.model, template=m.template, pooling=m.pooling, max_length=m.max_length,
-                                           trust_remote_code=m.trust_remote_code)
-            # Sampler first: DeepSpeed's schedule length depends on the steps per epoch.
-            micro = self._micro_batch_hint()
-            self.sampler = self._make_sampler(self.train_data, micro)
-            self.resolved = resolve_deepspeed_config(run.deepspeed_config, run, info.world_size,
-                                                     self.sampler.steps_per_epoch)
-            if self.resolved.micro_batch != micro:
-                self.sampler = self._make_sampler(self.train_data, self.resolved.micro_batch)
-            if self.sampler.steps_per_epoch < self.resolved.accumulation:
-                raise ConfigError(f"an epoch has {self.sampler.steps_per_epoch} micro steps, fewer than the "
-                                  f"{self.resolved.accumulation} gradient accumulation steps; fix: lower "
-                                  f"gradient_accumulation_steps or --relations_per_rank")
+    def _load_inputs(self) -> None:
+        run, m = self.run, self.run.model
+        self.train_data = self._load_training_data()
+        self.validation_relations = self._load_validation_relations()
+        self.analogy_sets: list[AnalogyDataset] = validation.load_validation_sets(
+            run.validation.analogy, self.validation_relations, run.validation.validation_split)
+        if run.validation.metric == "analogy" and not self.analogy_sets:
+            from relbert_ds.errors import ConfigError
 
-        distributed.agree_on_errors(load)
-
-    def _micro_batch_hint(self) -> int:
-        from relbert_ds.engine import load_ds_config, resolve_batch
-
-        ds, source = load_ds_config(self.run.deepspeed_config)
-        micro, _ = resolve_batch(ds, source, self.run.data.relations_per_rank, self.info.world_size)
-        return micro
-
-    def _make_sampler(self, data: RelationDataset, micro: int) -> RelationAwareSampler:
-        d = self.run.data
-        return RelationAwareSampler(data, world_size=self.info.world_size, rank=self.info.rank,
-                                    relations_per_rank=micro, positives_per_relation=d.positives_per_relation,
-                                    negatives_per_relation=d.negatives_per_relation, seed=d.seed, tail=d.tail,
-                                    parent_grouping=d.parent_grouping)
-
-    def _load_validation_relations(self) -> Optional[RelationDataset]:
-        v = self.run.validation
-        needed = v.metric == "loss" or "semeval2012" in [a.lower() for a in v.analogy] or v.projector
-        if not needed:
-            return None
-        try:
-            return load_relation_dataset(self.run.data.train_data, v.validation_split)
-        except DataError:
-            if v.metric == "loss" or "semeval2012" in [a.lower() for a in v.analogy]:
-                raise
-            return None  # only the projector wanted it
-
-    def _load_analogy_sets(self) -> list[AnalogyDataset]:
-        sets = []
-        for name in self.run.validation.analogy:
-            if name.lower() == "semeval2012":
-                if self.validation_relations is None:
-                    raise DataError(f"--analogy semeval2012 needs the {self.run.validation.validation_split!r} split "
-                                    f"of {self.run.data.train_data}. Fix: pass --validation_split or drop it")
-                sets.append(relation_analogy_questions(self.validation_relations))
-            else:
-                sets.append(load_analogy_dataset(name, "valid"))
-        if self.run.validation.metric == "analogy" and not sets:
             raise ConfigError("--metric analogy needs at least one --analogy validation set; fix: name one, or use "
                               "--metric loss or none")
-        return sets
+        # Every check of model, tokenizer, template and pooling, agreed before any collective.
+        RelationEncoder.check_loadable(m.model, template=m.template, pooling=m.pooling, max_length=m.max_length,
+                                       trust_remote_code=m.trust_remote_code)
+        ds, source = load_ds_config(run.deepspeed_config)
+        batch = resolve_batch(ds, source, run.data.relations_per_step, self.info.world_size,
+                              run.data.relations_per_rank)
+        self.sampler = self._make_sampler(self.train_data, batch.relations_per_step, batch.accumulation)
+        hidden = getattr(backbones.load_config(backbones.check_model_exists(m.model), m.trust_remote_code),
+                         "hidden_size", None)
+        self.resolved: ResolvedDeepSpeed = resolve_deepspeed_config(
+            run.deepspeed_config, run, self.info.world_size, self.sampler.steps_per_epoch, hidden_size=hidden)
+        self.steps = self.resolved.steps
+
+    def _load_training_data(self) -> RelationDataset:
+        d = self.run.data
+        if len(d.train_data) == 1 and d.train_weights is None:
+            return load_relation_dataset(d.train_data[0], d.train_split)
+        from relbert_ds.data.training_sources import load_training_sources
+
+        data, self.relation_weights = load_training_sources(d.train_data, d.train_split, d.train_weights)
+        return data
+
+    def _make_sampler(self, data: RelationDataset, relations_per_step: int, accumulation: int) -> RelationAwareSampler:
+        d = self.run.data
+        return RelationAwareSampler(data, world_size=self.info.world_size, rank=self.info.rank,
+                                    relations_per_step=relations_per_step, accumulation=accumulation,
+                                    positives_per_relation=d.positives_per_relation,
+                                    negatives_per_relation=d.negatives_per_relation, seed=d.seed, tail=d.tail,
+                                    parent_grouping=d.parent_grouping, shard_by=d.shard_by,
+                                    relation_weights=getattr(self, "relation_weights", None))
+
+    def _load_validation_relations(self) -> Optional[RelationDataset]:
+        v, d = self.run.validation, self.run.data
+        wanted = v.metric == "loss" or validation.DERIVED_ANALOGY in [a.lower() for a in v.analogy]
+        if not (wanted or v.projector):
+            return None
+        try:
+            if len(d.train_data) > 1:
+                from relbert_ds.data.training_sources import load_training_sources
+
+                return load_training_sources(d.train_data, v.validation_split, None)[0]
+            return load_relation_dataset(d.train_data[0], v.validation_split)
+        except DataError:
+            if wanted:
+                raise
+            return None  # only the projector wanted it
 
     def _build_engine(self) -> None:
         m, t = self.run.model, self.run.train
         torch.manual_seed(self.run.data.seed)  # identical initialisation of new parameters on every rank
         with model_construction_context(self.resolved):
             self.encoder = RelationEncoder.from_pretrained(m.model, template=m.template, pooling=m.pooling,
-                                                           max_length=m.max_length, trust_remote_code=m.trust_remote_code)
+                                                           max_length=m.max_length, trust_remote_code=m.trust_remote_code,
+                                                           warn_untrained=False)
+            if m.dropout is not None:
+                override_dropout(self.encoder.backbone, m.dropout)
             if m.gradient_checkpointing:
                 self.encoder.backbone.gradient_checkpointing_enable()
             loss = build_loss(t.loss, hidden_size=self.encoder.hidden_size, temperature=t.temperature,
@@ -259,34 +353,9 @@ class Trainer:
         self.engine = initialize_engine(module, self.resolved)
         # Dropout differs per rank (like independent workers); the batch plan does not use RNG.
         torch.manual_seed(self.run.data.seed * 1000 + self.info.rank + 1)
-
-    # ------------------------------------------------------------------ main entry
-    def fit(self) -> TrainResult:
-        self.info = distributed.init_distributed()
-        self._set_threads()
-        self._setup()
-        self._log_startup()
-        self._build_engine()
-        t = self.run.train
-        # Measured before any RNG state is restored (it must not move the restored RNG).
-        self.peak_flops = device_peak_flops(t.peak_tflops, self.resolved.precision) if distributed.is_main() \
-            else (0.0, "")
-        # Resume first: a refused resume must leave the run's files as they were.
-        state = self._resume() if self.resume_dir is not None else {}
-        if distributed.is_main():
-            self._write_run_files()
-        self.stop_flag.install()
-        try:
-            return self._loop(state)
-        finally:  # an error mid-run still leaves complete TensorBoard files
-            if getattr(self, "monitor", None) is not None:
-                self.monitor.close()
-
-    def _set_threads(self) -> None:
-        if torch.cuda.is_available():
-            return
-        threads = self.run.train.threads or max(1, (os.cpu_count() or 1) // max(1, self.info.local_world_size))
-        torch.set_num_threads(threads)
+        cfg = self.encoder.backbone.config
+        self._shape = (int(getattr(cfg, "num_hidden_layers", 0) or getattr(cfg, "n_layer", 0) or 0),
+                       int(self.encoder.hidden_size))
 
     def _log_startup(self) -> None:
         if not distributed.is_main():
@@ -297,8 +366,9 @@ class Trainer:
         log.info("DeepSpeed config: %s", r.source)
         for note in r.notes:
             log.info("  %s", note)
-        log.info("data: %s (%d relations), %d micro steps per epoch x %d epochs", self.train_data.source,
-                 len(self.train_data), self.sampler.steps_per_epoch, self.run.train.epochs)
+        plan = self.sampler.describe()
+        log.info("data: %s (%d relations); %d prompts per step, per rank %s", self.train_data.source,
+                 len(self.train_data), plan["prompts_per_step"], plan["prompts_per_rank_first_step"][0])
 
     def _write_run_files(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -306,7 +376,10 @@ class Trainer:
                                                      "precision": self.resolved.precision,
                                                      "zero_stage": self.resolved.zero_stage,
                                                      "notes": self.resolved.notes,
-                                                     "steps_per_epoch": self.sampler.steps_per_epoch,
+                                                     "relations_per_step": self.resolved.relations_per_step,
+                                                     "accumulation": self.resolved.accumulation,
+                                                     "steps_per_epoch": self.steps.steps_per_epoch,
+                                                     "total_steps": self.steps.total_steps,
                                                      "relbert_ds_version": __version__}}
         write_json(self.run_dir / "config.json", record)
         write_json(self.run_dir / "ds_config.json", self.resolved.config)
@@ -314,178 +387,220 @@ class Trainer:
     def _fingerprint(self) -> dict[str, Any]:
         m = self.run.model
         return {"world_size": self.info.world_size, "model": m.model, "template": self.encoder.template,
-                "pooling": m.pooling, "max_length": m.max_length, "loss": self.run.train.loss, "hidden_size": self.encoder.hidden_size,
-                "num_parameters": int(self.num_parameters)}
+                "pooling": m.pooling, "max_length": m.max_length, "loss": self.run.train.loss,
+                "hidden_size": self.encoder.hidden_size, "num_parameters": int(self.num_parameters)}
 
-    def _resume(self) -> dict[str, Any]:
+    # ------------------------------------------------------------------ checkpoints
+    def save(self) -> None:
+        """Checkpoint the engine and :attr:`progress` (every rank calls it)."""
+        p = self.progress
+        checkpointing.save_checkpoint(self.engine, self.run_dir, p.optimizer_steps,
+                                      {"relbert_ds": {"progress": p.to_dict(), "sampler": self.sampler.state_dict()}},
+                                      {**self._fingerprint(), "epoch": p.epoch, "step_in_epoch": p.step_in_epoch},
+                                      self.run.train.keep_last)
+
+    def _resume(self) -> None:
         tag_dir = self.resume_dir
         meta = checkpointing.read_meta(tag_dir)
-        distributed.agree_on_errors(lambda: checkpointing.check_compatible(meta, self._fingerprint(), tag_dir))
+        distributed.agree(lambda: checkpointing.check_compatible(meta, self._fingerprint(), tag_dir))
         client = checkpointing.load_checkpoint(self.engine, tag_dir)
-        state = client.get("relbert_ds")
-        if state is None:
-            raise CheckpointError(f"{tag_dir} has no relbert-ds state; fix: resume from a checkpoint written by "
-                                  f"relbert-ds")
-        distributed.agree_on_errors(lambda: self.sampler.load_state_dict(state["sampler"]))
+        state = client.get("relbert_ds") or {}
+        if "progress" not in state:
+            raise CheckpointError(f"{tag_dir} has no relbert-ds progress state; fix: resume from a checkpoint written "
+                                  f"by this version of relbert-ds, or start a new run")
+
+        def restore() -> TrainProgress:
+            self.sampler.check_state(state.get("sampler"))
+            progress = TrainProgress.from_dict(state["progress"])
+            self.sampler.check_position(progress.epoch, progress.step_in_epoch)
+            return progress
+
+        self.progress = distributed.agree(restore)
         if distributed.is_main():
-            self._truncate_history(state["optimizer_steps"])
-            log.info("resumed from %s: epoch %d, step %d, %d optimizer steps done", tag_dir, *self.sampler.position,
-                     state["optimizer_steps"])
-        return state
+            self._truncate_history(self.progress.optimizer_steps)
+            log.info("resumed from %s: epoch %d, step %d, %d optimizer steps done", tag_dir, self.progress.epoch,
+                     self.progress.step_in_epoch, self.progress.optimizer_steps)
 
     def _truncate_history(self, steps: int) -> None:
-        """Drop records of steps after the checkpoint (they are about to be run again)."""
+        """Drop records written after the checkpoint (they are about to be written again)."""
         path = self.run_dir / "history.jsonl"
         if not path.exists():
             return
-        keep = [line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("optimizer_step", 0) <= steps
-                and not (json.loads(line).get("kind") == "epoch" and json.loads(line)["epoch"] >= self.sampler.position[0])]
+        done_evals = {(e.get("epoch"), e.get("optimizer_step")) for e in self.progress.evaluations}
+        keep = []
+        for line in path.read_text().splitlines():
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            if record.get("kind") == "step" and record.get("optimizer_step", 0) <= steps:
+                keep.append(line)
+            elif record.get("kind") != "step" and (record.get("epoch"), record.get("optimizer_step")) in done_evals:
+                keep.append(line)
         path.write_text("".join(line + "\n" for line in keep))
 
-    # ------------------------------------------------------------------ the loop
-    def _loop(self, state: dict[str, Any]) -> TrainResult:
-        t, engine, sampler = self.run.train, self.engine, self.sampler
-        accum = self.resolved.accumulation
-        micro_per_epoch = sampler.steps_per_epoch - sampler.steps_per_epoch % accum
-        steps_per_epoch = micro_per_epoch // accum
-        total_steps = min(t.max_steps or math.inf, steps_per_epoch * t.epochs)
-        opt_steps = int(state.get("optimizer_steps", 0))
-        best = state.get("best", {"epoch": None, "metric": None, "score": None})
-        stale = int(state.get("stale_epochs", 0))
-        epochs_log: list[dict[str, Any]] = list(state.get("epochs", []))
-        monitor = TrainingMonitor(self.run_dir / "tensorboard" if t.tensorboard else None, distributed.is_main(),
-                                  int(total_steps), opt_steps)
-        self.monitor = monitor
-        peak, peak_source = self.peak_flops
+    # ------------------------------------------------------------------ one step
+    def train_step(self) -> dict[str, Any]:
+        """Run the next optimizer step of the plan (its micro steps, backward, DeepSpeed's step),
+        advance :attr:`progress`, log; return the step's record (the same on every rank except
+        for timings)."""
+        if not self.prepared:
+            self.prepare()
+        p, engine, sampler = self.progress, self.engine, self.sampler
+        engine.train()
+        meter = _StepMeter()
+        epoch, step = p.epoch, p.step_in_epoch
+        for micro in range(self.resolved.accumulation):
+            batch = sampler.local_batch(epoch, step, micro)
+            out, tokens, lr = self._forward_backward_step(batch, meter)
+            meter.add(out, len(batch), tokens)
+        p.advance(sampler.steps_per_epoch)
+        layers, hidden = self._shape
+        record = meter.close(engine, p.optimizer_steps, epoch, self.info.world_size, self.matmul_parameters, layers,
+                             hidden, self.peak_flops[0], lr)
         if distributed.is_main():
-            log.info("MFU against %.2f TFLOP/s per device (%s)", peak / 1e12, peak_source)
-        cfg = self.encoder.backbone.config
-        layers = int(getattr(cfg, "num_hidden_layers", 0) or getattr(cfg, "n_layer", 0) or 0)
-        preempted, done = False, opt_steps >= total_steps
-        start_epoch, start_micro = sampler.position
-        window = _Window()
-        for epoch in range(start_epoch, t.epochs):
-            if done:
-                break
-            engine.train()
-            first = start_micro if epoch == start_epoch else 0
-            for micro in range(first, micro_per_epoch):
-                if window.micro == 0:  # a step's clock starts here: validation and checkpoints are not steps
-                    window.start = time.perf_counter()
-                batch = sampler.local_batch(epoch, micro)
-                out, tokens = self._micro_step(batch)
-                window.add(out, len(batch), tokens)
-                if (micro + 1) % accum:
-                    continue
-                opt_steps += 1
-                sampler.position = (epoch, micro + 1) if micro + 1 < micro_per_epoch else (epoch + 1, 0)
-                record = window.close(engine, opt_steps, epoch, self.info.world_size, self.matmul_parameters, layers,
-                                      cfg.hidden_size, peak, self.lr)
-                if distributed.is_main():
-                    self._append_history(record)
-                    if opt_steps % t.log_every_steps == 0:
-                        monitor.scalars(opt_steps, {f"train/{k}": v for k, v in record.items()
-                                                    if k not in ("kind", "epoch", "optimizer_step", "micro_step")})
-                    monitor.progress(1, {"loss": f"{record['loss']:.4f}", "pairs/s": f"{record['pairs_per_s']:.0f}",
-                                         "mfu": f"{100 * record['mfu']:.1f}%"})
-                done = opt_steps >= total_steps
-                preempted = self.stop_flag.agreed()
-                if preempted or (t.save_every_steps and opt_steps % t.save_every_steps == 0 and not done
-                                 and sampler.position[1] != 0):
-                    self._save(opt_steps, best, stale, epochs_log)
-                if preempted or done:
-                    break
-            if preempted:
-                break
-            if sampler.position[1] == 0 or done:  # the epoch (or the run) ended: validate and select
-                result = self._validate(epoch, opt_steps)
-                improved = self._is_better(result, best)
-                if improved:
-                    best = {"epoch": epoch, "metric": result.get("metric"), "score": result.get("score")}
-                    stale = 0
-                    if self.run.validation.metric != "none" and t.export_best:
-                        self.export(self.run_dir / "best_model", epoch_results=result, best=best)
-                else:
-                    stale += 1
-                result["best_epoch"] = best["epoch"]
-                epochs_log.append(result)
-                if distributed.is_main():
-                    self._append_history({"kind": "epoch", **result})
-                    monitor.write(_epoch_line(result))
-                self._save(opt_steps, best, stale, epochs_log)
-                patience = self.run.validation.early_stop_patience
-                if patience and stale >= patience:
-                    monitor.write(f"early stop: no improvement for {stale} epochs")
-                    break
-        if preempted:
-            monitor.write(f"stopped by a signal after optimizer step {opt_steps}: checkpoint saved, exiting "
-                          f"with status {PREEMPTED_EXIT_CODE} so the job can be requeued")
-        final = None
-        if not preempted:
-            final = str(self.export(self.run_dir / "model", epoch_results=epochs_log[-1] if epochs_log else None,
-                                    best=best))
-        best_dir = self.run_dir / "best_model"
-        return TrainResult(str(self.run_dir), final, str(best_dir) if best_dir.exists() else None, best["epoch"],
-                           best["score"], opt_steps, preempted, epochs_log)
+            self._append_history(record)
+            if p.optimizer_steps % self.run.train.log_every_steps == 0:
+                self.monitor.scalars(p.optimizer_steps, {f"train/{k}": v for k, v in record.items()
+                                                         if k not in ("kind", "epoch", "optimizer_step")})
+            self.monitor.progress(1, {"loss": f"{record['loss']:.4f}", "pairs/s": f"{record['pairs_per_s']:.0f}",
+                                      "mfu": f"{100 * record['mfu']:.1f}%"})
+        return record
 
-    def _micro_step(self, batch: LocalBatch) -> tuple[LossOutput, int]:
-        tokens = self.encoder.tokenize(batch.pairs, device=self.engine.device)
+    def _forward_backward_step(self, batch: LocalBatch, meter: "_StepMeter") -> tuple[LossOutput, int, float]:
         device = self.engine.device
+        t0 = time.perf_counter()
+        tokens = self.encoder.tokenize(batch.pairs, device=device)
         out = self.engine(**tokens, relation_ids=batch.relation_ids.to(device),
                           is_positive=batch.is_positive.to(device), parent_ids=batch.parent_ids.to(device),
                           pair_ids=batch.pair_ids.to(device))
+        t1 = time.perf_counter()
         self.engine.backward(out.loss)
-        self.lr = float(self.engine.get_lr()[0])  # the lr this step uses (step() moves the schedule on)
-        self.engine.step()
-        return out, int(tokens["attention_mask"].sum())
+        lr = float(self.engine.get_lr()[0])  # the lr this step uses (step() moves the schedule on)
+        t2 = time.perf_counter()
+        self.engine.step()  # applies the update at the accumulation boundary only
+        meter.time(forward=t1 - t0, backward=t2 - t1, optimizer=time.perf_counter() - t2)
+        return out, int(tokens["attention_mask"].sum()), lr
 
     def _append_history(self, record: dict[str, Any]) -> None:
         with open(self.run_dir / "history.jsonl", "a") as handle:
             handle.write(json.dumps(record) + "\n")
 
-    def _save(self, opt_steps: int, best: dict, stale: int, epochs_log: list) -> None:
-        state = {"optimizer_steps": opt_steps, "sampler": self.sampler.state_dict(), "best": best,
-                 "stale_epochs": stale, "epochs": epochs_log}
-        checkpointing.save_checkpoint(self.engine, self.run_dir, opt_steps, {"relbert_ds": state},
-                                      {**self._fingerprint(), "epoch": self.sampler.position[0],
-                                       "micro_step": self.sampler.position[1]}, self.run.train.keep_last)
+    # ------------------------------------------------------------------ the run
+    def fit(self) -> TrainResult:
+        """Prepare and run the whole job: steps, validation and selection, checkpoints, export."""
+        try:
+            self.prepare()
+            return self._train()
+        finally:  # an error mid-run still leaves complete TensorBoard files
+            if self.monitor is not None:
+                self.monitor.close()
+
+    def _train(self) -> TrainResult:
+        outcome = "epoch_end" if self.progress.optimizer_steps < self.steps.total_steps else "done"
+        while outcome == "epoch_end":
+            outcome = self._run_epoch()
+        preempted = outcome == "preempted"
+        final = None
+        if preempted:
+            self.monitor.write(f"stopped by a signal after optimizer step {self.progress.optimizer_steps}: checkpoint "
+                               f"saved, exiting with status {PREEMPTED_EXIT_CODE} so the job can be requeued")
+        else:
+            evals = self.progress.evaluations
+            final = str(self.export(self.run_dir / "model", evals[-1] if evals else None, self.progress.best))
+            if self.run.train.push_to_hub and distributed.is_main():
+                from relbert_ds.hub import push_to_hub
+
+                push_to_hub(final, self.run.train.push_to_hub)
+        best_dir = self.run_dir / "best_model"
+        b = self.progress.best
+        return TrainResult(str(self.run_dir), final, str(best_dir) if best_dir.exists() else None, b["epoch"],
+                           b.get("step"), b["score"], self.progress.optimizer_steps, preempted,
+                           list(self.progress.evaluations))
+
+    def _run_epoch(self) -> str:
+        """Steps until the epoch ends ("epoch_end"), the run ends ("done"), a signal arrives
+        ("preempted") or early stopping triggers ("early_stop")."""
+        t, p = self.run.train, self.progress
+        while True:
+            self.train_step()
+            done = p.optimizer_steps >= self.steps.total_steps
+            epoch_end = p.step_in_epoch == 0
+            saved = False
+            if self._validation_due(epoch_end, done):
+                if self._validate_and_select(epoch_end):
+                    return "early_stop"
+                saved = True
+            elif t.save_every_steps and p.optimizer_steps % t.save_every_steps == 0 and not done:
+                self.save()
+                saved = True
+            if self.stop_flag.agreed():
+                if not saved:
+                    self.save()
+                return "preempted"
+            if done:
+                return "done"
+            if epoch_end:
+                return "epoch_end"
+
+    def _validation_due(self, epoch_end: bool, done: bool) -> bool:
+        every = self.run.train.eval_every_steps
+        if every:
+            return done or self.progress.optimizer_steps % every == 0
+        return done or epoch_end
+
+    def _validate_and_select(self, epoch_end: bool) -> bool:
+        """Validate, keep the best model, record, checkpoint; True when early stopping says stop."""
+        p, v, t = self.progress, self.run.validation, self.run.train
+        result = self.validate()
+        # The epoch a validation belongs to: the one that just ended, or the one in progress.
+        result["epoch"] = p.epoch - 1 if epoch_end else p.epoch
+        if self._is_better(result):
+            p.best = {"epoch": result["epoch"], "step": p.optimizer_steps, "metric": result.get("metric"),
+                      "score": result.get("score")}
+            p.stale = 0
+            if v.metric != "none" and t.export_best:
+                self.export(self.run_dir / "best_model", epoch_results=result, best=p.best)
+        else:
+            p.stale += 1
+        result["best_epoch"], result["best_step"] = p.best["epoch"], p.best["step"]
+        p.evaluations.append(result)
+        if distributed.is_main():
+            # "epoch" records at the epoch cadence (the last one may close a partial epoch), "eval" every N steps
+            self._append_history({"kind": "eval" if t.eval_every_steps else "epoch", **result})
+            self.monitor.write(_validation_line(result))
+        self.save()
+        if v.early_stop_patience and p.stale >= v.early_stop_patience:
+            self.monitor.write(f"early stop: no improvement for {p.stale} validations")
+            return True
+        return False
+
+    def _is_better(self, result: dict[str, Any]) -> bool:
+        best = self.progress.best
+        if self.run.validation.metric == "none":
+            return True  # the last validation is the model
+        score = result.get("score")
+        if score is None or (isinstance(score, float) and math.isnan(score)):
+            return best["epoch"] is None
+        return best["score"] is None or score > best["score"]
 
     # ------------------------------------------------------------------ validation
-    def _validate(self, epoch: int, opt_steps: int) -> dict[str, Any]:
-        from relbert_ds.evaluation.analogy import score_analogy
-        from relbert_ds.evaluation.sharding import encode_sharded
-
-        v = self.run.validation
+    def validate(self) -> dict[str, Any]:
+        """The validation sets through the evaluator's path (a collective); logs on rank 0."""
+        v, p = self.run.validation, self.progress
         start = time.perf_counter()
-        result: dict[str, Any] = {"epoch": epoch, "optimizer_step": opt_steps}
-        pairs: list = []
-        for dataset in self.analogy_sets:
-            for q in dataset.questions:
-                pairs.append(q.stem)
-                pairs.extend(q.choices)
-        projector_pairs: list = []
-        if v.projector and self.validation_relations is not None and self.run.train.tensorboard:
-            for group in self.validation_relations.relations:
-                projector_pairs.extend(group.positives)
-        # One sharded encoding for everything validation needs (a collective on every rank).
-        vectors = encode_sharded(self.encoder, pairs + projector_pairs, batch_size=v.batch_size) \
-            if pairs or projector_pairs else None
-        if pairs:
-            table = dict(zip(pairs, vectors[:len(pairs)]))
-            lookup = lambda ps: __import__("numpy").stack([table[p] for p in ps])  # noqa: E731
-            accuracies = {}
-            for dataset in self.analogy_sets:
-                accuracies[dataset.name] = score_analogy(dataset, lookup)["accuracy"]
-            result["analogy"] = accuracies
-            result["analogy_mean"] = sum(accuracies.values()) / len(accuracies)
-        if v.metric == "loss" or self.validation_relations is not None and v.metric != "none":
-            if self.validation_relations is not None:
-                result["loss"] = self._validation_loss()
+        result: dict[str, Any] = {"epoch": p.epoch, "optimizer_step": p.optimizer_steps}
+        if self.analogy_sets:
+            result["analogy"] = validation.analogy_accuracies(self.encoder, self.analogy_sets, v.batch_size)
+            result["analogy_mean"] = sum(result["analogy"].values()) / len(result["analogy"])
+        if self.validation_relations is not None and v.metric != "none":
+            result["loss"] = self._validation_loss()
         if v.metric == "analogy":
             result["metric"], result["score"] = "analogy_mean", result["analogy_mean"]
         elif v.metric == "loss":
             result["metric"], result["score"] = "loss", -result["loss"]
+        projector = v.projector and self.validation_relations is not None and self.run.train.tensorboard
+        pairs = [pair for g in self.validation_relations.relations for pair in g.positives] if projector else []
+        vectors = validation.encode_pairs(self.encoder, pairs, v.batch_size) if pairs else None
         result["seconds"] = time.perf_counter() - start
         if distributed.is_main():
             scalars = {f"val/analogy/{k}": a for k, a in result.get("analogy", {}).items()}
@@ -493,31 +608,33 @@ class Trainer:
                 scalars["val/analogy_mean"] = result["analogy_mean"]
             if "loss" in result:
                 scalars["val/loss"] = result["loss"]
-            self.monitor.scalars(opt_steps, scalars)
-            if projector_pairs:
-                self._write_projector(torch.from_numpy(vectors[len(pairs):]), opt_steps)
+            self.monitor.scalars(p.optimizer_steps, scalars)
+            if vectors is not None:
+                self._write_projector(torch.from_numpy(vectors), p.optimizer_steps)
             self.monitor.flush()
         return result
 
     def _validation_loss(self) -> float:
-        """Mean loss over the validation relations (no gradients), with the training loss."""
+        """Mean loss over the validation relations (no gradients), with the training loss and
+        the training batch size (capped at the validation relations' count)."""
         data = self.validation_relations
-        world = self.info.world_size
-        per_rank = max(1, min(self.resolved.micro_batch, len(data) // world))
-        if per_rank * world > len(data):
+        per_step = min(self.resolved.relations_per_step // self.resolved.accumulation, len(data))
+        try:
+            sampler = RelationAwareSampler(data, world_size=self.info.world_size, rank=self.info.rank,
+                                           relations_per_step=per_step,
+                                           positives_per_relation=self.run.data.positives_per_relation,
+                                           negatives_per_relation=self.run.data.negatives_per_relation,
+                                           seed=self.run.data.seed, tail="fill", shard_by=self.run.data.shard_by)
+        except Exception:  # too few validation prompts for this many ranks: no loss to report
             return float("nan")
-        sampler = RelationAwareSampler(data, world_size=world, rank=self.info.rank, relations_per_rank=per_rank,
-                                       positives_per_relation=self.run.data.positives_per_relation,
-                                       negatives_per_relation=self.run.data.negatives_per_relation,
-                                       seed=self.run.data.seed, tail="fill")
         was_training = self.engine.module.training
         self.engine.module.eval()
         values = []
+        d = self.engine.device
         with torch.no_grad():
             for step in range(sampler.steps_per_epoch):
                 batch = sampler.local_batch(0, step)
-                tokens = self.encoder.tokenize(batch.pairs, device=self.engine.device)
-                d = self.engine.device
+                tokens = self.encoder.tokenize(batch.pairs, device=d)
                 out = self.engine.module(**tokens, relation_ids=batch.relation_ids.to(d),
                                          is_positive=batch.is_positive.to(d), parent_ids=batch.parent_ids.to(d),
                                          pair_ids=batch.pair_ids.to(d))
@@ -526,21 +643,9 @@ class Trainer:
         return sum(values) / len(values)
 
     def _write_projector(self, vectors: torch.Tensor, step: int) -> None:
-        labels, parents = [], []
-        for group in self.validation_relations.relations:
-            for _ in group.positives:
-                labels.append(group.relation_type)
-                parents.append(group.parent or "")
-        self.monitor.embeddings(step, vectors, list(zip(labels, parents)), ["relation", "parent"],
-                                tag="validation_relations")
-
-    def _is_better(self, result: dict[str, Any], best: dict[str, Any]) -> bool:
-        if self.run.validation.metric == "none":
-            return True  # the last epoch is the model
-        score = result.get("score")
-        if score is None or (isinstance(score, float) and math.isnan(score)):
-            return best["epoch"] is None
-        return best["score"] is None or score > best["score"]
+        labels = [(group.relation_type, group.parent or "") for group in self.validation_relations.relations
+                  for _ in group.positives]
+        self.monitor.embeddings(step, vectors, labels, ["relation", "parent"], tag="validation_relations")
 
     # ------------------------------------------------------------------ export
     def export(self, directory: Path, epoch_results: Optional[dict] = None, best: Optional[dict] = None) -> Path:
@@ -552,7 +657,8 @@ class Trainer:
             tmp = directory.with_name(directory.name + ".tmp")
             if tmp.exists():
                 shutil.rmtree(tmp)
-            self.encoder.save_pretrained(tmp, state_dict=backbone_state)
+            self.encoder.save_pretrained(tmp, state_dict=backbone_state,
+                                         relbert_compatible=self.run.train.relbert_compatible)
             extra = {k: v for k, v in state.items() if k.startswith("loss.")}
             if extra:
                 from safetensors.torch import save_file
@@ -560,6 +666,8 @@ class Trainer:
                 save_file({k: v.contiguous() for k, v in extra.items()}, str(tmp / "relbert_ds_loss_head.safetensors"))
             write_json(tmp / "relbert_ds_training.json", {**self.run.to_dict(), "deepspeed": self.resolved.config,
                                                            "world_size": self.info.world_size,
+                                                           "relations_per_step": self.resolved.relations_per_step,
+                                                           "optimizer_steps": self.progress.optimizer_steps,
                                                            "validation": epoch_results, "best": best})
             (tmp / "README.md").write_text(self._model_card(epoch_results, best))
             if directory.exists():
@@ -574,19 +682,16 @@ class Trainer:
         return model_card(self.run, self.resolved, self.info.world_size, results, best, self.encoder.template)
 
 
-class _Window:
-    """Accumulates the micro steps of one optimizer step for logging."""
+class _StepMeter:
+    """Accumulates the micro steps of one optimizer step for its record."""
 
     def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
         self.values: list[float] = []
         self.metrics: dict[str, list[float]] = {}
         self.pairs = 0
         self.tokens = 0
-        self.micro = 0
-        self.start = time.perf_counter()
+        self.seconds = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
+        self.start = time.perf_counter()  # a step's clock starts at its first micro step
 
     def add(self, out: LossOutput, pairs: int, tokens: int) -> None:
         self.values.append(out.value)
@@ -594,7 +699,10 @@ class _Window:
             self.metrics.setdefault(k, []).append(v)
         self.pairs += pairs
         self.tokens += tokens
-        self.micro += 1
+
+    def time(self, **seconds: float) -> None:
+        for k, v in seconds.items():
+            self.seconds[k] += v
 
     def close(self, engine: Any, step: int, epoch: int, world: int, num_params: int, layers: int, hidden: int,
               peak: float, lr: float) -> dict[str, Any]:
@@ -609,15 +717,15 @@ class _Window:
                   "pairs_per_s": pairs / elapsed, "tokens_per_s": tokens / elapsed,
                   "tflops_per_device": flops / elapsed / world / 1e12,
                   "mfu": (flops / elapsed / world / peak) if peak else 0.0,
-                  "peak_memory_mb": peak_memory_bytes() / 2**20, "step_seconds": elapsed}
+                  "peak_memory_mb": peak_memory_bytes() / 2**20, "step_seconds": elapsed,
+                  **{f"{k}_seconds": v for k, v in self.seconds.items()}}
         for k, v in self.metrics.items():
             record[k] = sum(v) / len(v)
-        self.reset()
         return record
 
 
-def _epoch_line(result: dict[str, Any]) -> str:
-    parts = [f"epoch {result['epoch']}"]
+def _validation_line(result: dict[str, Any]) -> str:
+    parts = [f"epoch {result['epoch']} step {result['optimizer_step']}"]
     if "analogy" in result:
         parts.append(" ".join(f"{k}={100 * v:.1f}" for k, v in result["analogy"].items()))
         parts.append(f"mean={100 * result['analogy_mean']:.1f}")

@@ -1,18 +1,24 @@
-"""What both command lines share: logging set-up and turning user errors into one message."""
+"""The one shell every command line runs in: parse (a bad option is one line from rank 0),
+logging, then the body, where a user error becomes ``error: <message>`` printed once and exit
+status 2, and a failure agreed across ranks (:func:`relbert_ds.distributed.agree`) is printed
+once with its traceback and exit status 1."""
 from __future__ import annotations
 
 import logging
 import os
 import sys
-from typing import Callable
+from typing import Any, Callable, Optional, Sequence, TypeVar
 
 from relbert_ds.errors import UserError
+
+A = TypeVar("A")
 
 
 def setup_logging(verbose: bool = False) -> None:
     """INFO from relbert-ds on rank 0, warnings elsewhere; third-party chatter off unless verbose."""
-    rank = int(os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("PMI_RANK",
-                                                                                              os.environ.get("SLURM_PROCID", "0")))))
+    from relbert_ds.distributed import env_rank
+
+    rank = env_rank()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -37,8 +43,29 @@ def setup_logging(verbose: bool = False) -> None:
             pass
 
 
+def run_command(argv: Optional[Sequence[str]], parse: Callable[[Optional[Sequence[str]]], A],
+                body: Callable[[A], int], verbose: Callable[[A], bool] = lambda a: False) -> int:
+    """Parse ``argv`` and run ``body(args)``; returns the exit status.
+
+    A bad option (a :class:`UserError` from ``parse``) is printed by rank 0 only (the rank read
+    from the launcher's environment: no process group is needed to stay quiet) and returns 2 on
+    every rank at once.
+    """
+    from relbert_ds import distributed
+
+    try:
+        args = parse(argv)
+    except UserError as exc:
+        if distributed.env_rank() == 0:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
+    setup_logging(verbose(args))
+    return run_main(lambda: body(args))
+
+
 def run_main(body: Callable[[], int]) -> int:
-    """Run ``body``; a UserError becomes ``error: <message>`` on one rank and exit status 2."""
+    """Run ``body``; a UserError becomes ``error: <message>`` on one rank and exit status 2; a
+    failure agreed across ranks is printed once by rank 0 and exit status 1."""
     from relbert_ds import distributed
 
     try:
@@ -52,6 +79,12 @@ def run_main(body: Callable[[], int]) -> int:
             prefix = f"[rank {rank}] " if distributed.world_size() > 1 else ""
             print(f"{prefix}error: {exc}", file=sys.stderr, flush=True)
         return exc.exit_code
+    except distributed.AgreedError as exc:
+        if distributed.rank() == 0:
+            print(f"{exc.report.rstrip()}\nerror: internal error ({exc}); every rank stopped. This is a bug in "
+                  f"relbert-ds or a library it uses: please report it with the traceback above",
+                  file=sys.stderr, flush=True)
+        return 1
     finally:
         distributed.shutdown()
 

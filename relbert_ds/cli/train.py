@@ -1,34 +1,38 @@
-"""``train.py``: parse options, run the Trainer, report. Launch with deepspeed, torchrun,
-mpirun, srun or plain python (see README)."""
+"""``relbert-ds-train``: parse options, run the Trainer (or print its plan), report. Launch
+with deepspeed, torchrun, mpirun, srun or plain python (see README)."""
 from __future__ import annotations
 
 import json
 from typing import Optional, Sequence
 
-from relbert_ds.config import build_train_parser, run_config_from_args
+from relbert_ds.config import RunConfig, parse_train_command
+
+
+def _train(run: RunConfig) -> int:
+    from relbert_ds import distributed
+
+    if run.train.dry_run:
+        from relbert_ds.dry_run import print_plan
+
+        print_plan(run)
+        return 0
+    from relbert_ds.trainer import PREEMPTED_EXIT_CODE, Trainer
+
+    result = Trainer(run).fit()
+    if distributed.is_main():
+        summary = {"output_dir": result.output_dir, "final_model": result.final_model,
+                   "best_model": result.best_model, "best_epoch": result.best_epoch,
+                   "best_step": result.best_step, "best_score": result.best_metric,
+                   "optimizer_steps": result.optimizer_steps, "preempted": result.preempted}
+        print(json.dumps(summary), flush=True)
+    return PREEMPTED_EXIT_CODE if result.preempted else 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_train_parser().parse_args(argv)
-    from relbert_ds.cli.common import run_main, setup_logging
+    """Run a training job; returns the exit status (0, 2 for a user error, 124 when pre-empted)."""
+    from relbert_ds.cli.common import run_command
 
-    setup_logging(args.verbose)
-    run = run_config_from_args(args)
-
-    def body() -> int:
-        from relbert_ds import distributed
-        from relbert_ds.trainer import PREEMPTED_EXIT_CODE, Trainer
-
-        result = Trainer(run).fit()
-        if distributed.is_main():
-            summary = {"output_dir": result.output_dir, "final_model": result.final_model,
-                       "best_model": result.best_model, "best_epoch": result.best_epoch,
-                       "best_score": result.best_metric, "optimizer_steps": result.optimizer_steps,
-                       "preempted": result.preempted}
-            print(json.dumps(summary), flush=True)
-        return PREEMPTED_EXIT_CODE if result.preempted else 0
-
-    return run_main(body)
+    return run_command(argv, parse_train_command, lambda cmd: _train(cmd.run), verbose=lambda cmd: cmd.verbose)
 
 
 def run() -> None:

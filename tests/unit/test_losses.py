@@ -414,7 +414,7 @@ def test_build_loss():
     combined = build_loss("triplet", hidden_size=4, classification=True)
     assert isinstance(combined, CombinedLoss) and isinstance(combined.extra, ClassificationLoss)
     assert combined.extra.linear.in_features == 12
-    with pytest.raises(ConfigError, match="unknown loss 'infonce': choose one of nce, iloob, triplet"):
+    with pytest.raises(ConfigError, match="--loss 'infonce' is not one of nce, iloob, triplet; fix: pick one"):
         build_loss("infonce", hidden_size=4)
     with pytest.raises(ConfigError, match="temperature must be a number > 0"):
         build_loss("nce", hidden_size=4, temperature=0)
