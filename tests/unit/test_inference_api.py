@@ -29,7 +29,8 @@ def numpy_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def trained_folder(tiny_bert, tmp_path_factory):
     """A model with a relbert_config, as the trainer exports it (save_pretrained)."""
     folder = tmp_path_factory.mktemp("trained")
-    RelationEncoder.from_pretrained(tiny_bert, template="a", pooling="mask", warn_untrained=False).save_pretrained(folder)
+    encoder = RelationEncoder.from_pretrained(tiny_bert, template="a", pooling="mask", warn_untrained=False)
+    encoder.save_pretrained(folder)
     return str(folder)
 
 
