@@ -227,7 +227,8 @@ def encoder_from_checkpoint(path: Path, template: Optional[str] = None, pooling:
     meta = read_meta(tag_dir)
     check_prompt(meta, tag_dir, template, pooling)
     encoder = RelationEncoder.from_pretrained(meta["model"], template=meta["template"], pooling=meta["pooling"],
-                                              max_length=meta.get("max_length"))
+                                              max_length=meta.get("max_length"),
+                                              warn_untrained=False)  # its trained weights are loaded below
     prefix = "encoder.backbone."
     state = {k[len(prefix):]: v for k, v in consolidated_weights(tag_dir).items() if k.startswith(prefix)}
     missing, unexpected = encoder.backbone.load_state_dict(state, strict=False)
