@@ -3,6 +3,7 @@ negatives counted from the loss masks, the memory estimates against DeepSpeed's 
 No timing is asserted anywhere."""
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -114,3 +115,142 @@ def test_memory_estimates_agree_with_deepspeed(tmp_path):
     assert row["zero0"]["fits"] == "no" and row["zero3_offload"]["fits"] == "yes"
     assert row["zero0"]["gpu_gb"] == pytest.approx(20 * params["llama-7b (7B decoder)"] / 1e9)
     assert "| model |" in doc["table_markdown"] and doc["measured"] is None
+
+
+# --------------------------------------------------------------------------- the real relbert arm's pure parts
+
+
+class _StubDatasets:
+    """The few ``datasets`` names a generated loading script uses (``datasets`` 2.10's are not installed
+    here), recording what the script declares so that its splits and examples can be read back."""
+
+    class Version:
+        def __init__(self, v):
+            self.v = v
+
+    class BuilderConfig:
+        def __init__(self, name, version=None):
+            self.name = name
+
+    class GeneratorBasedBuilder:
+        pass
+
+    class DatasetInfo:
+        def __init__(self, features):
+            self.features = features
+
+    class SplitGenerator:
+        def __init__(self, name, gen_kwargs):
+            self.name, self.gen_kwargs = name, gen_kwargs
+
+    @staticmethod
+    def Features(d):  # noqa: N802 - datasets' spelling
+        return d
+
+    @staticmethod
+    def Sequence(x):  # noqa: N802
+        return ["seq", x]
+
+    @staticmethod
+    def Value(x):  # noqa: N802
+        return x
+
+
+def _run_loading_script(path, config):
+    import sys
+    import types
+
+    module = types.ModuleType("datasets")
+    module.__dict__.update({k: v for k, v in vars(_StubDatasets).items() if not k.startswith("__")})
+    saved = sys.modules.get("datasets")
+    sys.modules["datasets"] = module
+    try:
+        namespace = {}
+        exec(compile(path.read_text(), str(path), "exec"), namespace)
+    finally:
+        if saved is not None:
+            sys.modules["datasets"] = saved
+        else:
+            del sys.modules["datasets"]
+    builder = namespace["Local"]()
+    builder.config = next(c for c in namespace["Local"].BUILDER_CONFIGS if c.name == config)
+    splits = {g.name: [r for _, r in builder._generate_examples(**g.gen_kwargs)] for g in builder._split_generators(None)}
+    return namespace, builder._info().features, splits
+
+
+def test_loading_scripts_serve_the_bundled_data_under_the_hub_names(tmp_path):
+    from benchmarks.public_relbert import write_loading_scripts
+    from relbert_ds.data import load_analogy_dataset, load_relation_dataset
+    from relbert_ds.data.sources import BUNDLED_ANALOGY
+
+    written = write_loading_scripts(tmp_path)
+    # where datasets 2.10 looks for load_dataset('relbert/<name>') under relbert's working directory
+    assert written == {name: tmp_path / "relbert" / name / f"{name}.py"
+                       for name in ("semeval2012_relational_similarity", "analogy_questions")}
+    ns, features, splits = _run_loading_script(written["semeval2012_relational_similarity"], "default")
+    assert set(features) == {"relation_type", "positives", "negatives"} and set(splits) == {"train", "validation"}
+    for split in ("train", "validation"):
+        ours = load_relation_dataset("semeval2012", split)
+        assert [r["relation_type"] for r in splits[split]] == [g.relation_type for g in ours.relations]
+        assert [[tuple(p) for p in r["positives"]] for r in splits[split]] == \
+            [[tuple(p) for p in g.positives] for g in ours.relations]
+    ns, features, splits = _run_loading_script(written["analogy_questions"], "sat")
+    assert [c.name for c in ns["Local"].BUILDER_CONFIGS] == list(BUNDLED_ANALOGY)
+    assert set(splits) == {"validation", "test"}  # valid.jsonl is the hub's 'validation'
+    sat = load_analogy_dataset("sat", "validation")
+    assert len(splits["validation"]) == len(sat.questions)
+    assert [r["answer"] for r in splits["validation"]] == [q.answer for q in sat.questions]
+
+
+def test_backbone_converted_to_pytorch_model_bin_has_the_same_tensors(tiny_bert, tmp_path):
+    from safetensors.torch import load_file
+
+    from benchmarks.public_relbert import convert_backbone
+
+    out = convert_backbone(tmp_path / "converted", tiny_bert)
+    loaded = torch.load(out / "pytorch_model.bin", weights_only=True)
+    original = load_file(f"{tiny_bert}/model.safetensors")
+    assert set(loaded) == set(original) and all(torch.equal(loaded[k], original[k]) for k in original)
+    assert json.loads((out / "config.json").read_text()) == json.loads(open(f"{tiny_bert}/config.json").read())
+    tokenizer_files = [f for f in ("vocab.txt", "tokenizer.json", "tokenizer_config.json") if Path(tiny_bert, f).is_file()]
+    assert tokenizer_files and all((out / f).read_bytes() == Path(tiny_bert, f).read_bytes() for f in tokenizer_files)
+    assert not (out / "model.safetensors").exists()
+    stamp = (out / "pytorch_model.bin").stat().st_mtime_ns
+    assert convert_backbone(out, tiny_bert) == out and (out / "pytorch_model.bin").stat().st_mtime_ns == stamp
+
+
+def test_real_arm_command_line_is_relbert_train_with_the_reference_recipe():
+    from benchmarks import public_relbert as pr
+    from relbert_ds.prompts import resolve_template
+
+    args = pr.relbert_train_args("/b", "/o", lr=3e-5, num_negative=100)
+    opts = dict(zip(args[::2], args[1::2]))
+    assert len(args) % 2 == 0 and len(opts) == len(args) // 2  # every option has one value
+    assert opts["-t"] == resolve_template("d")  # the full text: relbert takes 'd' literally
+    assert (opts["-m"], opts["-o"], opts["--loss"], opts["-r"], opts["--num-negative"]) == ("/b", "/o", "nce", "3e-05", "100")
+    assert (opts["--num-positive"], opts["-b"], opts["-l"], opts["-w"], opts["--temperature"]) == ("10", "32", "64", "10", "0.05")
+    assert opts["--aggregation-mode"] == "average_no_mask" and opts["--gradient-accumulation"] == "1"
+    cmd = pr.driver_command("/venv/bin/python", args, threads=2)
+    assert cmd[:2] == ["/venv/bin/python", str(Path(pr.__file__).resolve())]
+    parsed = pr.build_parser().parse_args(cmd[2:])  # what the driver in relbert's venv receives
+    assert parsed.driver and parsed.threads == 2 and parsed.train_args == args
+
+
+def test_real_trainer_reports_a_child_that_dies_with_its_log(tmp_path):
+    import sys
+
+    from benchmarks.public_relbert import RealTrainer
+
+    trainer = RealTrainer(sys.executable, tmp_path / "backbone", tmp_path / "work", timeout_s=60)
+    trainer.command = [sys.executable, "-c", "import sys; print('boom in relbert', file=sys.stderr); sys.exit(3)"]
+    with pytest.raises(RuntimeError, match="exited \\(code 3\\) before 'ready'") as info:
+        trainer.start()
+    assert "boom in relbert" in str(info.value)
+    trainer.command = [sys.executable, "-c", "import json, sys; print(json.dumps({'event': 'ready', 'setup_s': 1}), "
+                       "flush=True); line = sys.stdin.readline(); print(json.dumps({'event': 'step', 'step': 1, "
+                       "'seconds': 0.5, 'got': line.strip()}), flush=True); sys.stdin.readline()"]
+    with trainer:
+        assert trainer.start()["setup_s"] == 1
+        record = trainer.step()
+        assert record["got"] == "step" and trainer.steps == 1
+    assert trainer.proc is None
