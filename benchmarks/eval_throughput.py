@@ -17,8 +17,18 @@ Arms:
 pairs/s counts every pair the questions hold (duplicates included: what a user's data
 contains); unique pairs/s counts what the evaluator actually encodes.
 
+The probe table (``--probe_table``): the full bundled table (every bundled analogy set, valid
+and test, plus BLESS and K&H+N) for one model through the evaluator with the torch probe, split
+into encoding and probe time, its vectors kept in a cache; then, on those same vectors, the
+torch probe against the scikit-learn probe on BLESS and K&H+N for several seeds: time of each
+and the F1 difference (``--subset N`` cuts every split of BLESS and K&H+N to its first N pairs,
+every label keeping its share, for a shared CPU; the analogy sets stay whole). The results go into
+the ``probe_table`` entry of the results JSON (the rest of the file is kept) and
+docs/PROBE_AGREEMENT.md is the table it prints.
+
     python benchmarks/eval_throughput.py
     python benchmarks/eval_throughput.py --nprocs 1 2 --repeats 5 --with_classification
+    python benchmarks/eval_throughput.py --probe_table --seeds 0 1 2
 """
 from __future__ import annotations
 
@@ -50,6 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no_naive", action="store_true")
     p.add_argument("--naive_padding", default="max_length", choices=("max_length", "longest"))
     p.add_argument("--output", default=None, help="results JSON (default benchmarks/results/eval_throughput.json)")
+    p.add_argument("--probe_table", action="store_true",
+                   help="measure the full bundled table and the torch vs sklearn probes instead (see above)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="probe seeds (--probe_table)")
+    p.add_argument("--subset", type=int, default=0,
+                   help="cut each split of BLESS and K&H+N to this many pairs, stratified (0 = all)")
+    p.add_argument("--trained_model", default=None,
+                   help="also compare the probes on this trained model's vectors (default: the newest "
+                        "runs/*/best_model, if any)")
+    p.add_argument("--cache_dir", default=None, help="vector cache of --probe_table (default: a temporary folder)")
     p.add_argument("--_naive_worker", default=None, help=argparse.SUPPRESS)
     return p
 
@@ -110,6 +129,149 @@ def naive_worker(spec: str) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- probe table
+
+
+def _classification_sets(n: int, work: Path) -> list[str]:
+    """BLESS and K&H+N: their bundled names, or folders of their splits cut to ``n`` pairs each
+    (the first pairs of each label, every label keeping its share)."""
+    from relbert_ds.data import load_classification_dataset
+
+    if not n:
+        return ["BLESS", "KHN"]
+    out = []
+    for name in ("BLESS", "KHN"):
+        folder = work / f"{name}_subset{n}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for split, pairs in load_classification_dataset(name).splits.items():
+            by_label: dict[str, list] = {}
+            for p in pairs:
+                by_label.setdefault(p.relation, []).append(p)
+            keep = [p for group in by_label.values() for p in group[:max(1, round(n * len(group) / len(pairs)))]]
+            (folder / f"{split}.jsonl").write_text("".join(
+                json.dumps({"head": p.head, "tail": p.tail, "relation": p.relation}) + "\n" for p in keep))
+        out.append(str(folder))
+    return out
+
+
+def _full_table(model: str, label: str, classification: Sequence[str], cache_dir: Path,
+                out_dir: Path) -> tuple[dict, Path]:
+    """The evaluator on the bundled table (1 process, every core); returns its timing and the vectors file."""
+    out, vectors = out_dir / f"{label}.json", out_dir / f"{label}.npz"
+    cmd = [sys.executable, "launchers/evaluate.py", "--model", model, "--split", "valid", "test",
+           "--classification", *classification, "--cache_dir", str(cache_dir), "--vectors", str(vectors),
+           "--output", str(out)]
+    with common.Phase() as phase:
+        common.run(cmd, timeout=7200)
+    doc = json.loads(out.read_text())
+    res = doc["models"]["model"]
+    timing = {"process_wall_s": phase.record["seconds"], "evaluator_wall_s": doc["wall_time_s"],
+              "cache_hit": res.get("cache_hit"), "n_pairs": res["n_pairs"], **res["timing"],
+              "classification_time_s": {k: v["time_s"] for k, v in res["classification"].items()},
+              "probe": res.get("probe"), "threads": doc.get("threads_per_rank"),
+              "metrics": {k: v for k, v in res["metrics"].items() if k.endswith(("accuracy", "f1_macro"))}}
+    return timing, vectors
+
+
+def _compare_probes(vectors: Path, seeds: Sequence[int], classification: Sequence[str]) -> dict:
+    """torch vs sklearn probe on BLESS and K&H+N (test split), same vectors, one thread each."""
+    import numpy as np
+
+    from relbert_ds.data import load_classification_dataset
+    from relbert_ds.evaluation.classification import run_classification
+
+    data = np.load(vectors)
+    row_of = {tuple(p): i for i, p in enumerate(data["pairs"].tolist())}
+    table = data["model_vectors"]
+
+    def lookup(pairs: Sequence[Any]) -> Any:
+        return table[[row_of[tuple(p)] for p in pairs]]
+
+    out: dict[str, Any] = {}
+    for source in classification:
+        dataset = load_classification_dataset(source)
+        name = dataset.name
+        runs = []
+        for seed in seeds:
+            row: dict[str, Any] = {"seed": seed}
+            for probe in ("torch", "sklearn"):
+                t = time.perf_counter()
+                res = run_classification(dataset, lookup, split="test", seed=seed, probe=probe, blas_threads=1)
+                row[probe] = {"time_s": time.perf_counter() - t, "f1_macro": res["f1_macro"],
+                              "f1_micro": res["f1_micro"], "accuracy": res["accuracy"], "config": res["config"],
+                              "n_iter": [g["n_iter"] for g in res["grid"]]}
+                print(f"{name} seed {seed} {probe}: macro F1 {100 * res['f1_macro']:.2f} in "
+                      f"{row[probe]['time_s']:.1f} s", file=sys.stderr, flush=True)
+            runs.append(row)
+        diff = [100 * (r["torch"]["f1_macro"] - r["sklearn"]["f1_macro"]) for r in runs]
+        speed = [r["sklearn"]["time_s"] / r["torch"]["time_s"] for r in runs]
+        out[name] = {"n_train": len(dataset.splits["train"]), "n_test": len(dataset.splits["test"]), "runs": runs,
+                     "torch_f1_macro": common.summary(100 * r["torch"]["f1_macro"] for r in runs),
+                     "sklearn_f1_macro": common.summary(100 * r["sklearn"]["f1_macro"] for r in runs),
+                     "f1_macro_difference_points": common.summary(diff),
+                     "torch_time_s": common.summary(r["torch"]["time_s"] for r in runs),
+                     "sklearn_time_s": common.summary(r["sklearn"]["time_s"] for r in runs),
+                     "speedup": common.summary(speed)}
+    return out
+
+
+def _newest_trained_model() -> Optional[str]:
+    found = sorted(Path("runs").glob("*/best_model/config.json"), key=lambda p: p.stat().st_mtime)
+    return str(found[-1].parent) if found else None
+
+
+def probe_table(args: argparse.Namespace, argv: Optional[Sequence[str]]) -> int:
+    head = common.header("eval_throughput", argv if argv is not None else sys.argv[1:])
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    work = Path(tempfile.mkdtemp(prefix="relbert_ds_probe_table_"))
+    cache_dir = Path(args.cache_dir) if args.cache_dir else work / "cache"
+    trained = args.trained_model or _newest_trained_model()
+    models = {"backbone": args.model, **({"trained": trained} if trained else {})}
+    classification = _classification_sets(args.subset, work)
+    section: dict[str, Any] = {**head, "config": {"seeds": args.seeds, "subset": args.subset, "models": models,
+                                                  "classification": classification},
+                               "trained_model_note": None if trained else "no trained model under runs/*/best_model"}
+    rows, agreement = [], []
+    for label, model in models.items():
+        timing, vectors = _full_table(model, label, classification, cache_dir, work)
+        section[f"{label}_full_table"] = timing
+        compared = _compare_probes(vectors, args.seeds, classification)
+        section[f"{label}_probes"] = compared
+        rows.append([label, timing["n_pairs"], f"{timing['encode_s']:.0f}", f"{timing['classification_s']:.0f}",
+                     f"{timing['analogy_s']:.1f}", f"{timing['total_s']:.0f}"])
+        for name, c in compared.items():
+            d = c["f1_macro_difference_points"]
+            agreement.append([label, name, c["n_train"], len(args.seeds),
+                              f"{c['torch_f1_macro']['median']:.2f} [{c['torch_f1_macro']['min']:.2f}-"
+                              f"{c['torch_f1_macro']['max']:.2f}]",
+                              f"{c['sklearn_f1_macro']['median']:.2f} [{c['sklearn_f1_macro']['min']:.2f}-"
+                              f"{c['sklearn_f1_macro']['max']:.2f}]",
+                              f"{d['median']:+.2f} [{d['min']:+.2f} to {d['max']:+.2f}]",
+                              f"{c['torch_time_s']['median']:.1f}", f"{c['sklearn_time_s']['median']:.1f}",
+                              f"{c['speedup']['median']:.1f}x"])
+    what = "full" if not args.subset else f"BLESS and K&H+N cut to {args.subset} pairs per split"
+    table = (f"Bundled table ({what}; analogy sets whole), 1 process (the evaluator's own timing, s):\n"
+             + common.markdown_table(["model", "unique pairs", "encode s", "classification probes s (torch)",
+                                      "analogy s", "total s"], rows)
+             + "\nProbes on the same vectors (test split, macro F1 in points; median [min-max] over seeds; "
+               "one thread each):\n"
+             + common.markdown_table(["model", "dataset", "train pairs", "seeds", "torch F1", "sklearn F1",
+                                      "torch - sklearn", "torch s", "sklearn s", "speed-up"], agreement)
+             + f"\nload average {head['loadavg_start']} -> {common.loadavg()} (shared CPU: times are upper bounds)"
+             + ("" if trained else "; no trained model under runs/*/best_model, backbone only") + "\n")
+    section["table_markdown"] = table
+    path = Path(args.output or common.default_output("eval_throughput"))
+    document = json.loads(path.read_text()) if path.is_file() else {}
+    document["probe_table"] = section
+    common.write_json(path, document)
+    print(table, flush=True)
+    print(f"results: {path} (probe_table)", flush=True)
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -117,6 +279,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args._naive_worker:
         return naive_worker(args._naive_worker)
+    if args.probe_table:
+        return probe_table(args, argv)
     head = common.header("eval_throughput", argv if argv is not None else sys.argv[1:])
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     datasets = load_sets(args.analogy, args.split)

@@ -57,11 +57,22 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--baseline_pooling", default=None, help="default: the --model's pooling")
     d = p.add_argument_group("data")
     d.add_argument("--analogy", nargs="+", default=None, metavar="SOURCE",
-                   help="analogy datasets: bundled names (sat u2 u4 google bats), folders of valid/test.jsonl, "
-                        "files, or hub ids; default: all bundled; 'none' skips")
+                   help="analogy datasets: bundled names (sat u2 u4 google bats), the paper's other sets by name "
+                        "(t_rex_relational_similarity conceptnet_relational_similarity nell_relational_similarity "
+                        "scan), hub ids (relbert/analogy_questions:sat), folders of valid/test.jsonl, or files; "
+                        "default: all bundled; 'none' skips")
     d.add_argument("--classification", nargs="+", default=None, metavar="SOURCE",
-                   help="lexical relation classification datasets: bundled names (BLESS KHN), folders of "
-                        "train/validation/test.jsonl, or hub ids; default: both bundled; 'none' skips")
+                   help="lexical relation classification datasets: bundled names (BLESS KHN), the paper's other "
+                        "sets by name (CogALexV EVALution ROOT09), hub ids "
+                        "(relbert/lexical_relation_classification:BLESS), or folders of train/validation/test.jsonl; "
+                        "default: both bundled; 'none' skips")
+    d.add_argument("--preset", default=None, choices=("paper",),
+                   help="paper: every analogy and classification set of the RelBERT paper's table, by hub id "
+                        "(replaces the --analogy/--classification defaults; offline, supply them with --data_dir)")
+    d.add_argument("--data_dir", default=None, metavar="DIR",
+                   help="where hub datasets are looked for first, laid out as DIR/<owner>/<name>/<config>/"
+                        "<split>.jsonl (e.g. DIR/relbert/analogy_questions/sat/test.jsonl); default: "
+                        "$RELBERT_DS_DATA")
     d.add_argument("--mapping", nargs="+", default=None, metavar="FILE",
                    help='relation-mapping JSONL files ({"source": [...], "target": [...]} per line)')
     d.add_argument("--split", nargs="+", default=["test"], choices=SPLIT_CHOICES,
@@ -72,6 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max_iter", type=int, default=200,
                    help="MLPClassifier max_iter for the classification probe (sklearn default 200)")
     r.add_argument("--seed", type=int, default=0, help="random_state of the classification probe")
+    r.add_argument("--probe", default="torch", choices=("torch", "sklearn"),
+                   help="classification probe: torch (default; the 9-point grid trained as one batched model, on "
+                        "the GPU when there is one, datasets split over ranks) or sklearn (MLPClassifier, the "
+                        "reference; configurations split over ranks)")
+    r.add_argument("--probe_features", default="mean", choices=("mean", "sum"),
+                   help="pooled vectors fed to the probe: mean (relbert-ds's pooling, default) or sum (the public "
+                        "relbert code's summed pooling: each vector times its pooled token count)")
+    r.add_argument("--cache_dir", default=None, metavar="DIR",
+                   help="cache the relation vectors here, keyed by model weights, prompt, pooling, max_length and "
+                        "pair list: a re-run that changes only the probe does not encode again")
     r.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads per rank, and parallel classifier fits per rank (default: CPU cores "
                         "/ ranks on this node)")
@@ -216,8 +237,14 @@ def _run(args: argparse.Namespace, info: Any, start: float) -> int:
     threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, info.local_world_size))
     torch.set_num_threads(threads)
     splits = [("validation" if s == "valid" else s) for s in args.split]
-    tasks = runner.prepare_tasks(analogy=args.analogy, classification=args.classification, mapping=args.mapping,
-                                 split=splits)
+    analogy, classification = args.analogy, args.classification
+    if args.preset == "paper":
+        from relbert_ds.data.sources import PAPER_ANALOGY, PAPER_CLASSIFICATION
+
+        analogy = analogy if analogy is not None else list(PAPER_ANALOGY)
+        classification = classification if classification is not None else list(PAPER_CLASSIFICATION)
+    tasks = runner.prepare_tasks(analogy=analogy, classification=classification, mapping=args.mapping,
+                                 split=splits, data_dir=args.data_dir)
     model = runner.run_consistently(lambda: resolve_model(args.model, args.template, args.pooling, args.max_length,
                                                           override_prompt=args.override_prompt))
     baseline = runner.run_consistently(lambda: resolve_model(args.baseline, args.baseline_template,
@@ -227,7 +254,8 @@ def _run(args: argparse.Namespace, info: Any, start: float) -> int:
     device = _device(info.local_rank)
     kwargs = dict(batch_size=args.batch_size, max_iter=args.max_iter, seed=args.seed,
                   keep_predictions=bool(args.predictions), show_progress=args.progress,
-                  keep_vectors=bool(args.vectors), fit_workers=threads)
+                  keep_vectors=bool(args.vectors), fit_workers=threads, probe=args.probe,
+                  probe_features=args.probe_features, device=device, cache_dir=args.cache_dir)
     results: dict[str, dict] = {}
     load_s: dict[str, float] = {}
     t = time.perf_counter()
@@ -258,7 +286,9 @@ def _run(args: argparse.Namespace, info: Any, start: float) -> int:
         "device": str(device),
         "threads_per_rank": threads,
         "splits": list(tasks.splits),
-        "options": {"batch_size": args.batch_size, "max_iter": args.max_iter, "seed": args.seed},
+        "options": {"batch_size": args.batch_size, "max_iter": args.max_iter, "seed": args.seed,
+                    "probe": args.probe, "probe_features": args.probe_features, "preset": args.preset,
+                    "cache_dir": args.cache_dir},
         "datasets": tasks.identities(),
         "missing": tasks.missing,
         "model_load_s": load_s,

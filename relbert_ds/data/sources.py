@@ -5,7 +5,12 @@ A source is, tried in this order:
 1. an existing local path: a ``.jsonl`` file (used as the requested split directly) or a folder
    of ``<split>.jsonl`` files;
 2. a bundled dataset name (case-insensitive, with aliases such as ``"K&H+N"``);
-3. a Hugging Face dataset id ``owner/name`` with an optional ``:config``;
+3. the name of one of the RelBERT paper's evaluation sets that is not bundled (``"scan"``,
+   ``"CogALexV"``, ...: :data:`HUB_NAMES`), which stands for its hub id;
+4. a Hugging Face dataset id ``owner/name`` with an optional ``:config``. A hub id is looked
+   for first on disk, as ``<data dir>/<owner>/<name>/<config>/<split>.jsonl`` (the data dir is
+   the ``data_dir`` argument, else ``$RELBERT_DS_DATA``), then through ``datasets``; when
+   neither has it (offline, say) the error names the folder to supply;
 
 anything else is a :class:`DataError`. ``"valid"`` and ``"validation"`` name the same split
 everywhere (bundled analogy files are ``valid.jsonl``, the others ``validation.jsonl``, the hub
@@ -13,6 +18,7 @@ uses ``validation``).
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +31,16 @@ from relbert_ds.errors import DataError
 BUNDLED_RELATION: tuple[str, ...] = ("semeval2012",)
 BUNDLED_ANALOGY: tuple[str, ...] = ("sat", "u2", "u4", "google", "bats")
 BUNDLED_CLASSIFICATION: tuple[str, ...] = ("BLESS", "KHN")
+
+ANALOGY_HUB = "relbert/analogy_questions"
+CLASSIFICATION_HUB = "relbert/lexical_relation_classification"
+# Every evaluation set of the RelBERT paper's table (2023 version), by hub id.
+PAPER_ANALOGY: tuple[str, ...] = tuple(f"{ANALOGY_HUB}:{c}" for c in (
+    "sat", "u2", "u4", "google", "bats", "t_rex_relational_similarity", "conceptnet_relational_similarity",
+    "nell_relational_similarity", "scan"))
+PAPER_CLASSIFICATION: tuple[str, ...] = tuple(f"{CLASSIFICATION_HUB}:{c}" for c in (
+    "BLESS", "CogALexV", "EVALution", "K&H+N", "ROOT09"))
+DATA_DIR_ENV = "RELBERT_DS_DATA"
 
 _DATA_ROOT = Path(__file__).resolve().parent.parent / "resources" / "data"
 _KIND_ROOTS = {
@@ -39,6 +55,15 @@ _ALIASES: dict[str, dict[str, str]] = {
 }
 _ALIASES["relation"]["semeval"] = "semeval2012"
 _ALIASES["classification"].update({"k&h+n": "KHN", "kh+n": "KHN"})
+# Plain names of the paper's sets that are not bundled (lower-cased) -> hub id.
+HUB_NAMES: dict[str, dict[str, str]] = {
+    "relation": {},
+    "analogy": {label.split(":")[1].lower(): label for label in PAPER_ANALOGY
+                if label.split(":")[1] not in BUNDLED_ANALOGY},
+    "classification": {label.split(":")[1].lower(): label for label in PAPER_CLASSIFICATION
+                       if label.split(":")[1] not in ("BLESS", "K&H+N")},
+}
+HUB_NAMES["classification"]["cogalex-v"] = f"{CLASSIFICATION_HUB}:CogALexV"
 
 # "owner/name" or "owner/name:config" (Hugging Face repo id rules, loosely).
 _HUB_ID = re.compile(r"^(\w[\w.-]*/\w[\w.-]*)(?::([^:/\s]+))?$")
@@ -53,6 +78,7 @@ class ResolvedSource:
     path: Optional[Path] = None  # absolute local .jsonl file or folder
     hub_id: Optional[str] = None  # "owner/name"
     hub_config: Optional[str] = None
+    data_dir: Optional[Path] = None  # where a local copy of a hub dataset was looked for
 
     @property
     def hub_label(self) -> str:
@@ -80,7 +106,19 @@ def bundled_path(kind: str, name: str) -> Path:
     return _KIND_ROOTS[kind] / bundled
 
 
-def resolve_source(source: str, kind: str) -> ResolvedSource:
+def data_dir_root(data_dir: Optional[str | Path] = None) -> Optional[Path]:
+    """The folder of local hub copies: ``data_dir``, else ``$RELBERT_DS_DATA``, else None."""
+    chosen = data_dir if data_dir is not None else os.environ.get(DATA_DIR_ENV) or None
+    return Path(chosen).expanduser() if chosen else None
+
+
+def hub_copy_folder(root: Path, hub_id: str, config: Optional[str]) -> Path:
+    """``<root>/<owner>/<name>/<config>`` (``<root>/<owner>/<name>`` without a config)."""
+    folder = root.joinpath(*hub_id.split("/"))
+    return folder / config if config else folder
+
+
+def resolve_source(source: str, kind: str, data_dir: Optional[str | Path] = None) -> ResolvedSource:
     """Resolve ``source`` for a dataset ``kind`` (see the module docstring for the order)."""
     choices = ", ".join(_BUNDLED[kind])
     if not isinstance(source, str) or not source.strip():
@@ -97,9 +135,14 @@ def resolve_source(source: str, kind: str) -> ResolvedSource:
     bundled = _ALIASES[kind].get(source.strip().lower())
     if bundled is not None:
         return ResolvedSource(name=bundled, path=_KIND_ROOTS[kind] / bundled)
-    match = _HUB_ID.match(source)
+    hub_label = HUB_NAMES[kind].get(source.strip().lower())
+    match = _HUB_ID.match(hub_label or source)
     if match and not source.endswith(".jsonl"):
-        return ResolvedSource(name=source, hub_id=match.group(1), hub_config=match.group(2))
+        name = source if hub_label is None else hub_label.split(":")[1]
+        root = data_dir_root(data_dir)
+        if root is not None and hub_copy_folder(root, match.group(1), match.group(2)).is_dir():
+            return ResolvedSource(name=name, path=hub_copy_folder(root, match.group(1), match.group(2)).resolve())
+        return ResolvedSource(name=name, hub_id=match.group(1), hub_config=match.group(2), data_dir=root)
     if source.endswith(".jsonl") or "/" in source or "\\" in source:
         # Clearly meant as a path: say so rather than trying the hub.
         raise DataError(f"no such file or folder: {source}. Fix: check the path, or use one of {choices}")
@@ -139,8 +182,11 @@ def _local_file(resolved: ResolvedSource, split: str) -> Path:
 def _fetch_hub(resolved: ResolvedSource, split: Optional[str]) -> Any:
     """``datasets.load_dataset(id, config, split=...)``; any failure becomes a DataError."""
     where = f"hub dataset {resolved.hub_label}" + (f" split {split}" if split else "")
-    fix = ("check the id, config and split name; offline, pass a local folder of <split>.jsonl files "
-           "in the relbert schema instead")
+    root = str(resolved.data_dir) if resolved.data_dir is not None else f"${DATA_DIR_ENV}"
+    layout = hub_copy_folder(Path(root), str(resolved.hub_id), resolved.hub_config) / "<split>.jsonl"
+    fix = (f"check the id, config and split name; offline, put its splits at {layout} (set --data_dir or "
+           f"${DATA_DIR_ENV}; splits train/validation/test.jsonl for classification, valid/test.jsonl for analogy) "
+           "or pass a local folder of <split>.jsonl files in the relbert schema instead")
     try:
         import datasets  # lazy: slow to import and only needed for hub sources
     except ImportError:
@@ -151,7 +197,7 @@ def _fetch_hub(resolved: ResolvedSource, split: Optional[str]) -> Any:
     except Exception as exc:  # network, auth, unknown config/split: datasets raises many types
         detail = (str(exc).strip().splitlines() or [""])[0][:200]
         raise DataError(f"{where}: could not be fetched ({type(exc).__name__}: {detail}) and no local "
-                        f"file or folder of that name exists. Fix: {fix}") from exc
+                        f"file or folder of that name exists. Fix: {fix}".replace("\n", " ")) from exc
 
 
 @dataclass(frozen=True)
@@ -194,24 +240,26 @@ def load_relation_dataset(source: str = "semeval2012", split: str = "train") -> 
     return RelationDataset(name=resolved.name, split=split, relations=groups, source=data.source)
 
 
-def load_analogy_dataset(source: str, split: str = "test") -> AnalogyDataset:
+def load_analogy_dataset(source: str, split: str = "test", data_dir: Optional[str | Path] = None) -> AnalogyDataset:
     """Load one split of a multiple-choice analogy benchmark.
 
     Args:
         source: local ``.jsonl`` file or folder, bundled name (one of :data:`BUNDLED_ANALOGY`),
             or hub id with config (``"relbert/analogy_questions:sat"``).
         split: ``"test"`` or ``"valid"``/``"validation"``.
+        data_dir: folder of local hub copies (default ``$RELBERT_DS_DATA``; see the module docstring).
 
     Raises:
         DataError: unknown source, missing split, or an invalid record.
     """
-    resolved = resolve_source(source, "analogy")
+    resolved = resolve_source(source, "analogy", data_dir)
     data = _split_rows(resolved, split)
     questions = readers.analogy_questions(data.rows, data.origin)
     return AnalogyDataset(name=resolved.name, split=split, questions=questions, source=data.source)
 
 
-def load_classification_dataset(source: str, splits: Optional[Sequence[str]] = None) -> ClassificationDataset:
+def load_classification_dataset(source: str, splits: Optional[Sequence[str]] = None,
+                                data_dir: Optional[str | Path] = None) -> ClassificationDataset:
     """Load a lexical relation classification benchmark.
 
     Args:
@@ -220,12 +268,13 @@ def load_classification_dataset(source: str, splits: Optional[Sequence[str]] = N
             (``"relbert/lexical_relation_classification:BLESS"``).
         splits: the splits to load; None loads every split present. Keys of the result are
             canonical (``"valid"`` is stored as ``"validation"``).
+        data_dir: folder of local hub copies (default ``$RELBERT_DS_DATA``; see the module docstring).
 
     Raises:
         DataError: unknown source, missing split or file, an invalid record, or a validation/test
             label that never occurs in train.
     """
-    resolved = resolve_source(source, "classification")
+    resolved = resolve_source(source, "classification", data_dir)
     loaded: dict[str, tuple[LexicalPair, ...]] = {}
     label_sites: dict[str, dict[str, str]] = {}
 

@@ -49,20 +49,6 @@ class GridPoint:
 
 
 @dataclass
-class _Layers:
-    """The trainable tensors of a set of grid points, packed side by side (with Adam's moments)."""
-
-    w1: torch.Tensor  # (D, sum h)
-    b1: torch.Tensor  # (sum h,)
-    w2: torch.Tensor  # (sum h, G * K), block diagonal
-    b2: torch.Tensor  # (G * K,)
-    moments: list[torch.Tensor] = field(default_factory=list)  # m and v of each tensor above, in order
-
-    def tensors(self) -> list[torch.Tensor]:
-        return [self.w1, self.b1, self.w2, self.b2]
-
-
-@dataclass
 class FittedGrid:
     """The trained grid: per grid point its weights, epochs run and loss curve."""
 
@@ -102,49 +88,78 @@ def initial_weights(point_index: int, point: GridPoint, n_features: int, n_class
     return w1, b1, w2, b2
 
 
-def _pack(weights: Sequence[tuple[torch.Tensor, ...]], moments: Sequence[Sequence[torch.Tensor]],
-          n_classes: int) -> tuple[_Layers, torch.Tensor]:
-    """Pack per-point (w1, b1, w2, b2) and their Adam moments; returns the layers and the w2 block mask."""
-    widths = [w[0].shape[1] for w in weights]
-    total, groups = sum(widths), len(weights)
-    device = weights[0][0].device
+class _Packed:
+    """The trainable tensors of the active grid points side by side in one flat buffer, with Adam's state.
 
-    def block_diag(parts: Sequence[torch.Tensor]) -> torch.Tensor:
-        out = torch.zeros(total, groups * n_classes, device=device)
-        row = 0
-        for g, (part, width) in enumerate(zip(parts, widths)):
-            out[row:row + width, g * n_classes:(g + 1) * n_classes] = part
-            row += width
+    One flat buffer (and one for each Adam moment, the gradient and a scratch area) lets the
+    optimizer update every tensor of every grid point in a few whole-buffer operations; ``w1``,
+    ``b1``, ``w2`` and ``b2`` are views into it. ``w2`` is block diagonal (``mask``).
+    """
+
+    def __init__(self, weights: Sequence[Sequence[torch.Tensor]], moments: Sequence[Sequence[torch.Tensor]],
+                 points: Sequence[GridPoint], n_classes: int) -> None:
+        self.widths = [w[0].shape[1] for w in weights]
+        self.k, self.groups = n_classes, len(weights)
+        dim, total = weights[0][0].shape[0], sum(self.widths)
+        device = weights[0][0].device
+        self.shapes = [(dim, total), (total,), (total, self.groups * self.k), (self.groups * self.k,)]
+        size = sum(math.prod(shape) for shape in self.shapes)
+        self.param, self.m, self.v, self.grad, self.scratch = (torch.zeros(size, device=device) for _ in range(5))
+        for buffer, items in ((self.param, weights), (self.m, [mo[:4] for mo in moments]),
+                              (self.v, [mo[4:] for mo in moments])):
+            for index, (view, parts) in enumerate(zip(self.views(buffer), zip(*items))):
+                self._place(view, parts, index)
+        self.mask = torch.zeros(self.shapes[2], device=device)
+        self._place(self.mask, [torch.ones(w, self.k) for w in self.widths], index=2)
+        # Per-element learning rate, as a divisor folded into Adam's denominator.
+        rates = self.views(torch.zeros(size))
+        self._place(rates[0], [torch.full((dim, w), p.learning_rate) for w, p in zip(self.widths, points)], index=0)
+        self._place(rates[1], [torch.full((w,), p.learning_rate) for w, p in zip(self.widths, points)], index=1)
+        self._place(rates[2], [torch.full((w, self.k), p.learning_rate) for w, p in zip(self.widths, points)], index=2)
+        self._place(rates[3], [torch.full((self.k,), p.learning_rate) for p in points], index=3)
+        self.inverse_rate = (1.0 / torch.cat([r.reshape(-1) for r in rates]).clamp_min(1e-30)).to(device)
+        self.group_of_col = torch.repeat_interleave(torch.arange(self.groups), torch.tensor(self.widths)).to(device)
+
+    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """``flat`` cut into the (w1, b1, w2, b2) shapes."""
+        out, offset = [], 0
+        for shape in self.shapes:
+            n = math.prod(shape)
+            out.append(flat[offset:offset + n].view(shape))
+            offset += n
         return out
 
-    def packed(items: Sequence[Sequence[torch.Tensor]]) -> list[torch.Tensor]:
-        return [torch.cat([i[0] for i in items], dim=1), torch.cat([i[1] for i in items]),
-                block_diag([i[2] for i in items]), torch.cat([i[3] for i in items])]
+    def _place(self, view: torch.Tensor, parts: Sequence[torch.Tensor], index: int) -> None:
+        """Write per-point tensors into packed view ``index`` (0 w1, 1 b1, 2 w2, 3 b2): hidden units side
+        by side, each point's output block on w2's diagonal."""
+        row = 0
+        for g, (part, width) in enumerate(zip(parts, self.widths)):
+            cols = slice(g * self.k, (g + 1) * self.k)
+            if index == 0:
+                view[:, row:row + width] = part
+            elif index == 1:
+                view[row:row + width] = part
+            elif index == 2:
+                view[row:row + width, cols] = part
+            else:
+                view[cols] = part
+            row += width
 
-    w1, b1, w2, b2 = packed(weights)
-    # moments[g] = [m_w1, m_b1, m_w2, m_b2, v_w1, v_b1, v_w2, v_b2]
-    m = packed([mo[:4] for mo in moments])
-    v = packed([mo[4:] for mo in moments])
-    mask = block_diag([torch.ones(w, n_classes, device=device) for w in widths])
-    return _Layers(w1, b1, w2, b2, moments=m + v), mask
+    def unpack(self) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+        """Per point ([w1, b1, w2, b2], its 8 Adam moment tensors), copied out of the buffers."""
+        out, row = [], 0
+        per_buffer = [self.views(b) for b in (self.param, self.m, self.v)]
+        for g, width in enumerate(self.widths):
+            cols = slice(g * self.k, (g + 1) * self.k)
 
+            def take(views: list[torch.Tensor]) -> list[torch.Tensor]:
+                w1, b1, w2, b2 = views
+                return [w1[:, row:row + width].clone(), b1[row:row + width].clone(),
+                        w2[row:row + width, cols].clone(), b2[cols].clone()]
 
-def _unpack(layers: _Layers, widths: Sequence[int], n_classes: int) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
-    """Inverse of :func:`_pack`: per point ([w1, b1, w2, b2], its 8 moment tensors)."""
-    out = []
-    row = 0
-
-    def take(tensors: Sequence[torch.Tensor], g: int, row: int, width: int) -> list[torch.Tensor]:
-        w1, b1, w2, b2 = tensors
-        cols = slice(g * n_classes, (g + 1) * n_classes)
-        return [w1[:, row:row + width].clone(), b1[row:row + width].clone(), w2[row:row + width, cols].clone(),
-                b2[cols].clone()]
-
-    for g, width in enumerate(widths):
-        out.append((take(layers.tensors(), g, row, width),
-                    take(layers.moments[:4], g, row, width) + take(layers.moments[4:], g, row, width)))
-        row += width
-    return out
+            out.append((take(per_buffer[0]), take(per_buffer[1]) + take(per_buffer[2])))
+            row += width
+        return out
 
 
 def fit_grid(x: np.ndarray, y: np.ndarray, points: Sequence[GridPoint], n_classes: int, max_iter: int = 200,
@@ -164,7 +179,6 @@ def fit_grid(x: np.ndarray, y: np.ndarray, points: Sequence[GridPoint], n_classe
     yt = torch.as_tensor(np.asarray(y, dtype=np.int64), device=device)
     weights = [[t.to(device) for t in initial_weights(i, p, dim, k, seed)] for i, p in enumerate(points)]
     moments = [[torch.zeros_like(t) for t in w] * 2 for w in weights]
-    final: dict[int, list[torch.Tensor]] = {}
     n_iter = [0] * len(points)
     curves: list[list[float]] = [[] for _ in points]
     best = [math.inf] * len(points)
@@ -173,12 +187,7 @@ def fit_grid(x: np.ndarray, y: np.ndarray, points: Sequence[GridPoint], n_classe
     order_rng = torch.Generator().manual_seed(int(seed))
     step = 0
     while active:
-        layers, mask = _pack([weights[i] for i in active], [moments[i] for i in active], k)
-        widths = [points[i].hidden for i in active]
-        lr_cols = torch.cat([torch.full((w,), points[i].learning_rate) for i, w in zip(active, widths)]).to(device)
-        lr_out = torch.cat([torch.full((k,), points[i].learning_rate) for i in active]).to(device)
-        lrs = [lr_cols, lr_cols, lr_out, lr_out]
-        group_of_col = torch.repeat_interleave(torch.arange(len(active)), torch.tensor(widths)).to(device)
+        packed = _Packed([weights[i] for i in active], [moments[i] for i in active], [points[i] for i in active], k)
         converged: list[int] = []
         # Train epochs with this packing until one of its points converges (or all reach max_iter).
         while not converged:
@@ -188,7 +197,7 @@ def fit_grid(x: np.ndarray, y: np.ndarray, points: Sequence[GridPoint], n_classe
             for start in range(0, n, batch):
                 rows = order[start:start + batch]
                 step += 1
-                epoch_loss += _step(layers, mask, lrs, group_of_col, xt[rows], yt[rows], k, alpha, step, len(active))
+                epoch_loss += _step(packed, xt[rows], yt[rows], alpha, step)
             losses = (epoch_loss / n).tolist()
             for slot, i in enumerate(active):
                 n_iter[i] = epoch + 1
@@ -198,42 +207,42 @@ def fit_grid(x: np.ndarray, y: np.ndarray, points: Sequence[GridPoint], n_classe
                 best[i] = min(best[i], loss)
                 if stale[i] > n_iter_no_change or n_iter[i] >= max_iter:
                     converged.append(i)
-        for i, (w, mo) in zip(active, _unpack(layers, widths, k)):
+        for i, (w, mo) in zip(active, packed.unpack()):
             weights[i], moments[i] = w, mo
-        for i in converged:
-            final[i] = weights[i]
         active = [i for i in active if i not in converged]
-    return FittedGrid(points=list(points), weights=[tuple(final[i]) for i in range(len(points))], n_iter=n_iter,
-                      loss_curves=curves)
+    return FittedGrid(points=list(points), weights=[tuple(w) for w in weights], n_iter=n_iter, loss_curves=curves)
 
 
-def _step(layers: _Layers, mask: torch.Tensor, lrs: Sequence[torch.Tensor], group_of_col: torch.Tensor,
-          xb: torch.Tensor, yb: torch.Tensor, k: int, alpha: float, step: int, groups: int) -> torch.Tensor:
+def _step(packed: _Packed, xb: torch.Tensor, yb: torch.Tensor, alpha: float, step: int) -> torch.Tensor:
     """One mini-batch of every packed grid point; returns each point's batch loss times the batch size."""
-    nb = xb.shape[0]
-    z = torch.addmm(layers.b1, xb, layers.w1)
+    nb, groups, k = xb.shape[0], packed.groups, packed.k
+    w1, b1, w2, b2 = packed.views(packed.param)
+    g_w1, g_b1, g_w2, g_b2 = packed.views(packed.grad)
+    z = torch.addmm(b1, xb, w1)
     a = torch.relu(z)
-    logits = torch.addmm(layers.b2, a, layers.w2).view(nb, groups, k)
+    logits = torch.addmm(b2, a, w2).view(nb, groups, k)
     logp = torch.log_softmax(logits, dim=2)
-    picked = logp.gather(2, yb.view(nb, 1, 1).expand(nb, groups, 1)).squeeze(2)  # (nb, G)
+    target = yb.view(nb, 1, 1).expand(nb, groups, 1)
+    picked = logp.gather(2, target).squeeze(2)  # (nb, G)
     # sklearn's batch loss: mean cross-entropy + 0.5 * alpha * (||W1||^2 + ||W2||^2) / nb, weighed by nb.
     squares = torch.zeros(groups, dtype=torch.float32, device=xb.device)
-    squares.index_add_(0, group_of_col, layers.w1.square().sum(dim=0))
-    squares += layers.w2.square().sum(dim=0).view(groups, k).sum(dim=1)
+    squares.index_add_(0, packed.group_of_col, torch.linalg.vector_norm(w1, dim=0).square())
+    squares += torch.linalg.vector_norm(w2, dim=0).square().view(groups, k).sum(dim=1)
     batch_loss = -picked.sum(dim=0).double() + 0.5 * alpha * squares.double()
     # Gradients of the mean loss (sklearn divides every gradient by the batch size).
-    delta = torch.softmax(logits, dim=2)
-    delta.scatter_add_(2, yb.view(nb, 1, 1).expand(nb, groups, 1), torch.full((nb, groups, 1), -1.0, device=xb.device))
-    delta = delta.view(nb, groups * k) / nb
-    g_w2 = (a.t() @ delta + alpha / nb * layers.w2) * mask
-    g_b2 = delta.sum(dim=0)
-    dz = (delta @ layers.w2.t()) * (z > 0)
-    g_w1 = xb.t() @ dz + alpha / nb * layers.w1
-    g_b1 = dz.sum(dim=0)
+    delta = logp.exp_()
+    delta.scatter_add_(2, target, torch.full((nb, groups, 1), -1.0, device=xb.device))
+    delta = delta.view(nb, groups * k).div_(nb)
+    torch.addmm(w2, a.t(), delta, beta=alpha / nb, out=g_w2)
+    g_w2.mul_(packed.mask)
+    torch.sum(delta, dim=0, out=g_b2)
+    dz = (delta @ w2.t()).mul_(z > 0)
+    torch.addmm(w1, xb.t(), dz, beta=alpha / nb, out=g_w1)
+    torch.sum(dz, dim=0, out=g_b1)
+    # sklearn's Adam: param -= lr * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps), over the flat buffers.
     correction = math.sqrt(1 - BETA2 ** step) / (1 - BETA1 ** step)
-    for index, (param, grad) in enumerate(zip(layers.tensors(), (g_w1, g_b1, g_w2, g_b2))):
-        m, v = layers.moments[index], layers.moments[4 + index]
-        m.mul_(BETA1).add_(grad, alpha=1 - BETA1)
-        v.mul_(BETA2).addcmul_(grad, grad, value=1 - BETA2)
-        param.sub_(lrs[index] * correction * m / (v.sqrt() + EPS))
+    packed.m.mul_(BETA1).add_(packed.grad, alpha=1 - BETA1)
+    packed.v.mul_(BETA2).addcmul_(packed.grad, packed.grad, value=1 - BETA2)
+    denominator = torch.sqrt(packed.v, out=packed.scratch).add_(EPS).mul_(packed.inverse_rate)
+    packed.param.addcdiv_(packed.m, denominator, value=-correction)
     return batch_loss

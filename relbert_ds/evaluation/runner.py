@@ -127,7 +127,8 @@ def _bundled_has_split(kind: str, name: str, split: str) -> bool:
     return any((folder / f"{s}.jsonl").is_file() for s in spellings)
 
 
-def _load_tasks(analogy: Spec, classification: Spec, mapping: Spec, split: Union[str, Sequence[str]]) -> TaskSet:
+def _load_tasks(analogy: Spec, classification: Spec, mapping: Spec, split: Union[str, Sequence[str]],
+                data_dir: Optional[Union[str, Path]] = None) -> TaskSet:
     splits = _normalize_splits(split)
     tasks = TaskSet(splits=splits)
     sources, defaults = _normalize_sources(analogy, BUNDLED_ANALOGY)
@@ -137,11 +138,11 @@ def _load_tasks(analogy: Spec, classification: Spec, mapping: Spec, split: Union
                 tasks.missing.append({"task": "analogy", "dataset": source, "split": s,
                                       "reason": f"no {s} split in the bundled data"})
                 continue
-            data = load_analogy_dataset(source, s)
+            data = load_analogy_dataset(source, s, data_dir=data_dir)
             tasks.analogy.append(AnalogyDataset(data.name, s, data.questions, data.source))
     sources, defaults = _normalize_sources(classification, BUNDLED_CLASSIFICATION)
     for source in sources:
-        data = load_classification_dataset(source)
+        data = load_classification_dataset(source, data_dir=data_dir)
         for s in splits:
             if "train" not in data.splits:
                 raise DataError(f"classification dataset {source}: no train split (splits present: "
@@ -199,7 +200,7 @@ def run_consistently(fn: Callable[[], T]) -> T:
 
 
 def prepare_tasks(analogy: Spec = None, classification: Spec = None, mapping: Spec = None,
-                  split: Union[str, Sequence[str]] = "test") -> TaskSet:
+                  split: Union[str, Sequence[str]] = "test", data_dir: Optional[Union[str, Path]] = None) -> TaskSet:
     """Load and validate every requested dataset (a collective; cheap, no model involved).
 
     Args:
@@ -209,11 +210,13 @@ def prepare_tasks(analogy: Spec = None, classification: Spec = None, mapping: Sp
         classification: likewise (default: BLESS and KHN).
         mapping: relation-mapping JSONL files (default: none).
         split: ``"test"``, ``"valid"``/``"validation"``, or both (both for sat = SAT-full too).
+        data_dir: folder of local copies of hub datasets, ``<dir>/<owner>/<name>/<config>/<split>.jsonl``
+            (default ``$RELBERT_DS_DATA``); a hub id is looked for there before the hub.
 
     Raises:
         UserError (DataError, ConfigError) on every rank when any rank finds bad input.
     """
-    return run_consistently(lambda: _load_tasks(analogy, classification, mapping, split))
+    return run_consistently(lambda: _load_tasks(analogy, classification, mapping, split, data_dir))
 
 
 # --------------------------------------------------------------------------- evaluation
