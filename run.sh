@@ -2,12 +2,13 @@
 # relbert-ds: set up everything (idempotent) and run the main job or the tests.
 #
 #   ./run.sh train [train.py options]   set up, train on the embedded defaults, evaluate, print results
-#   ./run.sh test  [pytest options]     set up, run the test suite
+#   ./run.sh test  [pytest options]     set up (plus the tests' Debian packages), run the test suite
 #   ./run.sh setup                      set up only
 #
-# Set-up: Debian packages the tests need (SLURM + munge, when run as root with apt), a virtual
-# environment in .venv (RELBERT_DS_VENV to move it), torch, then this package with its
-# dependencies. A second run reuses all of it (a stamp file records what was installed).
+# Set-up: a virtual environment in .venv (RELBERT_DS_VENV to move it), torch, then this package
+# with its dependencies. `test` also installs the Debian packages only the tests use (SLURM +
+# munge, Open MPI; when run as root with apt); `setup` and `train` do not need them. A second
+# run reuses all of it (a stamp file records what was installed).
 # torch: TORCH_VERSION (default 2.13.0) and TORCH_INDEX_URL choose the build, e.g.
 #   TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 ./run.sh setup
 # An existing torch in the venv is kept.
@@ -56,7 +57,6 @@ install_python() {
 }
 
 setup() {
-    install_apt
     install_python
     export PATH="$VENV/bin:$PATH"
     # One BLAS thread per rank: the local ranks share this machine's cores.
@@ -85,6 +85,7 @@ case "$cmd" in
             --model "$OUT/best_model" --baseline all-MiniLM-L6-v2 --classification none --split valid test \
             --output "$OUT/results.json" ;;
     test)
+        install_apt
         setup
         python -m pytest "$@" ;;
     *)
