@@ -2,7 +2,10 @@
 
 Importing the package launches nothing: the public API is plain Python objects.
 """
-from relbert_ds.encoder import RelationEncoder
+from relbert_ds._version_check import check_torch
+
+check_torch()  # torch older than setup.cfg's lower bound: one clear ImportError line, before anything fails oddly
+from relbert_ds.encoder import RelationEncoder  # noqa: E402
 from relbert_ds.errors import CheckpointError, ConfigError, DataError, ModelError, UserError
 from relbert_ds.pooling import POOLING_MODES
 from relbert_ds.prompts import TEMPLATES
