@@ -1,5 +1,6 @@
 """RelationEncoder: pooling against a manual computation, encode(), save/load, relbert config."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,7 +25,8 @@ def manual_pool(hidden, ids, attention, mode, mask_id):
         keep = []
         for pos in range(length):
             tok = int(ids[row, pos])
-            if mode == "average" or (mode == "average_no_mask" and tok != mask_id) or (mode == "mask" and tok == mask_id):
+            if (mode == "average" or (mode == "average_no_mask" and tok != mask_id)
+                    or (mode == "mask" and tok == mask_id)):
                 keep.append(hidden[row, pos])
         out.append(torch.stack(keep).mean(0))
     return torch.stack(out)
@@ -211,3 +213,40 @@ def test_sharded_safetensors_become_sharded_bins(tiny_bert, tmp_path):
     for f in [*shards, "model.safetensors.index.json"]:
         (tmp_path / f).unlink()
     assert np.array_equal(RelationEncoder.from_pretrained(str(tmp_path), warn_untrained=False).encode(PAIRS), want)
+
+
+RELBERT_VENV_PYTHON = Path(__file__).resolve().parents[2] / ".relbert-venv" / "bin" / "python"
+RELBERT_EMBED = """
+import sys, numpy as np
+from relbert import RelBERT
+model = RelBERT(sys.argv[1])
+np.save(sys.argv[2], np.array(model.get_embedding([list(p) for p in {pairs!r}])))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not RELBERT_VENV_PYTHON.exists(),
+                    reason="the public relbert 2.0.2 venv is not built (benchmarks/public_relbert.py builds it)")
+def test_export_loads_in_public_relbert_2_0_2(tiny_bert, tmp_path):
+    """The real peer: relbert 2.0.2 (transformers 4.21) reads the export as written, same vector directions."""
+    import os
+    import subprocess
+
+    enc = RelationEncoder.from_pretrained(tiny_bert, template="d", pooling="average_no_mask", warn_untrained=False)
+    enc.save_pretrained(tmp_path / "export")
+    enc.save_pretrained(tmp_path / "safetensors_only", relbert_compatible=False)
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
+    script = RELBERT_EMBED.format(pairs=PAIRS)
+
+    def relbert(folder):
+        return subprocess.run([str(RELBERT_VENV_PYTHON), "-c", script, str(folder), str(tmp_path / "v.npy")],
+                              capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=600)
+
+    ok = relbert(tmp_path / "export")
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    theirs, ours = np.load(tmp_path / "v.npy").astype(np.float64), enc.encode(PAIRS).astype(np.float64)
+    cosine = (theirs * ours).sum(1) / np.linalg.norm(theirs, axis=1) / np.linalg.norm(ours, axis=1)
+    assert theirs.shape == ours.shape and np.all(1 - cosine < 1e-6), cosine  # relbert sums where we average
+    failed = relbert(tmp_path / "safetensors_only")
+    assert failed.returncode != 0 and "pytorch_model.bin" in failed.stderr  # what the .bin fixes
