@@ -8,6 +8,9 @@ n-th time it reaches <point> during this run:
               (a torn write), and the process dies before its optimizer shard is written;
 - ``marker``  every shard of every rank is on disk, just before the completeness marker;
 - ``latest``  the marker is written, ``latest.tmp`` too, just before it replaces ``latest``.
+
+RELBERT_DS_TEST_RAISE=load makes this rank raise a plain RuntimeError (not a user error) while the
+trainer loads its training data, inside the start-up checks every rank agrees on.
 """
 import os
 import signal
@@ -72,6 +75,13 @@ def _install() -> None:
         os.replace = replace
     elif point:
         raise SystemExit(f"unknown RELBERT_DS_TEST_KILL point {point!r}")
+    if os.environ.get("RELBERT_DS_TEST_RAISE") == "load":
+        from relbert_ds import trainer
+
+        def load(*args, **kwargs):
+            raise RuntimeError("injected fault while loading the training data")
+
+        trainer.load_relation_dataset = load
 
 
 if __name__ == "__main__":

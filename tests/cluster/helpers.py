@@ -112,5 +112,5 @@ def wait_for(condition, timeout: float, what: str, interval: float = 0.05) -> No
 
 
 # Small, fast training options shared by the cluster tests (tiny backbone, no validation).
-FAST = ["--epochs", "10", "--metric", "none", "--analogy", "--no-projector", "--relations_per_rank", "4",
+FAST = ["--epochs", "10", "--metric", "none", "--analogy", "--no-projector", "--relations_per_step", "8",
         "--positives_per_relation", "4", "--negatives_per_relation", "4", "--lr", "1e-4", "--warmup_steps", "2"]

@@ -128,8 +128,7 @@ def test_sigkill_one_rank_mid_training(launcher, tiny_bert, tmp_path, reference)
     if launcher != "torchrun":
         return
     # The checkpoint is intact: resuming from it (at most 16 steps) reproduces the uninterrupted run.
-    if step_of(tag) >= 16:
-        pytest.skip(f"the kill came late (checkpoint at step {step_of(tag)}): nothing left to resume")
+    assert step_of(tag) < 16, f"the kill came late (checkpoint at step {step_of(tag)}): nothing left to resume"
     check(run(torchrun_cmd(TRAIN, *opts(tiny_bert, out, "--max_steps", "16", "--save_every_steps", "3",
                                          "--resume", "latest"))))
     got = step_losses(out)
@@ -178,6 +177,22 @@ def test_kill_during_checkpoint_writing_never_leaves_latest_partial(tiny_bert, t
     assert sorted(got) == list(range(1, 17))
     assert max(abs(got[s] - reference[s]) for s in reference) <= 1e-6
     assert (out / "model" / "model.safetensors").exists()
+
+
+def test_a_plain_exception_on_one_rank_stops_every_rank_with_one_message(tiny_bert, tmp_path):
+    """A bug (not a user error) on rank 1 only, inside the start-up checks: both ranks exit within
+    seconds, non-zero, and the job prints one message (rank 0: the traceback and one error line)."""
+    start = time.monotonic()
+    results = run_ranks(FAULTY, opts(tiny_bert, tmp_path / "run", "--max_steps", "2"), world=2,
+                        rank_envs={1: {"RELBERT_DS_TEST_RAISE": "load"}}, timeout=240)
+    seconds = time.monotonic() - start
+    report = "\n".join(f"--- rank {r.rank} exit {r.returncode}\n{r.stderr[-2500:]}" for r in results)
+    assert [r.returncode for r in results] == [1, 1], report
+    assert seconds < 120, f"{seconds:.0f} s: a rank waited for its peer (the collective timeout is 30 min)"
+    errors = [line for r in results for line in (r.stdout + r.stderr).splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "rank 1: RuntimeError: injected fault" in errors[0], report
+    assert "Traceback" not in results[1].stderr and results[0].stderr.count("Traceback") == 1, report
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_unreachable_master_fails_within_the_connect_timeout(tiny_bert, tmp_path):

@@ -50,24 +50,60 @@ def test_precision_errors():
     assert precision == "bf16" and "slower" in why
 
 
-def test_batch_triad_derived_and_checked():
+def test_global_batch_resolution():
     ds = {}
-    assert resolve_batch(ds, "x", None, 4) == (8, 1) and ds["train_batch_size"] == 32
-    ds = {"train_batch_size": 64, "gradient_accumulation_steps": 2}
-    assert resolve_batch(ds, "x", None, 4) == (8, 2)
-    ds = {"train_batch_size": 48}
-    assert resolve_batch(ds, "x", 6, 4) == (6, 2)
-    ds = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto"}
-    assert resolve_batch(ds, "x", 3, 2) == (3, 1) and ds["train_batch_size"] == 6
-    with pytest.raises(ConfigError, match=r"train_batch_size 50 != 8 relation groups per rank x 1 .* set train_batch_size to 16"):
+    plan = resolve_batch(ds, "x", None, 4)
+    assert (plan.relations_per_step, plan.accumulation) == (16, 1)  # the default global batch
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (4, 1, 16)
+    # train_batch_size is global, like --relations_per_step: the world size does not change it
+    for world in (1, 2, 3, 8):
+        ds = {"train_batch_size": 64, "gradient_accumulation_steps": 2}
+        plan = resolve_batch(ds, "x", None, world)
+        assert (plan.relations_per_step, plan.accumulation) == (64, 2)
+        micro, accum, total = plan.deepspeed_triad
+        assert micro * accum * world == total  # what DeepSpeed asserts
+        assert (ds["train_micro_batch_size_per_gpu"], ds["train_batch_size"]) == (micro, total)
+    assert resolve_batch({"train_batch_size": "auto"}, "x", 48, 4).relations_per_step == 48
+    assert resolve_batch({"train_batch_size": 48}, "x", 48, 4).relations_per_step == 48
+    with pytest.raises(ConfigError, match="--relations_per_step 32 and train_batch_size 48 in ds.json disagree"):
+        resolve_batch({"train_batch_size": 48}, "ds.json", 32, 4)
+    # per-rank spellings still work, with a note that the batch then depends on the world size
+    legacy = resolve_batch({}, "x", None, 2, relations_per_rank=4)
+    assert legacy.relations_per_step == 8 and "deprecated" in legacy.notes[0]
+    per_gpu = resolve_batch({"train_micro_batch_size_per_gpu": 4}, "ds.json", None, 2)
+    assert per_gpu.relations_per_step == 8 and "grows with the world size" in per_gpu.notes[0]
+    with pytest.raises(ConfigError, match="disagree"):
+        resolve_batch({"train_micro_batch_size_per_gpu": 4}, "ds.json", None, 2, relations_per_rank=8)
+    with pytest.raises(ConfigError, match="both given"):
+        resolve_batch({}, "ds.json", 16, 2, relations_per_rank=8)
+    with pytest.raises(ConfigError, match=r"train_batch_size 50 != train_micro_batch_size_per_gpu 8 x 1"):
         resolve_batch({"train_batch_size": 50, "train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1},
                       "ds.json", None, 2)
-    # the micro batch is derived when only the total and accumulation are given
-    assert resolve_batch({"train_batch_size": 50, "gradient_accumulation_steps": 1}, "x", None, 2) == (25, 1)
-    with pytest.raises(ConfigError, match="disagree"):
-        resolve_batch({"train_micro_batch_size_per_gpu": 4}, "ds.json", 8, 2)
     with pytest.raises(ConfigError, match="positive integer"):
         resolve_batch({"gradient_accumulation_steps": 0}, "ds.json", None, 2)
+
+
+def test_schedule_and_loop_count_the_same_steps():
+    # relbert-ds 0.1 sized a linear schedule for micro_steps * epochs // accumulation but its loop
+    # dropped micro_steps % accumulation per epoch: 5 micro steps, accumulation 2, 10 epochs ->
+    # schedule 25, run 20, final lr 40% of peak. Now the sampler plans optimizer steps, and one
+    # StepPlan sizes both.
+    from relbert_ds.data import load_relation_dataset
+    from relbert_ds.sampler import RelationAwareSampler
+    from relbert_ds.schedule import plan_steps
+
+    run = RunConfig()
+    run.train.lr_schedule, run.train.epochs = "linear", 10
+    run.data.relations_per_step = 16
+    sampler = RelationAwareSampler(load_relation_dataset("semeval2012", "train"), world_size=2, rank=0,
+                                   relations_per_step=16, accumulation=2)
+    r = resolve_deepspeed_config(None, run, 2, sampler.steps_per_epoch, gpu=CPU)
+    assert r.steps == plan_steps(sampler.steps_per_epoch, 10, None)
+    assert r.schedule.total_steps == r.steps.total_steps == 5 * 10
+    assert r.schedule(r.steps.total_steps - 1) > 0 and r.schedule(r.steps.total_steps) == 0.0  # decays at the end
+    assert plan_steps(5, None, 7).total_steps == 7  # --max_steps alone: exactly that many
+    assert plan_steps(5, 2, 70).total_steps == 10  # both: the earlier end
+    assert plan_steps(5).total_steps == 50 and plan_steps(5, None, 7).position(7) == (1, 2)
 
 
 def test_optimizer_from_options_or_json_never_both(tmp_path):
@@ -99,7 +135,7 @@ def test_warmup_schedule_factors():
     run = RunConfig()
     run.train.lr_schedule, run.train.epochs = "linear", 3
     r = resolve_deepspeed_config(None, run, 2, 5, gpu=CPU)
-    assert r.schedule.total_steps == 15  # 5 micro steps x 3 epochs / 1 accumulation step
+    assert r.schedule.total_steps == 15  # 5 optimizer steps per epoch x 3 epochs
 
 
 def test_bad_json_files(tmp_path):
@@ -117,22 +153,65 @@ def test_run_config_validation_and_round_trip():
     from relbert_ds.config import build_train_parser, run_config_from_args
 
     args = build_train_parser().parse_args(["--loss", "triplet", "--analogy", "sat", "--no-tensorboard",
-                                            "--relations_per_rank", "4", "--local_rank=1"])
+                                            "--relations_per_step", "4", "--local_rank=1"])
     run = run_config_from_args(args).validate()
-    assert (run.train.loss, run.validation.analogy, run.train.tensorboard, run.data.relations_per_rank) == \
+    assert (run.train.loss, run.validation.analogy, run.train.tensorboard, run.data.relations_per_step) == \
         ("triplet", ["sat"], False, 4)
     assert RunConfig.from_dict(json.loads(json.dumps(run.to_dict()))) == run
     for field, value, message in (("loss", "mse", "--loss 'mse' is not one of"),
-                                  ("epochs", 0, "--epochs is 0"), ("temperature", 0.0, "must be > 0")):
+                                  ("epochs", 0, "--epochs is 0"), ("temperature", 0.0, "must be a number > 0"),
+                                  ("margin", -1.0, "--margin must be a number >= 0")):
         bad = RunConfig()
         setattr(bad.train, field, value)
         with pytest.raises(ConfigError, match=message):
             bad.validate()
     bad = RunConfig()
     bad.data.positives_per_relation = 1
-    with pytest.raises(ConfigError, match="--positives_per_relation is 1"):
+    with pytest.raises(ConfigError, match="--positives_per_relation must be an integer >= 2"):
         bad.validate()
     bad = RunConfig()
     bad.model.template = "<subj> only"
     with pytest.raises(ConfigError, match="no <obj>"):
         bad.validate()
+
+
+def test_config_replay_and_deepspeed_alias(tmp_path):
+    import yaml
+
+    from relbert_ds.config import parse_train_command
+
+    first = parse_train_command(["--loss", "triplet", "--relations_per_step", "24", "--lr", "1e-4",
+                                 "--analogy", "sat", "--deepspeed", "ds_configs/zero3.json"]).run
+    assert first.deepspeed_config == "ds_configs/zero3.json"  # Hugging Face's spelling of --deepspeed_config
+    saved = tmp_path / "config.json"
+    saved.write_text(json.dumps({**first.to_dict(), "resolved": {"world_size": 2}}))
+    replay = parse_train_command(["--config", str(saved)]).run
+    assert replay == first
+    # options on the command line win over the file
+    changed = parse_train_command(["--config", str(saved), "--lr", "5e-6", "--relations_per_step", "8"]).run
+    assert (changed.train.lr, changed.data.relations_per_step, changed.train.loss) == (5e-6, 8, "triplet")
+    as_yaml = tmp_path / "run.yaml"
+    as_yaml.write_text(yaml.safe_dump({"train": {"loss": "iloob", "max_steps": 3}, "data": {"train_data": "semeval2012"}}))
+    from_yaml = parse_train_command(["--config", str(as_yaml)]).run
+    assert (from_yaml.train.loss, from_yaml.train.max_steps, from_yaml.data.train_data) == ("iloob", 3, ["semeval2012"])
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    with pytest.raises(ConfigError, match="cannot be parsed"):
+        parse_train_command(["--config", str(bad)])
+    with pytest.raises(ConfigError, match="does not exist"):
+        parse_train_command(["--config", str(tmp_path / "none.json")])
+    with pytest.raises(ConfigError, match="two configs"):
+        parse_train_command(["--deepspeed", "a.json", "--deepspeed_config", "b.json"])
+    with pytest.raises(ConfigError, match="unrecognized arguments: --bogus; fix: see relbert-ds-train --help"):
+        parse_train_command(["--bogus"])
+    assert parse_train_command(["--deepspeed"]).run.deepspeed_config is None  # DeepSpeed's own bare flag
+
+
+def test_hf_auto_config_resolves_through_the_engine():
+    path = str(REPO / "ds_configs" / "hf_zero3_auto.json")
+    run = RunConfig()
+    run.train.lr = 1e-4  # fills the JSON's "lr": "auto": not a second source of the learning rate
+    r = resolve_deepspeed_config(path, run, 2, 5, gpu=CPU, hidden_size=384)
+    assert r.config["optimizer"]["params"]["lr"] == 1e-4
+    assert r.config["zero_optimization"]["reduce_bucket_size"] == 384 * 384
+    assert "auto" not in json.dumps(r.config)

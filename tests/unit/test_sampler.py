@@ -10,7 +10,7 @@ import torch
 
 from relbert_ds.data.schemas import RelationDataset, RelationGroup
 from relbert_ds.errors import CheckpointError, ConfigError
-from relbert_ds.sampler import LocalBatch, RelationAwareSampler, _splitmix64, mix_seed
+from relbert_ds.sampler import LocalBatch, RelationAwareSampler, _splitmix64, mix_seed, split_evenly
 
 TRAIN = Path(__file__).resolve().parents[2] / "relbert_ds" / "resources" / "data" / "semeval2012" / "train.jsonl"
 
@@ -52,7 +52,7 @@ def _sampler(rank: int = 0, world_size: int = 2, dataset: RelationDataset = SEME
 
 
 def _relations(plan) -> list[int]:
-    return [rel for rank in plan for rel, _, _ in rank]
+    return [rel for rel, _, _ in plan]
 
 
 def test_dataset_is_realistic():
@@ -70,30 +70,66 @@ def test_plans_identical_on_independently_built_ranks(tail, parent_grouping):
             assert ranks[0].plan(epoch, step) == ranks[1].plan(epoch, step)
 
 
-def test_union_of_rank_slices_is_the_plan():
-    world = 4
-    samplers = [_sampler(r, world, relations_per_rank=3) for r in range(world)]
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 8, 64])
+def test_plan_does_not_depend_on_the_world_size(world):
+    one = _sampler(0, 1, relations_per_step=16, accumulation=2)
+    many = _sampler(0, world, relations_per_step=16, accumulation=2)
+    assert one.steps_per_epoch == many.steps_per_epoch == 5  # ceil(79 / 16)
+    for step in range(one.steps_per_epoch):
+        assert one.plan(1, step) == many.plan(1, step)
+        for micro in range(2):
+            assert one.global_batch(1, step, micro).pairs == many.global_batch(1, step, micro).pairs
+
+
+@pytest.mark.parametrize("shard_by", ["prompt", "relation"])
+@pytest.mark.parametrize("world", [1, 2, 3, 5, 8])
+def test_union_of_rank_slices_is_the_global_batch(shard_by, world):
+    samplers = [_sampler(r, world, relations_per_step=12, accumulation=1, shard_by=shard_by) for r in range(world)]
     for step in range(samplers[0].steps_per_epoch):
-        plan = samplers[0].plan(1, step)
-        assert len(plan) == world
-        joined_pairs, joined_rel = [], []
-        for r, s in enumerate(samplers):
-            local = s.local_batch(1, step)
-            expected = s.batch_from_groups(plan[r], 1, step)
-            assert local.pairs == expected.pairs
-            assert torch.equal(local.relation_ids, expected.relation_ids)
-            assert (local.epoch, local.step) == (1, step)
-            joined_pairs += local.pairs
-            joined_rel += local.relation_ids.tolist()
-        whole = samplers[0].batch_from_groups([g for rank in plan for g in rank])
-        assert joined_pairs == whole.pairs
-        assert joined_rel == whole.relation_ids.tolist()
+        whole = samplers[0].global_batch(1, step)
+        parts = [s.local_batch(1, step) for s in samplers]
+        assert sum((p.pairs for p in parts), []) == whole.pairs
+        assert torch.equal(torch.cat([p.relation_ids for p in parts]), whole.relation_ids)
+        assert torch.equal(torch.cat([p.is_positive for p in parts]), whole.is_positive)
+        assert torch.equal(torch.cat([p.pair_ids for p in parts]), whole.pair_ids)
+        assert all((p.epoch, p.step, p.micro) == (1, step, 0) for p in parts)
+        sizes = [len(p) for p in parts]
+        if shard_by == "prompt":
+            assert max(sizes) - min(sizes) <= 1  # even prompt counts, a group may span ranks
+        else:  # whole groups per rank, group counts differing by at most one
+            groups = [len(set(p.relation_ids.tolist())) for p in parts]
+            assert max(groups) - min(groups) <= 1
+            for p in parts:
+                for rel in set(p.relation_ids.tolist()):
+                    assert int((whole.relation_ids == rel).sum()) == int((p.relation_ids == rel).sum())
+
+
+def test_split_evenly():
+    assert split_evenly(10, 3) == [(0, 4), (4, 7), (7, 10)]
+    assert split_evenly(3, 5) == [(0, 1), (1, 2), (2, 3), (3, 3), (3, 3)]
+    for n in range(30):
+        for parts in range(1, 9):
+            ranges = split_evenly(n, parts)
+            lengths = [b - a for a, b in ranges]
+            assert sum(lengths) == n and max(lengths) - min(lengths) <= 1
+            assert all(ranges[i][1] == ranges[i + 1][0] for i in range(parts - 1))
+
+
+def test_accumulation_splits_a_step_into_whole_groups():
+    s = _sampler(0, 2, relations_per_step=16, accumulation=3)
+    for step in range(s.steps_per_epoch):
+        plan = s.plan(0, step)
+        micro = [s.micro_plan(0, step, m) for m in range(3)]
+        assert [g for m in micro for g in m] == plan  # nothing dropped, nothing repeated
+        assert sorted(len(m) for m in micro) == [5, 5, 6]
+    with pytest.raises(ValueError, match="micro step 3"):
+        s.micro_plan(0, 0, 3)
 
 
 @pytest.mark.parametrize("tail", ["fill", "drop"])
 @pytest.mark.parametrize("parent_grouping", [False, True])
 def test_no_relation_twice_in_a_global_batch(tail, parent_grouping):
-    s = _sampler(0, 2, relations_per_rank=8, tail=tail, parent_grouping=parent_grouping)
+    s = _sampler(0, 2, relations_per_step=16, tail=tail, parent_grouping=parent_grouping)
     for epoch in range(4):
         for step in range(s.steps_per_epoch):
             rels = _relations(s.plan(epoch, step))
@@ -101,14 +137,15 @@ def test_no_relation_twice_in_a_global_batch(tail, parent_grouping):
             assert len(set(rels)) == 16, (epoch, step)
 
 
-def test_each_rank_gets_whole_groups():
-    R, m, k = 5, 8, 3
-    samplers = [_sampler(r, 3, relations_per_rank=R, positives_per_relation=m, negatives_per_relation=k) for r in range(3)]
+def test_relation_sharding_gives_whole_groups():
+    m, k = 8, 3
+    samplers = [_sampler(r, 3, relations_per_step=15, positives_per_relation=m, negatives_per_relation=k,
+                         shard_by="relation") for r in range(3)]
     for s in samplers:
         for step in range(s.steps_per_epoch):
             b = s.local_batch(0, step)
             rels = b.relation_ids.tolist()
-            assert len(set(rels)) == R
+            assert len(set(rels)) == 5
             # Whole groups, contiguous: each relation's positives, then its negatives.
             seen: list[int] = []
             for rel in rels:
@@ -120,24 +157,30 @@ def test_each_rank_gets_whole_groups():
                 group = SEMEVAL.relations[rel]
                 assert int((mine & b.is_positive).sum()) == min(m, len(group.positives))
                 assert int((mine & ~b.is_positive).sum()) == min(k, len(group.negatives))
-                first = rels.index(rel)
                 flags = b.is_positive[mine].tolist()
                 assert flags == sorted(flags, reverse=True), "positives come before negatives"
-                assert all(rels[first + i] == rel for i in range(int(mine.sum())))
 
 
 def test_steps_per_epoch_same_on_every_rank_and_tail_counts():
-    drop = [_sampler(r, 2, relations_per_rank=8, tail="drop") for r in range(2)]
-    fill = [_sampler(r, 2, relations_per_rank=8, tail="fill") for r in range(2)]
+    drop = [_sampler(r, 2, relations_per_step=16, tail="drop") for r in range(2)]
+    fill = [_sampler(r, 2, relations_per_step=16, tail="fill") for r in range(2)]
     assert [s.steps_per_epoch for s in drop] == [4, 4]  # 79 // 16
     assert [s.steps_per_epoch for s in fill] == [5, 5]  # ceil(79 / 16)
-    # world 4 x 4 relations: the same 16 relations per step
-    assert {_sampler(r, 4, relations_per_rank=4, tail="drop").steps_per_epoch for r in range(4)} == {4}
+    assert {_sampler(r, 4, relations_per_step=16, tail="drop").steps_per_epoch for r in range(4)} == {4}
+
+
+def test_fill_with_accumulation_still_covers_every_relation():
+    # relbert-ds 0.1 dropped the last micro step of an epoch when the micro steps did not divide
+    # by the accumulation: with accumulation 2 the filled tail step was lost (15 of 79 relations).
+    s = _sampler(0, 2, relations_per_step=16, accumulation=2, tail="fill")
+    for epoch in range(3):
+        seen = {g[0] for step in range(s.steps_per_epoch) for m in range(2) for g in s.micro_plan(epoch, step, m)}
+        assert seen == set(range(79))
 
 
 def test_drop_skips_the_leftover_and_fill_covers_every_relation():
-    drop = _sampler(0, 2, relations_per_rank=8, tail="drop")
-    fill = _sampler(0, 2, relations_per_rank=8, tail="fill")
+    drop = _sampler(0, 2, relations_per_step=16, tail="drop")
+    fill = _sampler(0, 2, relations_per_step=16, tail="fill")
     for epoch in range(2):
         order = fill.epoch_order(epoch)
         assert sorted(order) == list(range(79))
@@ -151,6 +194,27 @@ def test_drop_skips_the_leftover_and_fill_covers_every_relation():
         assert last[15] not in last[:15]
 
 
+def test_weights_change_how_often_a_relation_is_seen():
+    weights = [2.0] * 40 + [0.5] * 39
+    s = _sampler(0, 2, relations_per_step=16, relation_weights=weights)
+    assert s.slots_per_epoch == 80 + 20  # 40 x 2 + round(39 x 0.5)
+    assert s.steps_per_epoch == 7
+    counts = [0] * 79
+    for epoch in range(6):
+        for step in range(s.steps_per_epoch):
+            rels = _relations(s.plan(epoch, step))
+            assert len(set(rels)) == 16  # never twice in one step
+            for r in rels:
+                counts[r] += 1
+    heavy, light = sum(counts[:40]) / (40 * 6), sum(counts[40:]) / (39 * 6)
+    assert heavy >= 2.0 and 0.4 < light < 0.9 and heavy / light > 2.5
+    assert _sampler(0, 2, relations_per_step=16, relation_weights=[1.0] * 79).weights is None  # uniform = none
+    with pytest.raises(ConfigError, match="not a positive number"):
+        _sampler(0, 2, relation_weights=[0.0] * 79)
+    with pytest.raises(ConfigError, match="one weight per relation"):
+        _sampler(0, 2, relation_weights=[1.0] * 3)
+
+
 def test_determinism_and_variation():
     a, b = _sampler(0, 2, seed=7), _sampler(1, 2, seed=7)
     assert a.plan(2, 3) == b.plan(2, 3)
@@ -159,8 +223,8 @@ def test_determinism_and_variation():
     assert a.plan(0, 0) != a.plan(1, 0)
     assert a.epoch_order(0) != a.epoch_order(1)
     # Pair subsets vary with the step when a relation has more pairs than taken.
-    s = _sampler(0, 1, dataset=_synthetic(), relations_per_rank=12, positives_per_relation=4, negatives_per_relation=2)
-    per_step = {tuple(tuple(g[1]) for g in sorted(s.plan(e, 0)[0])) for e in range(5)}
+    s = _sampler(0, 1, dataset=_synthetic(), relations_per_step=12, positives_per_relation=4, negatives_per_relation=2)
+    per_step = {tuple(tuple(g[1]) for g in sorted(s.plan(e, 0))) for e in range(5)}
     assert len(per_step) > 1
 
 
@@ -175,14 +239,13 @@ def test_seed_mixing_is_a_fixed_function():
 
 def test_pairs_are_subsets_without_replacement():
     ds = _synthetic()
-    s = _sampler(0, 2, dataset=ds, relations_per_rank=3, positives_per_relation=6, negatives_per_relation=3)
+    s = _sampler(0, 2, dataset=ds, relations_per_step=6, positives_per_relation=6, negatives_per_relation=3)
     for epoch in range(3):
         for step in range(s.steps_per_epoch):
-            for rank in s.plan(epoch, step):
-                for rel, pos, neg in rank:
-                    assert len(pos) == len(set(pos)) == 6
-                    assert len(neg) == len(set(neg)) == 3
-                    assert all(0 <= i < 20 for i in pos) and all(0 <= i < 5 for i in neg)
+            for rel, pos, neg in s.plan(epoch, step):
+                assert len(pos) == len(set(pos)) == 6
+                assert len(neg) == len(set(neg)) == 3
+                assert all(0 <= i < 20 for i in pos) and all(0 <= i < 5 for i in neg)
             b = s.local_batch(epoch, step)
             for pair, rel, positive in zip(b.pairs, b.relation_ids.tolist(), b.is_positive.tolist()):
                 group = ds.relations[rel]
@@ -190,7 +253,7 @@ def test_pairs_are_subsets_without_replacement():
 
 
 def test_min_of_requested_and_available():
-    s = _sampler(0, 1, relations_per_rank=4, positives_per_relation=100, negatives_per_relation=100)
+    s = _sampler(0, 1, relations_per_step=4, positives_per_relation=100, negatives_per_relation=100)
     b = s.local_batch(0, 0)
     for rel in set(b.relation_ids.tolist()):
         mine = b.relation_ids == rel
@@ -200,7 +263,7 @@ def test_min_of_requested_and_available():
 
 def test_pair_ids_identify_strings_across_relations():
     ds = _synthetic()
-    s = _sampler(0, 1, dataset=ds, relations_per_rank=12, positives_per_relation=20, negatives_per_relation=5)
+    s = _sampler(0, 1, dataset=ds, relations_per_step=12, positives_per_relation=20, negatives_per_relation=5)
     b = s.local_batch(0, 0)  # every pair of the dataset
     by_pair: dict = {}
     for pair, pid in zip(b.pairs, b.pair_ids.tolist()):
@@ -210,7 +273,7 @@ def test_pair_ids_identify_strings_across_relations():
     dup = [pid for pair, pid in zip(b.pairs, b.pair_ids.tolist()) if pair == ("h0_0", "t0_0")]
     assert len(dup) == 2 and dup[0] == dup[1]
     # SemEval lists ("clothing", "shirt") as a positive of both 1a and 1b.
-    sem = _sampler(0, 1, relations_per_rank=79, positives_per_relation=10, tail="drop")
+    sem = _sampler(0, 1, relations_per_step=79, positives_per_relation=10, tail="drop")
     whole = sem.local_batch(0, 0)
     ids = {pid for pair, pid in zip(whole.pairs, whole.pair_ids.tolist()) if pair == ("clothing", "shirt")}
     rels = {whole.relation_ids[i].item() for i, p in enumerate(whole.pairs) if p == ("clothing", "shirt")}
@@ -219,18 +282,18 @@ def test_pair_ids_identify_strings_across_relations():
 
 
 def test_parent_ids_index_parent_names():
-    s = _sampler(0, 2, relations_per_rank=8)
+    s = _sampler(0, 2, relations_per_step=16)
     assert s.parent_names == [str(i) for i in range(1, 11)]
     b = s.local_batch(0, 0)
     for rel, pid in zip(b.relation_ids.tolist(), b.parent_ids.tolist()):
         assert s.parent_names[pid] == SEMEVAL.relations[rel].parent
     no_parent = _synthetic(parents=0)
-    nb = _sampler(0, 1, dataset=no_parent, relations_per_rank=4).local_batch(0, 0)
+    nb = _sampler(0, 1, dataset=no_parent, relations_per_step=4).local_batch(0, 0)
     assert set(nb.parent_ids.tolist()) == {-1}
 
 
 def test_parent_grouping_keeps_siblings_adjacent():
-    s = _sampler(0, 2, relations_per_rank=8, parent_grouping=True)
+    s = _sampler(0, 2, relations_per_step=16, parent_grouping=True)
     for epoch in range(3):
         order = s.epoch_order(epoch)
         assert sorted(order) == list(range(79))
@@ -241,80 +304,75 @@ def test_parent_grouping_keeps_siblings_adjacent():
         flat = [r for step in range(s.steps_per_epoch - 1) for r in _relations(s.plan(epoch, step))]
         assert flat == order[: len(flat)]
     assert s.epoch_order(0) != s.epoch_order(1)
-    plain = _sampler(0, 2, relations_per_rank=8).epoch_order(0)
+    plain = _sampler(0, 2, relations_per_step=16).epoch_order(0)
     parents = [SEMEVAL.relations[i].parent for i in plain]
     assert len([p for i, p in enumerate(parents) if i == 0 or parents[i - 1] != p]) > 10
 
 
 def test_local_batch_shapes_and_types():
-    b = _sampler(1, 2, relations_per_rank=2, positives_per_relation=3, negatives_per_relation=2).local_batch(0, 1)
+    b = _sampler(1, 2, relations_per_step=4, positives_per_relation=3, negatives_per_relation=2).local_batch(0, 1)
     assert isinstance(b, LocalBatch)
     assert len(b) == len(b.pairs) == 2 * (3 + 2)
     for t, dtype in ((b.relation_ids, torch.long), (b.is_positive, torch.bool), (b.parent_ids, torch.long), (b.pair_ids, torch.long)):
         assert t.dtype == dtype and t.shape == (10,)
 
 
-def test_advance_rolls_over_epochs():
-    s = _sampler(0, 2, relations_per_rank=8, tail="drop")
-    assert s.position == (0, 0)
-    seen = [s.advance() for _ in range(9)]
-    assert seen[:4] == [(0, 1), (0, 2), (0, 3), (1, 0)]
-    assert s.position == (2, 1)
-
-
-def test_state_dict_round_trip():
-    s = _sampler(1, 2, relations_per_rank=8, seed=3, parent_grouping=True)
-    for _ in range(7):
-        s.advance()
+def test_state_round_trip_and_position_check():
+    s = _sampler(1, 2, relations_per_step=16, seed=3, parent_grouping=True)
     state = json.loads(json.dumps(s.state_dict()))  # plain JSON-able types
-    fresh = _sampler(1, 2, relations_per_rank=8, seed=3, parent_grouping=True)
-    fresh.load_state_dict(state)
-    assert fresh.position == s.position == (1, 2)
-    e, st = fresh.position
-    assert fresh.local_batch(e, st).pairs == s.local_batch(e, st).pairs
-    # rank is not part of the fingerprint: rank 0 may load rank 1's state
-    other_rank = _sampler(0, 2, relations_per_rank=8, seed=3, parent_grouping=True)
-    other_rank.load_state_dict(state)
-    assert other_rank.position == (1, 2)
+    _sampler(1, 2, relations_per_step=16, seed=3, parent_grouping=True).check_state(state)
+    # neither the rank nor the world size is part of the fingerprint: the plan does not depend on them
+    _sampler(0, 4, relations_per_step=16, seed=3, parent_grouping=True).check_state(state)
+    s.check_position(1, 4)
+    with pytest.raises(CheckpointError, match="outside this run's 5 steps per epoch"):
+        s.check_position(1, 5)
 
 
-def test_state_dict_fingerprint_mismatch():
-    state = _sampler(0, 4, relations_per_rank=4).state_dict()
-    with pytest.raises(CheckpointError, match="world size 4, this run has 2: resume with the same number of ranks"):
-        _sampler(0, 2, relations_per_rank=4).load_state_dict(state)
-    with pytest.raises(CheckpointError, match="seed = 0, this run has 1"):
-        _sampler(0, 4, relations_per_rank=4, seed=1).load_state_dict(state)
-    with pytest.raises(CheckpointError, match="relations per rank = 4, this run has 5"):
-        _sampler(0, 4, relations_per_rank=5).load_state_dict(state)
+def test_state_fingerprint_mismatch():
+    state = _sampler(0, 4, relations_per_step=16).state_dict()
+    with pytest.raises(CheckpointError, match="--seed = 0, this run has 1; fix: resume with --seed = 0"):
+        _sampler(0, 4, relations_per_step=16, seed=1).check_state(state)
+    with pytest.raises(CheckpointError, match="--relations_per_step = 16, this run has 20"):
+        _sampler(0, 4, relations_per_step=20).check_state(state)
+    with pytest.raises(CheckpointError, match="gradient_accumulation_steps = 1, this run has 2"):
+        _sampler(0, 4, relations_per_step=16, accumulation=2).check_state(state)
     changed = RelationDataset("semeval2012", "train", SEMEVAL.relations[:-1] + (
         RelationGroup("10d", SEMEVAL.relations[-1].positives[:-1], SEMEVAL.relations[-1].negatives, "10"),))
     with pytest.raises(CheckpointError, match="different training data"):
-        RelationAwareSampler(changed, world_size=4, rank=0, relations_per_rank=4).load_state_dict(state)
+        RelationAwareSampler(changed, world_size=4, rank=0, relations_per_step=16).check_state(state)
     with pytest.raises(CheckpointError, match="no sampler state"):
-        _sampler(0, 4, relations_per_rank=4).load_state_dict({"epoch": 3})
+        _sampler(0, 4, relations_per_step=16).check_state({"epoch": 3})
 
 
-def test_relations_exceed_dataset_error():
+def test_relations_exceed_dataset_and_world_size_limits():
     with pytest.raises(ConfigError) as err:
-        _sampler(0, 2, relations_per_rank=40)
+        _sampler(0, 2, relations_per_step=80)
     assert str(err.value) == (
-        "relations_per_rank x world size = 80 exceeds the 79 relations of semeval2012/train; "
-        "lower relations_per_rank to at most 39"
-    )
-    with pytest.raises(ConfigError, match="use at most 79 ranks"):
-        _sampler(0, 80, relations_per_rank=1)
+        "--relations_per_step 80 exceeds the 79 relations of semeval2012/train (a global batch holds each relation "
+        "at most once); fix: use --relations_per_step 79 or less (more ranks can share a smaller batch: it is "
+        "divided by prompts)")
+    # any world size up to the prompts of a micro step runs: 2 relations of >= 2 prompts each = 4 ranks
+    small = _sampler(3, 4, relations_per_step=2, positives_per_relation=2, negatives_per_relation=0)
+    assert len(small.local_batch(0, 0)) == 1
+    with pytest.raises(ConfigError, match="fewer than the 5 ranks"):
+        _sampler(0, 5, relations_per_step=2, positives_per_relation=2, negatives_per_relation=0)
+    with pytest.raises(ConfigError, match="--shard_by relation needs a whole relation per rank"):
+        _sampler(0, 8, relations_per_step=4, shard_by="relation")
+    with pytest.raises(ConfigError, match="cannot split a global batch of 2 relations"):
+        _sampler(0, 1, relations_per_step=2, accumulation=3)
 
 
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(relations_per_rank=0), "relations_per_rank must be an integer >= 1"),
-        (dict(positives_per_relation=1), "positives_per_relation must be an integer >= 2"),
-        (dict(negatives_per_relation=-1), "negatives_per_relation must be an integer >= 0"),
-        (dict(tail="pad"), "tail must be one of fill, drop"),
+        (dict(relations_per_step=0), "--relations_per_step must be an integer >= 1"),
+        (dict(positives_per_relation=1), "--positives_per_relation must be an integer >= 2"),
+        (dict(negatives_per_relation=-1), "--negatives_per_relation must be an integer >= 0"),
+        (dict(tail="pad"), "--tail 'pad' is not one of fill, drop"),
+        (dict(shard_by="pair"), "--shard_by 'pair' is not one of prompt, relation"),
         (dict(rank=2), "rank must be in 0..1"),
         (dict(world_size=0), "world size must be an integer >= 1"),
-        (dict(seed="x"), "seed must be an integer"),
+        (dict(seed="x"), "--seed must be an integer"),
     ],
 )
 def test_knob_errors(kwargs, message):
@@ -325,6 +383,6 @@ def test_knob_errors(kwargs, message):
 
 
 def test_step_outside_epoch():
-    s = _sampler(0, 2, relations_per_rank=8, tail="drop")
+    s = _sampler(0, 2, relations_per_step=16, tail="drop")
     with pytest.raises(ValueError, match="outside the epoch"):
         s.plan(0, 4)
