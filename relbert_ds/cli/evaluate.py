@@ -151,21 +151,16 @@ class ResolvedModel:
 
 def looks_like_deepspeed_checkpoint(path: Path) -> bool:
     """A trainer run folder, its ``checkpoints`` folder, or one ``global_step<N>`` tag folder."""
-    if not path.is_dir():
-        return False
-    candidates = [path, path / "checkpoints"]
-    for c in candidates:
-        if (c / "latest").is_file() or any(c.glob("global_step*")) or any(c.glob("*model_states.pt")):
-            return True
-    return False
+    from relbert_ds.run_directory import RunDirectory
+
+    return RunDirectory(path).looks_like_checkpoint()
 
 
 def looks_like_run_directory(path: Path) -> bool:
     """A trainer's output folder: checkpoints and the run's history next to its config."""
-    from relbert_ds import checkpointing
+    from relbert_ds.run_directory import RunDirectory
 
-    return path.is_dir() and (path / checkpointing.CHECKPOINTS).is_dir() and (
-        (path / "history.jsonl").is_file() or (path / "ds_config.json").is_file())
+    return RunDirectory(path).is_run_directory()
 
 
 def resolve_model(spec: str, template: Optional[str] = None, pooling: Optional[str] = None,
@@ -182,12 +177,14 @@ def resolve_model(spec: str, template: Optional[str] = None, pooling: Optional[s
     from relbert_ds import backbones, checkpointing
     from relbert_ds.encoder import read_relbert_config
     from relbert_ds.prompts import resolve_template
+    from relbert_ds.run_directory import RunDirectory
 
     path = Path(spec).expanduser()
     if looks_like_run_directory(path):
+        run = RunDirectory(path)
         raise ModelError(f"{spec} is a relbert-ds training run, which holds several models; fix: pass "
-                         f"{path / 'best_model'} (the epoch chosen on validation), {path / 'model'} (the last "
-                         f"epoch) or {path / checkpointing.CHECKPOINTS} (its latest checkpoint)")
+                         f"{run.best_model} (the epoch chosen on validation), {run.model} (the last "
+                         f"epoch) or {run.checkpoints} (its latest checkpoint)")
     if looks_like_deepspeed_checkpoint(path) and not (path / "config.json").is_file():
         tag_dir = checkpointing.resolve_tag_dir(path)
         meta = checkpointing.read_meta(tag_dir)

@@ -6,6 +6,7 @@ import hashlib
 import itertools
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -524,3 +525,184 @@ def test_trained_model_keeps_its_prompt_unless_overridden(tiny_bert, tmp_path):
     assert forced.load().template == TEMPLATES["a"]
     # a plain backbone takes any prompt (zero-shot)
     assert not cli.resolve_model(tiny_bert, template="a").trained
+
+
+# --------------------------------------------------------------------------- encoding once, vector cache
+
+
+def _without_timing(res: dict) -> dict:
+    out = {k: v for k, v in res.items() if k not in ("timing", "cache_hit", "cache_file")}
+    out["classification"] = {k: {m: v for m, v in e.items() if m != "time_s"} for k, e in res["classification"].items()}
+    return out
+
+
+def test_classification_prompts_both_directions_encoded_once(tmp_path):
+    tasks = _runner_case(tmp_path)
+    enc = FakeEncoder()
+    runner.evaluate_tasks(enc, tasks, max_iter=5)
+    embedded = [p for call in enc.calls for p in call]
+    assert len(embedded) == len(set(embedded))  # nothing encoded twice
+    data, _ = tasks.classification[0]
+    for split in ("train", "validation", "test"):
+        for p in data.splits[split]:
+            assert (p.head, p.tail) in embedded and (p.tail, p.head) in embedded
+
+
+def test_vector_cache_second_run_does_not_encode_and_gives_the_same_metrics(tmp_path):
+    tasks = _runner_case(tmp_path)
+    cache = tmp_path / "cache"
+    first_encoder = FakeEncoder()
+    first = runner.evaluate_tasks(first_encoder, tasks, max_iter=20, cache_dir=cache)
+    assert first["cache_hit"] is False and first_encoder.calls
+    files = list(cache.glob("*.npz"))
+    assert len(files) == 1 and str(files[0]) == first["cache_file"]
+    second_encoder = FakeEncoder()
+    second = runner.evaluate_tasks(second_encoder, tasks, max_iter=20, cache_dir=cache, probe="sklearn")
+    assert second["cache_hit"] is True and second_encoder.calls == []  # not one forward
+    third = runner.evaluate_tasks(FakeEncoder(), tasks, max_iter=20, cache_dir=cache)
+    assert _without_timing(third) == _without_timing(first)
+    assert second["analogy"] == first["analogy"] and second["classification"]["cls/test"]["probe"] == "sklearn"
+
+
+def test_corrupt_or_foreign_cache_file_is_ignored_with_a_warning(tmp_path):
+    tasks = _runner_case(tmp_path)
+    cache = tmp_path / "cache"
+    reference = runner.evaluate_tasks(FakeEncoder(), tasks, max_iter=10, cache_dir=cache)
+    path = Path(reference["cache_file"])
+    path.write_bytes(path.read_bytes()[:100])  # truncated, as by an interrupted copy
+    enc = FakeEncoder()
+    with pytest.warns(UserWarning, match="unreadable vector cache file"):
+        again = runner.evaluate_tasks(enc, tasks, max_iter=10, cache_dir=cache)
+    assert enc.calls and _without_timing(again) == _without_timing(reference)
+    # A well-formed file under the wrong key (copied by hand) is refused too, then rewritten.
+    from relbert_ds.evaluation.cache import VectorCache
+
+    np.savez(path, table=np.zeros((3, 8), np.float32), key=np.array(json.dumps({"key": "other"})))
+    with pytest.warns(UserWarning, match="do not match its key"):
+        assert VectorCache(cache).load(json.loads(json.dumps({**_key(tasks), "key": path.stem}))) is None
+
+
+def _key(tasks):
+    from relbert_ds.evaluation.cache import cache_key
+
+    return cache_key(FakeEncoder(), tasks.pairs())
+
+
+def test_cache_key_follows_weights_prompt_and_pairs():
+    from relbert_ds.evaluation.cache import cache_key, model_fingerprint
+
+    a, b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    b.load_state_dict(a.state_dict())
+    assert model_fingerprint(a) == model_fingerprint(b)
+    with torch.no_grad():
+        b.weight[0, 0] += 1e-3
+    assert model_fingerprint(a) != model_fingerprint(b)
+    pairs = [("a", "b"), ("c", "d")]
+    base = cache_key(a, pairs)
+    a.template, a.pooling, a.max_length = "t", "average", 64
+    assert cache_key(a, pairs)["key"] != base["key"]
+    assert cache_key(a, pairs[::-1])["key"] != cache_key(a, pairs)["key"]
+    a.max_length = 32
+    assert cache_key(a, pairs)["key"] != cache_key(b, pairs)["key"]
+
+
+# --------------------------------------------------------------------------- summed (relbert) features
+
+
+def test_sum_features_are_relbert_summed_pooling(minilm):
+    pairs = [("cat", "animal"), ("paris", "france"), ("hydrogen", "element")]
+    counts = runner.pooled_token_counts(minilm, pairs)
+    with torch.no_grad():
+        tokens = minilm.tokenize(pairs)
+        hidden = minilm.backbone(**tokens).last_hidden_state
+    # average_no_mask: every prompt token except the template's mask token (template d has one).
+    keep = tokens["attention_mask"].bool() & (tokens["input_ids"] != minilm.tokenizer.mask_token_id)
+    assert counts.tolist() == keep.sum(1).tolist() and keep.sum() < tokens["attention_mask"].sum()
+    summed = (hidden * keep.unsqueeze(2)).sum(1).numpy()  # relbert: the sum of the token vectors
+    mean = minilm.encode(pairs)
+    assert np.allclose(mean * counts[:, None], summed, rtol=1e-4, atol=1e-4)
+    scaled = classification.scale_by_counts(lambda q: minilm.encode(q),
+                                            lambda q: runner.pooled_token_counts(minilm, q))
+    assert np.allclose(scaled(pairs), summed, rtol=1e-4, atol=1e-4)
+
+
+def test_probe_and_features_are_reported_in_json_and_table(tmp_path):
+    tasks = _runner_case(tmp_path)
+    res = runner.evaluate_tasks(FakeEncoder(), tasks, max_iter=5, probe="sklearn")
+    assert res["probe"] == {"implementation": "sklearn", "features": "mean", "device": "cpu"}
+    assert "sklearn probe on cpu" in runner.markdown_table({"model": res})
+    with pytest.raises(ConfigError, match="features 'sum' need the encoder's tokenizer"):
+        runner.evaluate_tasks(FakeEncoder(), tasks, max_iter=5, probe_features="sum")
+
+
+# --------------------------------------------------------------------------- the paper's sets by name
+
+
+def _hub_copy(root, with_validation=True):
+    """Small local copies of hub datasets, laid out as <root>/<owner>/<name>/<config>/<split>.jsonl."""
+    from relbert_ds.data.sources import PAPER_ANALOGY, PAPER_CLASSIFICATION
+
+    q = {"stem": ["a", "b"], "choice": [["c", "d"], ["a", "b"]], "answer": 1, "prefix": ""}
+    for label in PAPER_ANALOGY:
+        hub_id, config = label.split(":")
+        for split in ("validation", "test"):
+            _write_jsonl(root / hub_id / config / f"{split}.jsonl", [q, {**q, "stem": ["e", config]}])
+    for label in PAPER_CLASSIFICATION:
+        hub_id, config = label.split(":")
+        splits = ("train", "validation", "test") if with_validation or config != "CogALexV" else ("train", "test")
+        for split in splits:
+            _write_jsonl(root / hub_id / config / f"{split}.jsonl",
+                         [{"head": f"{config}{split}{i}", "tail": f"t{i}", "relation": "ab"[i % 2]} for i in range(8)])
+
+
+def test_paper_sets_by_name_and_hub_id_from_a_data_dir(tmp_path, monkeypatch):
+    root = tmp_path / "hub"
+    _hub_copy(root, with_validation=False)
+    tasks = runner.prepare_tasks(analogy=["scan", "relbert/analogy_questions:t_rex_relational_similarity"],
+                                 classification=["CogALexV", "relbert/lexical_relation_classification:ROOT09"],
+                                 data_dir=root)
+    assert [d.name for d in tasks.analogy] == ["scan", "relbert/analogy_questions:t_rex_relational_similarity"]
+    assert tasks.analogy[0].source == str(root.resolve() / "relbert/analogy_questions/scan/test.jsonl")
+    assert [d.name for d, _ in tasks.classification] == ["CogALexV", "relbert/lexical_relation_classification:ROOT09"]
+    # The environment variable does the same as the argument.
+    monkeypatch.setenv("RELBERT_DS_DATA", str(root))
+    assert runner.prepare_tasks(analogy="none", classification=["cogalex-v"]).classification[0][0].name == "CogALexV"
+    # CogALex-V has no validation split: the default grid point, and the table says so.
+    res = runner.evaluate_tasks(FakeEncoder(), tasks, max_iter=5)
+    cogalex = res["classification"]["CogALexV/test"]
+    assert cogalex["selected_on"] is None and cogalex["default_reason"] == "no validation split"
+    assert res["classification"]["relbert/lexical_relation_classification:ROOT09/test"]["selected_on"] == "validation"
+    table = runner.markdown_table({"model": res})
+    assert "| classification | CogALexV | test | f1_macro | 8 |" in table
+    assert "(default grid point: no validation split)" in table
+
+
+def test_preset_paper_selects_every_set(tmp_path):
+    from relbert_ds.cli import evaluate as cli
+    from relbert_ds.data.sources import PAPER_ANALOGY, PAPER_CLASSIFICATION
+
+    assert len(PAPER_ANALOGY) == 9 and len(PAPER_CLASSIFICATION) == 5
+    _hub_copy(tmp_path / "hub")
+    args = cli.parse_args(["--model", "m", "--preset", "paper", "--data_dir", str(tmp_path / "hub")])
+    assert args.preset == "paper" and args.probe == "torch" and args.probe_features == "mean"
+    tasks = runner.prepare_tasks(analogy=PAPER_ANALOGY, classification=PAPER_CLASSIFICATION,
+                                 data_dir=tmp_path / "hub")
+    assert len(tasks.analogy) == 9 and len(tasks.classification) == 5
+    assert {d.name.split(":")[1] for d in tasks.analogy} >= {"sat", "scan", "nell_relational_similarity"}
+
+
+def test_named_hub_set_missing_offline_is_one_line_naming_the_layout(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'relbert/analogy_questions' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    monkeypatch.delenv("RELBERT_DS_DATA", raising=False)
+    with pytest.raises(DataError) as exc:
+        runner.prepare_tasks(analogy=["scan"], classification="none", data_dir=tmp_path)
+    message = str(exc.value)
+    assert "\n" not in message and "OfflineModeIsEnabled" in message
+    assert f"{tmp_path}/relbert/analogy_questions/scan/<split>.jsonl" in message
+    with pytest.raises(DataError, match=r"\$RELBERT_DS_DATA/relbert/lexical_relation_classification/EVALution"):
+        runner.prepare_tasks(analogy="none", classification=["EVALution"])
