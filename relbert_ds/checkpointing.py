@@ -1,41 +1,35 @@
 """Checkpoints of a training run: DeepSpeed's engine state plus what relbert-ds needs to
 continue exactly (sampler position, per-rank RNG states, best-so-far, history).
 
-Layout: ``<run>/checkpoints/global_step<N>/`` (DeepSpeed's files + ``rng_state_rank<r>.pt`` +
-``relbert_ds_checkpoint.json``, written last as the completeness marker) and
-``<run>/checkpoints/latest`` (the tag, replaced atomically only after every rank has finished
-writing). A kill at any point therefore leaves ``latest`` naming a complete checkpoint.
+Layout (names in :mod:`relbert_ds.run_directory`): ``<run>/checkpoints/global_step<N>/``
+(DeepSpeed's files + ``rng_state_rank<r>.pt`` + ``relbert_ds_checkpoint.json``, written last as
+the completeness marker, with the size of every file) and ``<run>/checkpoints/latest`` (the tag,
+replaced atomically only after every rank has finished writing). A kill at any point therefore
+leaves ``latest`` naming a complete checkpoint.
+
+A write that fails (a full disk, a quota, an I/O error) on any rank does not stop that rank in the
+middle of DeepSpeed's collective save: the failure is recorded, the save runs to its end on every
+rank, the ranks exchange what failed, rank 0 removes the partial folder, and every rank raises the
+same one-line error (``latest`` keeps naming the previous checkpoint).
 """
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
 
 from relbert_ds import distributed
 from relbert_ds.config import write_json
-from relbert_ds.errors import CheckpointError
-
-CHECKPOINTS = "checkpoints"
-LATEST = "latest"
-MARKER = "relbert_ds_checkpoint.json"
-
-
-def tag_for(step: int) -> str:
-    return f"global_step{step}"
-
-
-def _step_of(tag_dir: Path) -> int:
-    try:
-        return int(tag_dir.name.removeprefix("global_step"))
-    except ValueError:
-        return -1
+from relbert_ds.errors import CheckpointError, DiskFullError
+from relbert_ds.run_directory import (CHECKPOINTS, LATEST, MARKER, RunDirectory, describe_bytes, folder_size,
+                                      is_write_failure, read_latest, says_disk_full, step_of, tag_for)
 
 
 def rng_state() -> dict[str, Any]:
@@ -62,59 +56,224 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+@dataclass
+class _WriteFailure:
+    """One rank's failed write: what, why, and the room left when it failed."""
+    rank: int
+    path: str
+    error: str
+    disk_full: bool
+    free: int
+
+
+def estimate_checkpoint_bytes(engine: Any, run: RunDirectory) -> int:
+    """About how many bytes the next checkpoint takes: the newest complete one's size, else the
+    engine's state (module states in their dtype + fp32 master weights and two Adam moments)."""
+    previous = latest_complete(run.path)
+    if previous is not None:
+        return folder_size(previous)
+    params = list(engine.module.parameters()) if hasattr(engine, "module") else []
+    numel = sum(int(getattr(p, "ds_numel", p.numel())) for p in params)
+    module_bytes = sum(int(getattr(p, "ds_numel", p.numel())) * p.element_size() for p in params)
+    return module_bytes + 12 * numel
+
+
+def _free_bytes(path: Path) -> int:
+    """Free bytes on the file system of ``path`` (or of its nearest existing parent)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def _no_room_message(tag_dir: Path, needed: int, free: int, keep_last: int, when: str) -> str:
+    latest = read_latest(tag_dir.parent)
+    kept = f"{LATEST} still names {latest}" if latest else f"no {LATEST} was written"
+    less = (f"; --keep_last 1 needs less: one checkpoint kept instead of {keep_last}" if keep_last > 1 else "")
+    return (f"no room for checkpoint {tag_dir} {when}: it needs about {describe_bytes(needed)}, "
+            f"{describe_bytes(free)} free; {kept}; fix: free space on that file system or point --output_dir "
+            f"elsewhere{less}")
+
+
+def check_free_space(tag_dir: Path, needed: int, keep_last: int) -> None:
+    """Refuse to start writing a checkpoint that cannot fit (raises :class:`DiskFullError`)."""
+    free = _free_bytes(tag_dir.parent)
+    if tag_dir.is_dir():  # re-saving a step: its old files are replaced
+        free += folder_size(tag_dir)
+    if free < needed:
+        raise DiskFullError(_no_room_message(tag_dir, needed, free, keep_last, "(nothing was written)"))
+
+
+@contextlib.contextmanager
+def _recording_engine_writes(engine: Any, failures: list[_WriteFailure], needed: int) -> Iterator[None]:
+    """While DeepSpeed saves, a failed file write is recorded instead of raised, so that the rank
+    goes on through the rest of DeepSpeed's collective save (a rank that left it would leave its
+    peers waiting in its final barrier)."""
+    checkpoint_engine = getattr(engine, "checkpoint_engine", None)
+    if checkpoint_engine is None or not hasattr(checkpoint_engine, "save"):
+        yield
+        return
+    real_save = checkpoint_engine.save
+
+    def save(state_dict: Any, path: str, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return real_save(state_dict, path, *args, **kwargs)
+        except (OSError, RuntimeError) as exc:
+            if not is_write_failure(exc):
+                raise
+            failures.append(_failure(Path(path), exc, needed))
+            return None
+
+    checkpoint_engine.save = save
+    try:
+        yield
+    finally:
+        checkpoint_engine.save = real_save
+
+
+def _failure(path: Path, exc: BaseException, needed: int) -> _WriteFailure:
+    free = _free_bytes(path.parent)
+    # torch.save words a full disk in several ways (or not at all): little room left says it too.
+    full = says_disk_full(exc) or free < max(needed // 10, 1 << 20)
+    return _WriteFailure(distributed.rank(), str(path), f"{type(exc).__name__}: {exc}", full, free)
+
+
+def _gather_failures(own: list[_WriteFailure]) -> list[_WriteFailure]:
+    """Every rank's failed writes, on every rank (one exchange: also the barrier after the save)."""
+    if distributed.world_size() == 1:
+        return list(own)
+    import torch.distributed as dist
+
+    gathered: list = [None] * distributed.world_size()
+    dist.all_gather_object(gathered, [vars(f) for f in own])
+    return [_WriteFailure(**f) for per_rank in gathered for f in per_rank]
+
+
 def save_checkpoint(engine: Any, run_dir: Path, step: int, client_state: dict[str, Any], meta: dict[str, Any],
                     keep_last: int) -> Path:
-    """Every rank calls this (DeepSpeed's save is collective; rank-0-only saving deadlocks)."""
-    root = run_dir / CHECKPOINTS
+    """Every rank calls this (DeepSpeed's save is collective; rank-0-only saving deadlocks).
+
+    Raises :class:`DiskFullError` on every rank when the checkpoint does not fit (checked before
+    writing from the previous checkpoint's size, and on a failed write), and
+    :class:`CheckpointError` for any other failed write; either way the partial folder is gone
+    and ``latest`` is unchanged.
+    """
+    run = RunDirectory(run_dir)
+    root = run.checkpoints
     tag = tag_for(step)
     tag_dir = root / tag
-    tag_dir.mkdir(parents=True, exist_ok=True)
+    needed = estimate_checkpoint_bytes(engine, run)
+    distributed.agree(lambda: check_free_space(tag_dir, needed, keep_last))
+    failures: list[_WriteFailure] = []
+
+    def attempt(path: Path, write: Any) -> None:
+        try:
+            write()
+        except (OSError, RuntimeError) as exc:
+            if not is_write_failure(exc):
+                raise
+            failures.append(_failure(path, exc, needed))
+
+    attempt(tag_dir, lambda: tag_dir.mkdir(parents=True, exist_ok=True))
     marker = tag_dir / MARKER
     if distributed.is_main() and marker.exists():
         marker.unlink()  # re-saving the same step: it is incomplete until we finish again
     distributed.barrier()
-    torch.save(rng_state(), tag_dir / f"rng_state_rank{distributed.rank()}.pt")
-    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
-    distributed.barrier()  # every rank's shards are on disk
-    if distributed.is_main():
-        write_json(marker, {**meta, "step": step, "tag": tag, "world_size": distributed.world_size()})
-        tmp = root / (LATEST + ".tmp")
-        tmp.write_text(tag)
-        os.replace(tmp, root / LATEST)
+    rng_file = tag_dir / f"rng_state_rank{distributed.rank()}.pt"
+    attempt(rng_file, lambda: torch.save(rng_state(), rng_file))
+    with _recording_engine_writes(engine, failures, needed):
+        try:
+            engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+        except (OSError, RuntimeError) as exc:
+            # Not a write through the checkpoint engine: in DeepSpeed 0.19.8 that is rank 0 copying
+            # zero_to_fp32.py, after every collective of the save but its closing barrier, which
+            # this barrier stands in for.
+            if not is_write_failure(exc):
+                raise
+            failures.append(_failure(root, exc, needed))
+            distributed.barrier()
+    failures = _gather_failures(failures)  # every rank's shards are on disk, or we know who failed
+
+    def finish() -> None:
+        if failures:
+            raise _discard(tag_dir, failures, needed, keep_last)
+        try:
+            files = {p.name: p.stat().st_size for p in sorted(tag_dir.iterdir()) if p.is_file()}
+            write_json(marker, {**meta, "step": step, "tag": tag, "world_size": distributed.world_size(),
+                                "files": files})
+            run.write_latest(tag)
+        except OSError as exc:
+            raise _discard(tag_dir, [_failure(marker, exc, needed)], needed, keep_last) from exc
         prune(root, keep_last)
-    distributed.barrier()
+
+    distributed.agree(finish, main_only=True)
     return tag_dir
+
+
+def _discard(tag_dir: Path, failures: list[_WriteFailure], needed: int, keep_last: int) -> CheckpointError:
+    """Remove the partial checkpoint (rank 0) and word the error every rank raises."""
+    shutil.rmtree(tag_dir, ignore_errors=True)
+    first = failures[0]
+    where = f" (rank {first.rank} writing {Path(first.path).name}: {first.error})"         if distributed.world_size() > 1 else f" (writing {Path(first.path).name}: {first.error})"
+    full = [f for f in failures if f.disk_full]
+    if full:
+        free = _free_bytes(tag_dir.parent)
+        return DiskFullError(_no_room_message(tag_dir, needed, free, keep_last,
+                                              "(the disk filled up while it was written; the partial folder was "
+                                              "removed)"))
+    latest = read_latest(tag_dir.parent)
+    return CheckpointError(f"could not write checkpoint {tag_dir}{where}; the partial folder was removed and "
+                           f"{LATEST} still names {latest or 'no checkpoint'}; fix: check that the file system of "
+                           f"--output_dir is writable and healthy, then --resume latest")
 
 
 def prune(root: Path, keep_last: int) -> None:
     """Delete all but the newest ``keep_last`` complete checkpoints (never the one ``latest`` names)."""
-    latest = (root / LATEST).read_text().strip() if (root / LATEST).exists() else None
-    tags = sorted((d for d in root.iterdir() if d.is_dir() and d.name.startswith("global_step")), key=_step_of)
+    run = RunDirectory(root.parent)
+    latest = run.read_latest()
+    tags = run.tag_dirs()
     complete = [d for d in tags if (d / MARKER).exists()]
     for old in complete[:-keep_last]:
         if old.name != latest:
             shutil.rmtree(old, ignore_errors=True)
     # Incomplete folders older than the newest complete one are leftovers of a kill.
-    newest = _step_of(complete[-1]) if complete else -1
+    newest = step_of(complete[-1]) if complete else -1
     for d in tags:
-        if not (d / MARKER).exists() and _step_of(d) < newest and d.name != latest:
+        if not (d / MARKER).exists() and step_of(d) < newest and d.name != latest:
             shutil.rmtree(d, ignore_errors=True)
 
 
 def find_checkpoint(run_dir: Path, resume: str) -> Path:
-    """The checkpoint folder ``--resume`` names ('latest' or a path); it must be complete."""
+    """The checkpoint folder ``--resume`` names ('latest' or a path); it must be complete, with
+    every file at the size it was written with."""
     if resume == "latest":
-        pointer = run_dir / CHECKPOINTS / LATEST
-        if not pointer.exists():
-            raise CheckpointError(f"--resume latest: {run_dir} has no checkpoint ({pointer} is missing); fix: check "
-                                  f"--output_dir, or start without --resume")
-        tag_dir = run_dir / CHECKPOINTS / pointer.read_text().strip()
+        run = RunDirectory(run_dir)
+        tag_dir = run.latest_tag_dir()
+        if tag_dir is None:
+            raise CheckpointError(f"--resume latest: {run_dir} has no checkpoint ({run.latest_file} is missing); fix: "
+                                  f"check --output_dir, or start without --resume")
     else:
         tag_dir, _ = _pointed_tag(Path(resume))
     if not (tag_dir / MARKER).exists():
         raise CheckpointError(f"{tag_dir} is not a complete relbert-ds checkpoint (no {MARKER}); fix: pass "
                               f"--resume latest or a checkpoints/global_step<N> folder that finished writing")
+    check_files(tag_dir)
     return tag_dir
+
+
+def check_files(tag_dir: Path) -> None:
+    """Every file the marker lists is there at the size it was written with (a truncated copy,
+    an interrupted sync); checkpoints written before the marker listed files are not checked."""
+    meta = read_meta(tag_dir)
+    for name, size in (meta.get("files") or {}).items():
+        path = tag_dir / name
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint file {path} is missing (the checkpoint was written with it); fix: "
+                                  f"restore it, or resume from another checkpoint of {tag_dir.parent}")
+        actual = path.stat().st_size
+        if actual != size:
+            raise CheckpointError(f"checkpoint file {path} is {actual} bytes, it was written with {size} (truncated "
+                                  f"or damaged); fix: restore it, or resume from another checkpoint of "
+                                  f"{tag_dir.parent}")
 
 
 def read_meta(tag_dir: Path) -> dict[str, Any]:
@@ -150,11 +309,8 @@ def load_checkpoint(engine: Any, tag_dir: Path) -> dict[str, Any]:
 
 def latest_complete(run_dir: Path) -> Optional[Path]:
     """The checkpoint ``latest`` names, if it is complete (None otherwise)."""
-    pointer = run_dir / CHECKPOINTS / LATEST
-    if not pointer.exists():
-        return None
-    tag_dir = run_dir / CHECKPOINTS / pointer.read_text().strip()
-    return tag_dir if (tag_dir / MARKER).exists() else None
+    tag_dir = RunDirectory(run_dir).latest_tag_dir()
+    return tag_dir if tag_dir is not None and (tag_dir / MARKER).exists() else None
 
 
 def _pointed_tag(path: Path) -> tuple[Path, Optional[Path]]:
@@ -163,8 +319,9 @@ def _pointed_tag(path: Path) -> tuple[Path, Optional[Path]]:
     if (path / MARKER).exists():
         return path, None
     for folder in (path / CHECKPOINTS, path):
-        if (folder / LATEST).exists():
-            return folder / (folder / LATEST).read_text().strip(), folder / LATEST
+        tag = read_latest(folder)
+        if tag is not None:
+            return folder / tag, folder / LATEST
     return path, None
 
 
@@ -173,6 +330,7 @@ def resolve_tag_dir(path: Path) -> Path:
     the tag folder, which must be complete."""
     tag_dir, pointer = _pointed_tag(path)
     if (tag_dir / MARKER).exists():
+        check_files(tag_dir)
         return tag_dir
     if pointer is not None:
         raise CheckpointError(f"{tag_dir} (named by {pointer}) is not a complete relbert-ds checkpoint "
@@ -189,10 +347,11 @@ def consolidated_weights(tag_dir: Path) -> dict[str, torch.Tensor]:
     ``mp_rank_00_model_states.pt`` is read with weights_only=True.
     """
     if any(tag_dir.glob("zero_pp_rank_*_optim_states.pt")) or any(tag_dir.glob("*zero_pp_rank_*model_states.pt")):
-        import contextlib
         import io
 
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        from deepspeed.utils.zero_to_fp32 import (
+            get_fp32_state_dict_from_zero_checkpoint,
+        )
 
         with contextlib.redirect_stdout(io.StringIO()):  # it prints per-shard progress
             return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)

@@ -31,6 +31,11 @@ class CheckpointError(UserError):
     """A checkpoint or run directory that does not match the run being started."""
 
 
+class DiskFullError(CheckpointError):
+    """The file system of --output_dir has no room for the next checkpoint (found before writing,
+    or while writing: the partial checkpoint folder is removed, ``latest`` is untouched)."""
+
+
 class DistributedError(UserError):
     """A rank that cannot join the job (master unreachable, inconsistent world size)."""
 

@@ -43,13 +43,13 @@ from relbert_ds.evaluation import validation
 from relbert_ds.losses import LossOutput, build_loss
 from relbert_ds.monitor import (TrainingMonitor, device_peak_flops, matmul_parameters, model_flops_per_token,
                                peak_memory_bytes)
+from relbert_ds.run_directory import HistoryError, RunDirectory
 from relbert_ds.sampler import LocalBatch, RelationAwareSampler
 
 log = logging.getLogger("relbert_ds")
 
 # Exit status of a run stopped by SIGUSR1/SIGTERM after checkpointing (the SLURM script requeues).
 PREEMPTED_EXIT_CODE = 124
-RUN_MARKERS = ("config.json", checkpointing.CHECKPOINTS, "model")
 
 
 class RelationTrainingModule(torch.nn.Module):
@@ -122,6 +122,7 @@ class _StopFlag:
 
     def __init__(self) -> None:
         self.raised = False
+        self.failure: Optional[Exception] = None  # a run file rank 0 could not write (history.jsonl)
 
     def install(self) -> None:
         for sig in (signal.SIGUSR1, signal.SIGTERM):
@@ -134,8 +135,21 @@ class _StopFlag:
         self.raised = True
 
     def agreed(self) -> bool:
-        """True on every rank when any rank was signalled (one small all-reduce)."""
-        return bool(_sum_across_ranks([1.0 if self.raised else 0.0])[0] > 0)
+        """True on every rank when any rank was signalled (one small all-reduce); raises
+        :attr:`failure` on every rank when a rank recorded one."""
+        signalled, failed = _sum_across_ranks([1.0 if self.raised else 0.0, 1.0 if self.failure is not None else 0.0])
+        if failed > 0:
+            distributed.agree(self._raise_failure)
+        return bool(signalled > 0)
+
+    def check_failure(self) -> None:
+        """Raise :attr:`failure` on every rank when a rank recorded one (one small all-reduce)."""
+        if _sum_across_ranks([1.0 if self.failure is not None else 0.0])[0] > 0:
+            distributed.agree(self._raise_failure)
+
+    def _raise_failure(self) -> None:
+        if self.failure is not None:
+            raise self.failure
 
 
 def _comm_device() -> torch.device:
@@ -156,23 +170,21 @@ def _sum_across_ranks(values: list[float]) -> list[float]:
 
 
 def prepare_run_dir(run_dir: Path, resume: Optional[str], overwrite: bool) -> None:
-    """Refuse to clobber an earlier run; with --overwrite, clear it (rank 0 only)."""
+    """Check that ``run_dir`` can be written; refuse to clobber an earlier run; with
+    --overwrite, clear it (rank 0 only)."""
+    run = RunDirectory(run_dir)
+    # A resume needs an existing run (find_checkpoint words a missing one): do not create it.
+    run.check_writable(create=resume is None)
     if resume is not None:
         return
-    existing = [name for name in RUN_MARKERS if (run_dir / name).exists()]
+    existing = run.existing_run_files()
     if existing and not overwrite:
         from relbert_ds.errors import ConfigError
 
         raise ConfigError(f"{run_dir} already holds a run ({', '.join(existing)}); fix: pass --resume latest to "
                           f"continue it, --overwrite to replace it, or another --output_dir")
     if existing:
-        for name in (*RUN_MARKERS, "best_model", "tensorboard", "history.jsonl", "ds_config.json", "results.json"):
-            path = run_dir / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
-    run_dir.mkdir(parents=True, exist_ok=True)
+        run.clear()
 
 
 def consolidated_state_dict(module: torch.nn.Module) -> Optional[dict[str, torch.Tensor]]:
@@ -224,6 +236,7 @@ class Trainer:
     def __init__(self, run: RunConfig) -> None:
         self.run = run
         self.run_dir = Path(run.train.output_dir)
+        self.files = RunDirectory(self.run_dir)
         self.stop_flag = _StopFlag()
         self.progress = TrainProgress()
         self.monitor: Optional[TrainingMonitor] = None
@@ -252,7 +265,7 @@ class Trainer:
             self._resume()
         if distributed.is_main():
             self._write_run_files()
-        self.monitor = TrainingMonitor(self.run_dir / "tensorboard" if t.tensorboard else None, distributed.is_main(),
+        self.monitor = TrainingMonitor(self.files.tensorboard if t.tensorboard else None, distributed.is_main(),
                                        self.steps.total_steps, self.progress.optimizer_steps)
         if distributed.is_main():
             peak, source = self.peak_flops
@@ -381,8 +394,8 @@ class Trainer:
                                                      "steps_per_epoch": self.steps.steps_per_epoch,
                                                      "total_steps": self.steps.total_steps,
                                                      "relbert_ds_version": __version__}}
-        write_json(self.run_dir / "config.json", record)
-        write_json(self.run_dir / "ds_config.json", self.resolved.config)
+        write_json(self.files.config, record)
+        write_json(self.files.ds_config, self.resolved.config)
 
     def _fingerprint(self) -> dict[str, Any]:
         m = self.run.model
@@ -394,6 +407,7 @@ class Trainer:
     def save(self) -> None:
         """Checkpoint the engine and :attr:`progress` (every rank calls it)."""
         p = self.progress
+        self.stop_flag.check_failure()  # a checkpoint must not get ahead of a history that stopped
         checkpointing.save_checkpoint(self.engine, self.run_dir, p.optimizer_steps,
                                       {"relbert_ds": {"progress": p.to_dict(), "sampler": self.sampler.state_dict()}},
                                       {**self._fingerprint(), "epoch": p.epoch, "step_in_epoch": p.step_in_epoch},
@@ -416,27 +430,25 @@ class Trainer:
             return progress
 
         self.progress = distributed.agree(restore)
+        distributed.agree(lambda: self._truncate_history(self.progress.optimizer_steps), main_only=True)
         if distributed.is_main():
-            self._truncate_history(self.progress.optimizer_steps)
             log.info("resumed from %s: epoch %d, step %d, %d optimizer steps done", tag_dir, self.progress.epoch,
                      self.progress.step_in_epoch, self.progress.optimizer_steps)
 
     def _truncate_history(self, steps: int) -> None:
         """Drop records written after the checkpoint (they are about to be written again)."""
-        path = self.run_dir / "history.jsonl"
-        if not path.exists():
-            return
         done_evals = {(e.get("epoch"), e.get("optimizer_step")) for e in self.progress.evaluations}
         keep = []
-        for line in path.read_text().splitlines():
-            if not line.strip():
-                continue
+        lines = self.files.history_lines()
+        if not lines and not self.files.history.exists():
+            return
+        for line in lines:
             record = json.loads(line)
             if record.get("kind") == "step" and record.get("optimizer_step", 0) <= steps:
                 keep.append(line)
             elif record.get("kind") != "step" and (record.get("epoch"), record.get("optimizer_step")) in done_evals:
                 keep.append(line)
-        path.write_text("".join(line + "\n" for line in keep))
+        self.files.rewrite_history(keep)
 
     # ------------------------------------------------------------------ one step
     def train_step(self) -> dict[str, Any]:
@@ -482,8 +494,15 @@ class Trainer:
         return out, int(tokens["attention_mask"].sum()), lr
 
     def _append_history(self, record: dict[str, Any]) -> None:
-        with open(self.run_dir / "history.jsonl", "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        """Rank 0 only. A failed write does not raise here (rank 0 alone would leave the other ranks
+        in the next step's collectives): it stops the run at the next step end, on every rank."""
+        if self.stop_flag.failure is not None:
+            return
+        try:
+            self.files.append_history(record)
+        except HistoryError as exc:
+            self.stop_flag.failure = exc.stopped(self.progress.optimizer_steps,
+                                                 checkpointing.latest_complete(self.run_dir))
 
     # ------------------------------------------------------------------ the run
     def fit(self) -> TrainResult:
@@ -506,12 +525,12 @@ class Trainer:
                                f"saved, exiting with status {PREEMPTED_EXIT_CODE} so the job can be requeued")
         else:
             evals = self.progress.evaluations
-            final = str(self.export(self.run_dir / "model", evals[-1] if evals else None, self.progress.best))
+            final = str(self.export(self.files.model, evals[-1] if evals else None, self.progress.best))
             if self.run.train.push_to_hub and distributed.is_main():
                 from relbert_ds.hub import push_to_hub
 
                 push_to_hub(final, self.run.train.push_to_hub)
-        best_dir = self.run_dir / "best_model"
+        best_dir = self.files.best_model
         b = self.progress.best
         return TrainResult(str(self.run_dir), final, str(best_dir) if best_dir.exists() else None, b["epoch"],
                            b.get("step"), b["score"], self.progress.optimizer_steps, preempted,
@@ -559,7 +578,7 @@ class Trainer:
                       "score": result.get("score")}
             p.stale = 0
             if v.metric != "none" and t.export_best:
-                self.export(self.run_dir / "best_model", epoch_results=result, best=p.best)
+                self.export(self.files.best_model, epoch_results=result, best=p.best)
         else:
             p.stale += 1
         result["best_epoch"], result["best_step"] = p.best["epoch"], p.best["step"]
