@@ -15,16 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, Optional, Sequence, get_args, get_origin, get_type_hints
 
+# Defaults and choices that belong to a component are read from it (one source each).
+from relbert_ds.encoder import DEFAULT_MAX_LENGTH
 from relbert_ds.errors import ConfigError
+from relbert_ds.losses import LOSS_NAMES
+from relbert_ds.pooling import DEFAULT_POOLING, POOLING_MODES
+from relbert_ds.prompts import DEFAULT_TEMPLATE
 
 LR_SCHEDULES = ("constant", "linear")
 SELECTION_METRICS = ("analogy", "loss", "none")
-# Defaults that belong to a component are read from it (one source each).
-from relbert_ds.encoder import DEFAULT_MAX_LENGTH  # noqa: E402
-from relbert_ds.losses import LOSS_NAMES  # noqa: E402
-from relbert_ds.pooling import DEFAULT_POOLING, POOLING_MODES  # noqa: E402
-from relbert_ds.prompts import DEFAULT_TEMPLATE  # noqa: E402
-from relbert_ds.sampler import SHARD_BY, TAILS  # noqa: E402
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - mirrors argparse's name

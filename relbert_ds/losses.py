@@ -29,7 +29,6 @@ fp64, which the tests use to compare with naive loops at 1e-10).
 from __future__ import annotations
 
 import math
-
 from functools import cached_property
 from typing import NamedTuple, Optional
 

@@ -442,7 +442,7 @@ def test_realistic_global_batch_from_the_sampler():
     semeval = RelationDataset("semeval2012", "train", tuple(
         RelationGroup(r["relation_type"], tuple(map(tuple, r["positives"])), tuple(map(tuple, r["negatives"])),
                       re.match(r"\d+", r["relation_type"]).group(0)) for r in rows))
-    s = RelationAwareSampler(semeval, world_size=1, rank=0, relations_per_rank=16, parent_grouping=True)
+    s = RelationAwareSampler(semeval, world_size=1, rank=0, relations_per_step=16, parent_grouping=True)
     b = s.local_batch(0, 0)
     emb = torch.randn(len(b), 32, requires_grad=True)
     for name in ("nce", "iloob", "triplet"):
