@@ -180,8 +180,25 @@ def _weights_error(name: str, exc: Exception) -> ModelError | None:
 
 def _load_error(name: str, exc: Exception) -> ModelError:
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    folder = Path(os.path.expanduser(name))
+    if folder.is_dir():
+        damaged = _damaged_json(folder)
+        if damaged is not None:
+            return _corrupt(damaged, "not valid JSON")
+        return ModelError(f"cannot load the model folder {folder} ({first}); fix: copy or download the whole folder "
+                          f"again (a file may be incomplete), or save the model again with save_pretrained")
     return ModelError(f"cannot load model {name!r} ({first}); fix: check the name, or when offline pass a "
                       f"local folder or {BUNDLED_BACKBONE!r}, the bundled backbone")
+
+
+def _damaged_json(folder: Path) -> Path | None:
+    """The first JSON file of a model folder that does not parse (a truncated copy), or None."""
+    for path in sorted(folder.glob("*.json")):
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return path
+    return None
 
 
 def load_config(name: str, trust_remote_code: bool = False) -> Any:

@@ -137,6 +137,14 @@ def test_missing_tokenizer_files(copy, bundled_model_path, tmp_path):
     assert len(tokenizer) == 30522 and tokenizer("paris")["input_ids"][1] != tokenizer.unk_token_id
 
 
+@pytest.mark.parametrize("name", ["config.json", "tokenizer_config.json", "tokenizer.json"])
+def test_truncated_json_file_is_named(copy, name):
+    truncate(copy / name, 0.4)
+    with pytest.raises(ModelError) as error:
+        RelationEncoder.check_loadable(str(copy))
+    assert_one_line(error, str(copy / name), "incomplete or corrupt", "not valid JSON")
+
+
 FAST_TRAIN = ["--max_steps", "2", "--epochs", "10", "--metric", "none", "--analogy", "--no-projector",
               "--relations_per_rank", "4", "--positives_per_relation", "4", "--negatives_per_relation", "4"]
 
