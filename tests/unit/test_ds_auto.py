@@ -206,3 +206,58 @@ def test_hidden_size_of_backbone_configs():
     llava = LlavaConfig(text_config={"model_type": "llama", "hidden_size": 72, "num_attention_heads": 4})
     assert hidden_size_of(llava) == 72
     assert hidden_size_of(object()) is None
+
+
+# ---------------------------------------------------------------- through the engine's resolution
+
+def _run(**train):
+    from relbert_ds.config import RunConfig, TrainConfig
+
+    return RunConfig(train=TrainConfig(**train))
+
+
+def _resolve(ds: dict, tmp_path, run, hidden_size=64, world_size=2, steps_per_epoch=10):
+    from relbert_ds.engine import resolve_deepspeed_config
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(ds))
+    return resolve_deepspeed_config(str(path), run, world_size, steps_per_epoch, gpu=(False, False, "no GPU"),
+                                    hidden_size=hidden_size)
+
+
+def test_engine_fills_the_zero3_example_with_lr_and_warmup_given(tmp_path):
+    """--lr and --warmup_steps next to an optimizer/scheduler section are allowed when the section
+    says "auto" for them (the Hugging Face meaning); DeepSpeed then builds the JSON's scheduler."""
+    ds = copy.deepcopy(HF_ZERO3_EXAMPLE)
+    ds["scheduler"] = copy.deepcopy(HF_WARMUP_DECAY)
+    r = _resolve(ds, tmp_path, _run(lr=1e-4, warmup_steps=5, max_steps=20))
+    c = r.config
+    assert autos(c) == [] and r.schedule is None  # the JSON's WarmupDecayLR rules, not ours
+    assert c["optimizer"]["params"]["lr"] == 1e-4 and c["optimizer"]["params"]["betas"] == [0.9, 0.999]
+    assert c["scheduler"]["params"] == {"last_batch_iteration": -1, "total_num_steps": 20, "warmup_min_lr": 0,
+                                        "warmup_max_lr": 1e-4, "warmup_num_steps": 5}
+    assert (c["zero_optimization"]["reduce_bucket_size"], c["zero_optimization"]["stage3_prefetch_bucket_size"],
+            c["zero_optimization"]["stage3_param_persistence_threshold"]) == (64 * 64, 9 * 64 * 64 // 10, 640)
+    assert "optimizer.params.lr: auto -> 0.0001 (--lr)" in r.notes
+
+
+def test_engine_defaults_fill_auto_when_no_option_is_given(tmp_path):
+    r = _resolve(copy.deepcopy(HF_ZERO2_EXAMPLE), tmp_path, _run(epochs=3))
+    assert r.config["optimizer"]["params"]["lr"] == 2e-5  # relbert-ds's default, not HF's 5e-5
+    assert r.config["scheduler"]["params"]["warmup_num_steps"] == 10
+
+
+@pytest.mark.parametrize("ds,option,match", [
+    ({"optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}, {"lr": 1e-4}, "--lr given while"),
+    ({"scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 100, "warmup_max_lr": "auto"}}},
+     {"warmup_steps": 5}, "--warmup_steps given while"),
+    (HF_ZERO2_EXAMPLE, {"lr_schedule": "linear"}, "--lr_schedule given while"),
+])
+def test_engine_still_refuses_an_option_next_to_a_number(ds, option, match, tmp_path):
+    with pytest.raises(ConfigError, match=match):
+        _resolve(copy.deepcopy(ds), tmp_path, _run(**option))
+
+
+def test_engine_refuses_bucket_size_auto_without_the_backbone(tmp_path):
+    with pytest.raises(ConfigError, match="hidden size is unknown"):
+        _resolve(copy.deepcopy(HF_ZERO3_EXAMPLE), tmp_path, _run(), hidden_size=None)
