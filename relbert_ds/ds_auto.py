@@ -158,12 +158,14 @@ def _fill_scheduler(ds: dict[str, Any], fill: Fill, *, lr: float, warmup_steps: 
 
 
 def _fill_bucket_sizes(ds: dict[str, Any], source: str, fill: Fill, hidden_size: Optional[int]) -> None:
-    wanted = [path for path in HIDDEN_SIZE_KEYS if is_auto(_section(ds, "zero_optimization").get(path.split(".")[1]))]
+    zero = _section(ds, "zero_optimization")
+    wanted = [path for path in HIDDEN_SIZE_KEYS if is_auto(zero.get(path.split(".")[1]))]
     if not wanted:
         return
     if not isinstance(hidden_size, int) or isinstance(hidden_size, bool) or hidden_size < 1:
-        raise ConfigError(f"{source}: {', '.join(wanted)} {'is' if len(wanted) == 1 else 'are'} \"auto\" but the backbone's hidden size is unknown "
-                          f"({hidden_size!r}); fix: set them to numbers (e.g. reduce_bucket_size 5e8)")
+        verb = "is" if len(wanted) == 1 else "are"
+        raise ConfigError(f"{source}: {', '.join(wanted)} {verb} \"auto\" but the backbone's hidden size is "
+                          f"unknown ({hidden_size!r}); fix: set them to numbers (e.g. reduce_bucket_size 5e8)")
     h = hidden_size
     fill("zero_optimization.reduce_bucket_size", h * h, f"hidden size {h} squared")
     fill("zero_optimization.stage3_prefetch_bucket_size", int(0.9 * h * h), f"0.9 x {h}^2")
@@ -182,8 +184,11 @@ def _refuse_unfilled(ds: dict[str, Any], source: str) -> None:
         hint = f"{kind} takes \"auto\" only for {', '.join(WARMUP_SCHEDULER_AUTO_PARAMS[kind])}"
     else:
         hint = "relbert-ds fills the \"auto\" values the Hugging Face Trainer fills (see relbert_ds/ds_auto.py)"
-    more = f" (and {len(left) - 1} more: {', '.join(left[1:4])}{', ...' if len(left) > 4 else ''})" if len(left) > 1 else ""
-    raise ConfigError(f"{source}: {path} is \"auto\", which nothing fills{more}; {hint}; fix: set {path} to a value (or remove it)")
+    more = ""
+    if len(left) > 1:
+        more = f" (and {len(left) - 1} more: {', '.join(left[1:4])}{', ...' if len(left) > 4 else ''})"
+    raise ConfigError(f"{source}: {path} is \"auto\", which nothing fills{more}; {hint}; "
+                      f"fix: set {path} to a value (or remove it)")
 
 
 def hidden_size_of(model_config: Any) -> Optional[int]:

@@ -52,7 +52,8 @@ def test_hf_zero2_example_trains_with_its_auto_values_filled(tiny_bert, tmp_path
                                "params": {"warmup_min_lr": 0, "warmup_max_lr": 1e-4, "warmup_num_steps": 3}}
     assert ds["gradient_clipping"] == 1.0
     assert ds["zero_optimization"]["reduce_bucket_size"] == 2e8  # given in the example, not "auto": kept
-    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (4, 4, 1)
+    triad = ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
+    assert triad == (4, 4, 1)
     assert ds["bf16"]["enabled"] is False and ds["fp16"]["enabled"] is False  # CPU: fp32
     # DeepSpeed built the JSON's scheduler: the lr each step used follows its log warm-up
     lrs = [r["lr"] for r in steps(out)]

@@ -156,7 +156,8 @@ def test_bucket_size_auto_without_a_hidden_size_is_refused():
 
 def test_engine_keys_are_left_alone_and_nothing_else_is_touched():
     ds = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-          "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"}, "optimizer": {"type": "Adam", "params": {"lr": 1e-3}}}
+          "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"},
+          "optimizer": {"type": "Adam", "params": {"lr": 1e-3}}}
     before = copy.deepcopy(ds)
     assert resolve_hf_auto(ds, "x", **OPTIONS) == [] and ds == before
 
@@ -188,7 +189,8 @@ def test_deepspeed_parses_the_resolved_examples(example, stage):
                 parsed.zero_config.param_persistence_threshold) == (4096, 3686, 640)
 
 
-@pytest.mark.parametrize("name,example", [("hf_zero2_auto.json", HF_ZERO2_EXAMPLE), ("hf_zero3_auto.json", HF_ZERO3_EXAMPLE)])
+@pytest.mark.parametrize("name,example", [("hf_zero2_auto.json", HF_ZERO2_EXAMPLE),
+                                          ("hf_zero3_auto.json", HF_ZERO3_EXAMPLE)])
 def test_shipped_hf_configs_are_the_docs_examples_plus_bf16_auto(name, example):
     shipped = json.loads((REPO / "ds_configs" / name).read_text())
     # bf16 "auto" added (as in transformers' own tests/deepspeed configs) so bf16 GPUs get bf16
