@@ -99,6 +99,12 @@ def _smooth(values: list[float], span: int) -> list[float]:
     return out
 
 
+def _integer_steps(ax: Any) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def _epoch_marks(ax: Any, steps: list[dict]) -> None:
     """Light vertical lines where an epoch starts (after the first)."""
     last = None
@@ -119,6 +125,7 @@ def _draw_loss(ax: Any, steps: list[dict], evals: list[dict]) -> None:
     if val:
         ax.plot(*zip(*val), "o-", color="tab:orange", label="validation loss")
     _epoch_marks(ax, steps)
+    _integer_steps(ax)
     ax.set(xlabel="optimizer step", ylabel="loss", title="Loss")
     ax.legend(loc="best", fontsize=8)
 
@@ -127,6 +134,7 @@ def _draw_lr(ax: Any, steps: list[dict]) -> None:
     ax.plot([r["optimizer_step"] for r in steps], _finite(r.get("lr") for r in steps), color="tab:green")
     ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
     _epoch_marks(ax, steps)
+    _integer_steps(ax)
     ax.set(xlabel="optimizer step", ylabel="learning rate", title="Learning rate")
 
 
@@ -135,6 +143,7 @@ def _draw_throughput(ax: Any, steps: list[dict]) -> None:
     ax.plot(x, _finite(r.get("pairs_per_s") for r in steps), color="tab:purple", label="pairs/s")
     ax.set(xlabel="optimizer step", ylabel="word pairs per second (all ranks)", title="Throughput and MFU")
     ax.set_ylim(bottom=0)
+    _integer_steps(ax)
     mfu = _finite(100 * r["mfu"] if isinstance(r.get("mfu"), (int, float)) else None for r in steps)
     twin = ax.twinx()
     twin.plot(x, mfu, color="tab:red", linestyle="--", label="MFU")
@@ -168,6 +177,7 @@ def _draw_validation(ax: Any, evals: list[dict]) -> None:
                     markersize=16, markeredgecolor="k", label="best (exported)", zorder=5)
     kinds = {r.get("kind") for r in evals}
     per = "epoch" if kinds == {"epoch"} else "evaluation"
+    _integer_steps(ax)
     ax.set(xlabel=f"optimizer step (one point per {per})", ylabel="accuracy %",
            title="Validation analogy accuracy")
     ax.legend(loc="best", fontsize=8, ncol=2)

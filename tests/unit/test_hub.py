@@ -379,3 +379,29 @@ def test_dry_run_prints_the_card(export, capsys):
     out, err = capsys.readouterr()
     assert _front_matter(out)["model-index"][0]["name"] == "relbert-tiny"
     assert "model.safetensors" in err and "README.md" in err
+
+
+@pytest.mark.slow
+def test_a_real_training_run_plots_and_pushes(hub, tiny_bert, tmp_path, capsys):
+    """One rank trains a tiny BERT for 2 steps; its history draws and its export uploads unchanged."""
+    from relbert_ds.cli import plot as plot_cli
+    from tests.launch import check, run
+
+    out = tmp_path / "run"
+    check(run([sys.executable, "launchers/train.py", "--model", tiny_bert, "--output_dir", str(out), "--max_steps", "2",
+               "--relations_per_rank", "4", "--positives_per_relation", "4", "--negatives_per_relation", "4",
+               "--analogy", "semeval2012", "--batch_size", "128", "--lr", "1e-4", "--no-projector"], timeout=900))
+    assert plot_cli.main([str(out)]) == 0
+    assert len(list((out / "figures").glob("*.png"))) == 5
+    folder = out / "model"
+    before = _hashes(folder)
+    assert _push(str(folder), "someone/real", "--token", TOKEN, "--endpoint", hub.url) == 0, capsys.readouterr().err
+    received = hub.repos["someone/real"]["files"]
+    assert {k: hashlib.sha256(v).hexdigest() for k, v in received.items() if k != "README.md"} == \
+        {k: v for k, v in before.items() if k != "README.md"}
+    assert _hashes(folder) == before
+    training = json.loads((folder / "relbert_ds_training.json").read_text())
+    meta = _front_matter(received["README.md"].decode())
+    [result] = [r for r in meta["model-index"][0]["results"] if r["dataset"]["name"] == "semeval2012"]
+    assert result["metrics"][0]["value"] == training["validation"]["analogy"]["semeval2012"]
+    assert "base_model" not in meta  # a local backbone folder has no hub id to link to
