@@ -252,22 +252,24 @@ class RelationEncoder(torch.nn.Module):
         pairs = validate_pairs(pairs)
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        # The evaluator's batch plan at world size 1: the same batches (and padding) as a sharded
+        # encoding, so encode() and relbert-ds-evaluate give bit-identical vectors.
+        from relbert_ds.evaluation.sharding import length_order, plan_shards
+
         unique = list(dict.fromkeys(pairs))
         row_of = {pair: i for i, pair in enumerate(unique)}
-        lengths = self.prompt_lengths(unique) if unique else []
-        order = sorted(range(len(unique)), key=lambda i: -lengths[i])
+        batches = plan_shards(length_order(unique, self.prompt_lengths(unique) if unique else []), batch_size,
+                              1).batches
         vectors = torch.zeros(len(unique), self.hidden_size, dtype=torch.float32)
         was_training = self.training
         self.eval()
         try:
             with torch.inference_mode():
-                starts = range(0, len(order), batch_size)
                 if show_progress:
                     from tqdm.auto import tqdm
-                    starts = tqdm(starts, desc="encode", unit="batch")
-                for start in starts:
-                    idx = order[start:start + batch_size]
-                    vectors[idx] = self.embed([unique[i] for i in idx]).float().cpu()
+                    batches = tqdm(batches, desc="encode", unit="batch")
+                for idx in batches:
+                    vectors[list(idx)] = self.embed([unique[i] for i in idx]).float().cpu()
         finally:
             self.train(was_training)
         out = vectors[[row_of[p] for p in pairs]] if pairs else vectors

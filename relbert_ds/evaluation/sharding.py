@@ -41,10 +41,6 @@ class ShardPlan:
     batches: tuple[tuple[int, ...], ...]  # all batches, in plan order
     steps: tuple[tuple[Optional[tuple[int, ...]], ...], ...]  # per rank, per forward
 
-    @property
-    def forwards_per_rank(self) -> int:
-        return len(self.steps[0]) if self.steps else 0
-
     def rows_of_rank(self, rank: int) -> list[int]:
         """Row indices that rank ``rank`` encodes, in the order it produces their vectors."""
         return [i for batch in self.steps[rank] if batch is not None for i in batch]
