@@ -255,6 +255,13 @@ def test_push_uploads_every_file_and_a_full_card(hub, export, capsys):
         for metric in result["metrics"]:
             got[(task, result["dataset"]["name"], result["dataset"]["split"], metric["type"])] = metric["value"]
     assert got == want
+    # huggingface_hub's own parser reads the same model-index (its schema: task, dataset, metrics)
+    from huggingface_hub import ModelCard
+
+    parsed = ModelCard(card).data
+    assert parsed.base_model == meta["base_model"] and parsed.model_name == "relbert-tiny"
+    assert sorted(r.metric_value for r in parsed.eval_results) == sorted(want.values())
+    assert {r.dataset_type for r in parsed.eval_results} == {"relbert/analogy_questions", "cls"}
     # the flat metrics the evaluator writes agree too (its own keys, n_tied being a count, not a score)
     flat = {k: v for k, v in model["metrics"].items() if not k.endswith("/n_tied")}
     assert sorted(flat.values()) == sorted(want.values())
