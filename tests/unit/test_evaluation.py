@@ -612,9 +612,12 @@ def test_cache_key_follows_weights_prompt_and_pairs():
 def test_sum_features_are_relbert_summed_pooling(minilm):
     pairs = [("cat", "animal"), ("paris", "france"), ("hydrogen", "element")]
     counts = runner.pooled_token_counts(minilm, pairs)
+    was_training = minilm.training  # the session's encoder may have been left in train mode (dropout)
+    minilm.eval()
     with torch.no_grad():
         tokens = minilm.tokenize(pairs)
         hidden = minilm.backbone(**tokens).last_hidden_state
+    minilm.train(was_training)
     # average_no_mask: every prompt token except the template's mask token (template d has one).
     keep = tokens["attention_mask"].bool() & (tokens["input_ids"] != minilm.tokenizer.mask_token_id)
     assert counts.tolist() == keep.sum(1).tolist() and keep.sum() < tokens["attention_mask"].sum()
