@@ -26,6 +26,7 @@ def _console_scripts() -> dict[str, str]:
     return dict(tuple(part.strip() for part in line.split("=", 1)) for line in lines)
 
 
+@pytest.mark.slow  # 15-40 s: a build, an install and a fresh interpreter that imports torch
 def test_wheel_contains_bundled_data_and_console_scripts(tmp_path):
     # Built from a copy of the sources, so the build leaves nothing in the working tree; without
     # build isolation, so no index is needed (setuptools >= 70 builds wheels on its own).
@@ -56,6 +57,23 @@ def test_wheel_contains_bundled_data_and_console_scripts(tmp_path):
     for script, target in _console_scripts().items():
         assert f"{script} = {target}" in entry_points
     assert {"relbert-ds-train", "relbert-ds-evaluate", "relbert-ds-push", "relbert-ds-plot"} <= set(_console_scripts())
+
+    # Installed (not editable) into a bare folder and imported from there, away from the checkout:
+    # the bundled data load from the installed copy.
+    target = tmp_path / "site"
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target",
+                           str(target), str(wheels[0])], capture_output=True, text=True, timeout=600, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    probe = ("import sys; sys.path.insert(0, sys.argv[1]); import relbert_ds; "
+             "from relbert_ds.data import load_analogy_dataset, load_relation_dataset; "
+             "print(relbert_ds.__file__); print(len(load_analogy_dataset('sat', 'test').questions)); "
+             "print(len(load_relation_dataset('semeval2012', 'train').relations))")
+    env = {k: v for k, v in ENV.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", probe, str(target)], capture_output=True, text=True, timeout=300,
+                          env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    where, sat_test, relations = proc.stdout.split()[-3:]
+    assert where.startswith(str(target)) and int(sat_test) == 337 and int(relations) == 79
 
 
 def test_torch_requirement_has_no_upper_bound():
