@@ -43,7 +43,8 @@ def export_files(folder: Path) -> list[tuple[str, Path]]:
     out = []
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder)
-        if path.is_file() and not any(part.startswith(_SKIP_PARTS) for part in rel.parts) and rel.as_posix() != "README.md":
+        skipped = any(part.startswith(_SKIP_PARTS) for part in rel.parts) or rel.as_posix() == "README.md"
+        if path.is_file() and not skipped:
             out.append((rel.as_posix(), path))
     return out
 

@@ -298,11 +298,13 @@ def _results(evaluation: Optional[dict], entries: list[dict], training: dict) ->
         base_name = (baseline or {}).get("model", {}).get("name", "baseline")
         lines += [f"From `relbert-ds-evaluate` ({evaluation.get('created_utc', 'date unknown')}, "
                   f"{evaluation.get('world_size', '?')} rank(s)); accuracy and F1 in %, n = questions, test "
-                  "pairs or problems." + (f" Baseline: `{base_name}` zero-shot with the same prompt." if baseline else ""),
+                  "pairs or problems."
+                  + (f" Baseline: `{base_name}` (the evaluator's --baseline, same call)." if baseline else ""),
                   "", "| task | dataset | split | metric | n | this model |" + (" baseline |" if baseline else ""),
                   "|---|---|---|---|---|---|" + ("---|" if baseline else "")]
         for e in entries:
-            row = f"| {e['task']} | {e['dataset']} | {e['split']} | {e['metric']} | {e['n'] if e['n'] is not None else '-'} | {_pct(e['value'])} |"
+            n = e["n"] if e["n"] is not None else "-"
+            row = f"| {e['task']} | {e['dataset']} | {e['split']} | {e['metric']} | {n} | {_pct(e['value'])} |"
             if baseline:
                 section = baseline.get(e["task"], {})
                 key = e["dataset"] if e["task"] == "mapping" else f"{e['dataset']}/{e['split']}"
@@ -322,7 +324,8 @@ def _results(evaluation: Optional[dict], entries: list[dict], training: dict) ->
     best = training.get("best") or {}
     lines += [f"Validation during training, epoch {validation.get('epoch')} after optimizer step "
               f"{validation.get('optimizer_step')} (best epoch: {best.get('epoch')}, selected by "
-              f"{best.get('metric') or 'the last epoch'}).", "", "| set | split | metric | value |", "|---|---|---|---|"]
+              f"{best.get('metric') or 'the last epoch'}).", "",
+              "| set | split | metric | value |", "|---|---|---|---|"]
     for e in entries:
         value = f"{e['value']:.4f}" if e["metric"] == "loss" else _pct(e["value"])
         lines.append(f"| {e['dataset']} | {e['split']} | {e['metric']} | {value} |")
@@ -348,7 +351,8 @@ def _recipe(training: dict, template: str) -> list[str]:
     validation = training.get("validation") or {}
     positives, negatives = d.get("positives_per_relation"), d.get("negatives_per_relation")
     loss = t.get("loss")
-    loss_text = f"{loss} (temperature {t.get('temperature')})" if loss != "triplet" else f"triplet (margin {t.get('margin')})"
+    loss_text = f"triplet (margin {t.get('margin')})" if loss == "triplet" else \
+        f"{loss} (temperature {t.get('temperature')})"
     if t.get("classification_loss"):
         loss_text += " + classification loss"
     zero = (ds.get("zero_optimization") or {}).get("stage", 0)

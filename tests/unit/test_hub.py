@@ -251,7 +251,8 @@ def test_push_uploads_every_file_and_a_full_card(hub, export, capsys):
     got = {}
     for result in index["results"]:
         assert {"type", "name"} <= set(result["task"]) and {"type", "name", "split"} <= set(result["dataset"])
-        task = {"analogy-questions": "analogy", "lexical-relation-classification": "classification"}[result["task"]["type"]]
+        task = {"analogy-questions": "analogy",
+                "lexical-relation-classification": "classification"}[result["task"]["type"]]
         for metric in result["metrics"]:
             got[(task, result["dataset"]["name"], result["dataset"]["split"], metric["type"])] = metric["value"]
     assert got == want
@@ -301,7 +302,8 @@ def test_trainer_card_has_the_metadata(export):
     folder, _ = export
     card = (folder / "README.md").read_text()  # written by the trainer's model_card(...) signature
     meta = _front_matter(card)
-    assert meta["base_model"] == "sentence-transformers/all-MiniLM-L6-v2" and meta["pipeline_tag"] == "feature-extraction"
+    assert meta["base_model"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert meta["pipeline_tag"] == "feature-extraction"
     assert [m["value"] for r in meta["model-index"][0]["results"] for m in r["metrics"]] == [0.4556962, 0.3243243]
     assert "## Training recipe" in card and "## Citation" in card
 
