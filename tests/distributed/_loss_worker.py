@@ -1,4 +1,4 @@
-"""One rank of the 2-process loss-equivalence test (run by test_loss_multiprocess.py).
+"""One rank of the multi-process loss-equivalence test (run by test_loss_multiprocess.py).
 
 Usage: python _loss_worker.py RANK WORLD_SIZE PORT OUT_FILE
 
@@ -6,7 +6,11 @@ Each rank runs a tiny deterministic encoder on its local slice of a RelationAwar
 global batch, computes its loss share, backpropagates, averages the parameter gradients
 over ranks (what DeepSpeed/DDP do) and saves everything to OUT_FILE for the parent test.
 The scenario helpers are shared with the parent, which computes the single-process
-reference over the concatenated global batch.
+reference over the sampler's global batch.
+
+Two launches: 2 ranks (uneven prompt counts, a relation group split across the ranks, a pair
+shared across ranks) and :data:`EDGE_WORLD` ranks, where some rank holds only negatives (no
+anchor) and some rank a single prompt.
 """
 from __future__ import annotations
 
@@ -24,11 +28,17 @@ if str(ROOT) not in sys.path:
 from relbert_ds import collectives  # noqa: E402
 from relbert_ds.data.schemas import RelationDataset, RelationGroup  # noqa: E402
 from relbert_ds.losses import (  # noqa: E402
-    ClassificationLoss, CombinedLoss, InfoLOOBLoss, NCELoss, RelationLoss, TripletLoss,
+    ClassificationLoss,
+    CombinedLoss,
+    InfoLOOBLoss,
+    NCELoss,
+    RelationLoss,
+    TripletLoss,
 )
 from relbert_ds.sampler import LocalBatch, RelationAwareSampler  # noqa: E402
 
 WORLD = 2
+EDGE_WORLD = 6
 FEATURES, HIDDEN, DIM = 12, 16, 8
 
 
@@ -44,23 +54,36 @@ def dataset() -> RelationDataset:
     return RelationDataset("synthetic", "train", tuple(groups))
 
 
-def sampler(rank: int) -> RelationAwareSampler:
-    return RelationAwareSampler(dataset(), world_size=WORLD, rank=rank, relations_per_rank=2,
-                                positives_per_relation=4, negatives_per_relation=2, seed=11,
-                                parent_grouping=True)
+def sampler(rank: int, world: int = WORLD) -> RelationAwareSampler:
+    """4 relations per step on 2 ranks; 2 relations (6-12 prompts) on EDGE_WORLD ranks."""
+    return RelationAwareSampler(dataset(), world_size=world, rank=rank, relations_per_step=4 if world == WORLD else 2,
+                                positives_per_relation=4, negatives_per_relation=2, seed=11, parent_grouping=True)
 
 
-def choose_step(s: RelationAwareSampler) -> tuple[int, int]:
-    """The first (epoch, step) whose ranks hold different row counts and share a pair
-    across ranks (exercises the padded gather and the cross-rank duplicate masking)."""
+def rank_batches(world: int, epoch: int, step: int) -> list[LocalBatch]:
+    return [sampler(r, world).local_batch(epoch, step) for r in range(world)]
+
+
+def _suits(world: int, parts: list[LocalBatch]) -> bool:
+    if world == WORLD:
+        shared = set(parts[0].pair_ids.tolist()) & set(parts[1].pair_ids.tolist())
+        split_group = bool(set(parts[0].relation_ids.tolist()) & set(parts[1].relation_ids.tolist()))
+        return len(parts[0]) != len(parts[1]) and bool(shared) and split_group
+    no_anchor = any(not bool(p.is_positive.any()) for p in parts)
+    return no_anchor and any(len(p) == 1 for p in parts)
+
+
+def choose_step(world: int = WORLD) -> tuple[int, int]:
+    """The first (epoch, step) of the plan that exercises what the launch at ``world`` ranks is
+    for: on 2 ranks different row counts, a relation group split across the ranks and a pair on
+    both (the padded gather, remote positives, cross-rank duplicate masking); on EDGE_WORLD
+    ranks a rank without any positive anchor and a rank with a single prompt."""
+    s = sampler(0, world)
     for epoch in range(50):
         for step in range(s.steps_per_epoch):
-            plan = s.plan(epoch, step)
-            parts = [s.batch_from_groups(groups) for groups in plan]
-            shared = set(parts[0].pair_ids.tolist()) & set(parts[1].pair_ids.tolist())
-            if len(parts[0]) != len(parts[1]) and shared:
+            if _suits(world, rank_batches(world, epoch, step)):
                 return epoch, step
-    raise AssertionError("no suitable step in the synthetic plan")
+    raise AssertionError(f"no suitable step in the synthetic plan for {world} ranks")
 
 
 def features(num_pairs: int) -> torch.Tensor:
@@ -135,25 +158,27 @@ def main(rank: int, world: int, port: int, out_file: str) -> None:
     torch.set_num_threads(1)
     torch.distributed.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-        timeout=timedelta(seconds=60),
+        timeout=timedelta(seconds=300),  # oversubscribed CI: slow imports
     )
     try:
-        s = sampler(rank)
-        epoch, step = choose_step(s)
+        s = sampler(rank, world)
+        epoch, step = choose_step(world)
         batch = s.local_batch(epoch, step)
         feats = features(s.num_pairs)
-        results: dict = {"n_local": len(batch), "collectives": check_collectives(rank), "cases": {}, "buggy": {}}
+        results: dict = {"n_local": len(batch), "cases": {}, "buggy": {}}
         for case in CASES:
             results["cases"][case] = run_case(case, batch, feats)
-        # Rank 1 brings no rows at all: no hang, and the result is rank 0's batch alone.
-        results["empty_rank1"] = run_case("triplet", batch if rank == 0 else s.batch_from_groups([]), feats)
-        original: Callable = collectives.all_gather_with_grad
-        collectives.all_gather_with_grad = _biased_gather
-        try:
-            for case in BUGGY_CASES:
-                results["buggy"][case] = run_case(case, batch, feats)
-        finally:
-            collectives.all_gather_with_grad = original
+        if world == WORLD:
+            results["collectives"] = check_collectives(rank)
+            # Rank 1 brings no rows at all: no hang, and the result is rank 0's batch alone.
+            results["empty_rank1"] = run_case("triplet", batch if rank == 0 else s.batch_from_groups([]), feats)
+            original: Callable = collectives.all_gather_with_grad
+            collectives.all_gather_with_grad = _biased_gather
+            try:
+                for case in BUGGY_CASES:
+                    results["buggy"][case] = run_case(case, batch, feats)
+            finally:
+                collectives.all_gather_with_grad = original
         torch.save(results, out_file)
         # Nobody tears down while a peer still talks to the store (rank 0 hosts it).
         torch.distributed.barrier()
