@@ -69,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also compare the probes on this trained model's vectors (default: the newest "
                         "runs/*/best_model, if any)")
     p.add_argument("--cache_dir", default=None, help="vector cache of --probe_table (default: a temporary folder)")
+    p.add_argument("--work_dir", default=None,
+                   help="--probe_table's working folder (kept); an evaluator result already in it is reused")
+    p.add_argument("--probe_workers", type=int, default=1,
+                   help="processes comparing the probes at once (each runs torch then sklearn for one dataset "
+                        "and seed, so both probes of a pair see the same load)")
     p.add_argument("--_naive_worker", default=None, help=argparse.SUPPRESS)
     return p
 
@@ -158,28 +163,35 @@ def _full_table(model: str, label: str, classification: Sequence[str], cache_dir
                 out_dir: Path) -> tuple[dict, Path]:
     """The evaluator on the bundled table (1 process, every core); returns its timing and the vectors file."""
     out, vectors = out_dir / f"{label}.json", out_dir / f"{label}.npz"
+    if out.is_file() and vectors.is_file():  # --work_dir of an earlier, interrupted call
+        return _table_timing(json.loads(out.read_text()), None), vectors
     cmd = [sys.executable, "launchers/evaluate.py", "--model", model, "--split", "valid", "test",
            "--classification", *classification, "--cache_dir", str(cache_dir), "--vectors", str(vectors),
            "--output", str(out)]
     with common.Phase() as phase:
         common.run(cmd, timeout=7200)
-    doc = json.loads(out.read_text())
+    return _table_timing(json.loads(out.read_text()), phase.record["seconds"]), vectors
+
+
+def _table_timing(doc: dict, process_wall_s: Optional[float]) -> dict:
     res = doc["models"]["model"]
-    timing = {"process_wall_s": phase.record["seconds"], "evaluator_wall_s": doc["wall_time_s"],
+    return {"process_wall_s": process_wall_s, "evaluator_wall_s": doc["wall_time_s"],
               "cache_hit": res.get("cache_hit"), "n_pairs": res["n_pairs"], **res["timing"],
               "classification_time_s": {k: v["time_s"] for k, v in res["classification"].items()},
               "probe": res.get("probe"), "threads": doc.get("threads_per_rank"),
               "metrics": {k: v for k, v in res["metrics"].items() if k.endswith(("accuracy", "f1_macro"))}}
-    return timing, vectors
 
 
-def _compare_probes(vectors: Path, seeds: Sequence[int], classification: Sequence[str]) -> dict:
-    """torch vs sklearn probe on BLESS and K&H+N (test split), same vectors, one thread each."""
+def _probe_pair(job: tuple[str, str, int]) -> dict:
+    """torch then sklearn probe on one dataset and seed (test split), same vectors, one thread each."""
     import numpy as np
+    import torch
 
     from relbert_ds.data import load_classification_dataset
     from relbert_ds.evaluation.classification import run_classification
 
+    vectors, source, seed = job
+    torch.set_num_threads(1)
     data = np.load(vectors)
     row_of = {tuple(p): i for i, p in enumerate(data["pairs"].tolist())}
     table = data["model_vectors"]
@@ -187,31 +199,42 @@ def _compare_probes(vectors: Path, seeds: Sequence[int], classification: Sequenc
     def lookup(pairs: Sequence[Any]) -> Any:
         return table[[row_of[tuple(p)] for p in pairs]]
 
+    dataset = load_classification_dataset(source)
+    row: dict[str, Any] = {"dataset": dataset.name, "seed": seed, "n_train": len(dataset.splits["train"]),
+                           "n_test": len(dataset.splits["test"]), "loadavg_before": common.loadavg()}
+    for probe in ("torch", "sklearn"):
+        t = time.perf_counter()
+        res = run_classification(dataset, lookup, split="test", seed=seed, probe=probe, blas_threads=1)
+        row[probe] = {"time_s": time.perf_counter() - t, "f1_macro": res["f1_macro"], "f1_micro": res["f1_micro"],
+                      "accuracy": res["accuracy"], "config": res["config"],
+                      "n_iter": [g["n_iter"] for g in res["grid"]]}
+        print(f"{dataset.name} seed {seed} {probe}: macro F1 {100 * res['f1_macro']:.2f} in "
+              f"{row[probe]['time_s']:.1f} s", file=sys.stderr, flush=True)
+    row["loadavg_after"] = common.loadavg()
+    return row
+
+
+def _compare_probes(vectors: Path, seeds: Sequence[int], classification: Sequence[str], workers: int) -> dict:
+    """torch vs sklearn probe on each classification set and seed, on the same vectors."""
+    jobs = [(str(vectors), source, seed) for source in classification for seed in seeds]
+    if workers > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            rows = list(pool.map(_probe_pair, jobs))
+    else:
+        rows = [_probe_pair(job) for job in jobs]
     out: dict[str, Any] = {}
-    for source in classification:
-        dataset = load_classification_dataset(source)
-        name = dataset.name
-        runs = []
-        for seed in seeds:
-            row: dict[str, Any] = {"seed": seed}
-            for probe in ("torch", "sklearn"):
-                t = time.perf_counter()
-                res = run_classification(dataset, lookup, split="test", seed=seed, probe=probe, blas_threads=1)
-                row[probe] = {"time_s": time.perf_counter() - t, "f1_macro": res["f1_macro"],
-                              "f1_micro": res["f1_micro"], "accuracy": res["accuracy"], "config": res["config"],
-                              "n_iter": [g["n_iter"] for g in res["grid"]]}
-                print(f"{name} seed {seed} {probe}: macro F1 {100 * res['f1_macro']:.2f} in "
-                      f"{row[probe]['time_s']:.1f} s", file=sys.stderr, flush=True)
-            runs.append(row)
+    for name in dict.fromkeys(r["dataset"] for r in rows):
+        runs = [r for r in rows if r["dataset"] == name]
         diff = [100 * (r["torch"]["f1_macro"] - r["sklearn"]["f1_macro"]) for r in runs]
-        speed = [r["sklearn"]["time_s"] / r["torch"]["time_s"] for r in runs]
-        out[name] = {"n_train": len(dataset.splits["train"]), "n_test": len(dataset.splits["test"]), "runs": runs,
+        out[name] = {"n_train": runs[0]["n_train"], "n_test": runs[0]["n_test"], "runs": runs,
                      "torch_f1_macro": common.summary(100 * r["torch"]["f1_macro"] for r in runs),
                      "sklearn_f1_macro": common.summary(100 * r["sklearn"]["f1_macro"] for r in runs),
                      "f1_macro_difference_points": common.summary(diff),
                      "torch_time_s": common.summary(r["torch"]["time_s"] for r in runs),
                      "sklearn_time_s": common.summary(r["sklearn"]["time_s"] for r in runs),
-                     "speedup": common.summary(speed)}
+                     "speedup": common.summary(r["sklearn"]["time_s"] / r["torch"]["time_s"] for r in runs)}
     return out
 
 
@@ -223,7 +246,8 @@ def _newest_trained_model() -> Optional[str]:
 def probe_table(args: argparse.Namespace, argv: Optional[Sequence[str]]) -> int:
     head = common.header("eval_throughput", argv if argv is not None else sys.argv[1:])
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    work = Path(tempfile.mkdtemp(prefix="relbert_ds_probe_table_"))
+    work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="relbert_ds_probe_table_"))
+    work.mkdir(parents=True, exist_ok=True)
     cache_dir = Path(args.cache_dir) if args.cache_dir else work / "cache"
     trained = args.trained_model or _newest_trained_model()
     models = {"backbone": args.model, **({"trained": trained} if trained else {})}
@@ -235,7 +259,7 @@ def probe_table(args: argparse.Namespace, argv: Optional[Sequence[str]]) -> int:
     for label, model in models.items():
         timing, vectors = _full_table(model, label, classification, cache_dir, work)
         section[f"{label}_full_table"] = timing
-        compared = _compare_probes(vectors, args.seeds, classification)
+        compared = _compare_probes(vectors, args.seeds, classification, args.probe_workers)
         section[f"{label}_probes"] = compared
         rows.append([label, timing["n_pairs"], f"{timing['encode_s']:.0f}", f"{timing['classification_s']:.0f}",
                      f"{timing['analogy_s']:.1f}", f"{timing['total_s']:.0f}"])
@@ -266,9 +290,10 @@ def probe_table(args: argparse.Namespace, argv: Optional[Sequence[str]]) -> int:
     common.write_json(path, document)
     print(table, flush=True)
     print(f"results: {path} (probe_table)", flush=True)
-    import shutil
+    if not args.work_dir:
+        import shutil
 
-    shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

@@ -99,6 +99,7 @@ class VectorCache:
 
     def save(self, key: dict, table: np.ndarray) -> Optional[Path]:
         """Write ``table`` for ``key`` atomically; a failure to write is a warning, not an error."""
+        tmp: Optional[str] = None
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             handle, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".npz", dir=self.directory)
@@ -109,4 +110,6 @@ class VectorCache:
         except OSError as exc:
             warnings.warn(f"could not write the vector cache in {self.directory} ({exc}); continuing without it",
                           stacklevel=2)
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)  # a disk that filled up mid-write keeps no partial file
             return None

@@ -208,3 +208,18 @@ def test_unknown_probe_or_features_is_one_clear_error():
         classification.run_classification(data, lookup, probe="keras")
     with pytest.raises(ConfigError, match="unknown probe features"):
         classification.run_classification(data, lookup, features="max")
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    """The evaluator gives the torch probe a rank's threads (cores / ranks): 1 and 2 ranks must agree."""
+    x, y = blobs(n=400, dim=300)
+    before = torch.get_num_threads()
+    try:
+        fits = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            fits.append(probe.fit_grid(x, y, GRID, 4, max_iter=4, seed=0))
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(fits[0].weights, fits[1].weights):
+        assert all(torch.equal(p, q) for p, q in zip(a, b))
