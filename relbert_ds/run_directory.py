@@ -189,6 +189,18 @@ class RunDirectory:
         except OSError as exc:
             raise HistoryError(self.history, exc) from exc
 
+    def write_json(self, path: Path, data: Any) -> None:
+        """Write one of the run's JSON files atomically; a file system that refuses it (full,
+        read-only) is one :class:`ConfigError` line naming the file."""
+        from relbert_ds.config import write_json
+
+        try:
+            write_json(path, data)
+        except OSError as exc:
+            Path(path).with_name(Path(path).name + ".tmp").unlink(missing_ok=True)
+            raise ConfigError(f"{path} cannot be written ({_reason(exc)}); fix: free space on that file system "
+                              f"or pass another --output_dir") from exc
+
     # ------------------------------------------------------------------ what is there
     def existing_run_files(self) -> list[str]:
         """The names of :data:`RUN_MARKERS` present: non-empty means a run was started here."""

@@ -263,8 +263,7 @@ class Trainer:
         # Resume first: a refused resume must leave the run's files as they were.
         if self.resume_dir is not None:
             self._resume()
-        if distributed.is_main():
-            self._write_run_files()
+        distributed.agree(self._write_run_files, main_only=True)  # a full disk stops every rank
         self.monitor = TrainingMonitor(self.files.tensorboard if t.tensorboard else None, distributed.is_main(),
                                        self.steps.total_steps, self.progress.optimizer_steps)
         if distributed.is_main():
@@ -394,8 +393,8 @@ class Trainer:
                                                      "steps_per_epoch": self.steps.steps_per_epoch,
                                                      "total_steps": self.steps.total_steps,
                                                      "relbert_ds_version": __version__}}
-        write_json(self.files.config, record)
-        write_json(self.files.ds_config, self.resolved.config)
+        self.files.write_json(self.files.config, record)
+        self.files.write_json(self.files.ds_config, self.resolved.config)
 
     def _fingerprint(self) -> dict[str, Any]:
         m = self.run.model

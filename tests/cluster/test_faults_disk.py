@@ -5,7 +5,7 @@ real command line:
   refused before anything is written (its size is known from the previous one), or, with that
   check turned off, the write itself fails part-way inside DeepSpeed's save;
 - --output_dir cannot be created or written (a file in the way, a parent under /proc, a
-  read-only mount);
+  read-only mount), or is on a full file system (config.json cannot be written);
 - a checkpoint file truncated before --resume;
 - history.jsonl replaced by a folder while the run is going.
 
@@ -107,6 +107,24 @@ def test_disk_full_at_a_checkpoint(check, tiny_bert, tmpfs):
     assert tags(out) == ["global_step1"], "the partial checkpoint folder was not removed"
     assert [r["optimizer_step"] for r in history(out)] == [1, 2]
     print(f"{check}: both ranks exited 2 after {seconds:.0f} s (start-up included)")
+
+
+def test_disk_full_at_the_start(tiny_bert, tmpfs):
+    """A file system with no byte left: the folder and an empty file can be created, config.json
+    cannot (rank 0 writes it; every rank stops)."""
+    disk = tmpfs(256 << 10)
+    with open(disk / "filler", "wb", buffering=0) as handle:
+        try:
+            while True:
+                handle.write(b"\0" * 4096)
+        except OSError:
+            pass
+    out = disk / "run"
+    results = run_ranks(TRAIN, opts(tiny_bert, out, "--max_steps", "2"), world=2, timeout=400)
+    message = one_error(results)
+    assert message == (f"error: {out / 'config.json'} cannot be written (no space left on device); fix: free space "
+                       f"on that file system or pass another --output_dir")
+    assert sorted(p.name for p in out.iterdir()) == []
 
 
 @pytest.mark.parametrize("where", ["file_in_the_way", "under_proc", "read_only_mount"])

@@ -362,3 +362,26 @@ def test_disk_full_on_a_real_tmpfs(mount_point):
             checkpointing.save_checkpoint(Big(), run.path, 1, {}, {}, keep_last=1)
     assert "the disk filled up while it was written" in str(info.value)
     assert list(run.checkpoints.iterdir()) == [] and shutil.disk_usage(point).used < 64 * 1024
+
+
+def fill(point: Path) -> None:
+    """Fill the file system of ``point`` to the last byte."""
+    with open(point / "filler", "wb", buffering=0) as handle:  # unbuffered: close has nothing left to write
+        try:
+            while True:
+                handle.write(b"\0" * 4096)
+        except OSError:
+            pass
+
+
+def test_run_json_on_a_full_disk(mount_point):
+    point = mount_point("size=64k")
+    run = RunDirectory(point / "run")
+    run.check_writable()
+    fill(point)
+    run.check_writable()  # an empty file still fits: writability is not room
+    with pytest.raises(ConfigError) as info:
+        run.write_json(run.config, {"a": "x" * 10_000})
+    assert str(info.value) == (f"{run.config} cannot be written (no space left on device); fix: free space on that "
+                               f"file system or pass another --output_dir")
+    assert sorted(p.name for p in run.path.iterdir()) == []  # no config.json.tmp left
