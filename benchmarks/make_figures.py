@@ -2,9 +2,12 @@
 
     python benchmarks/make_figures.py            # reads benchmarks/results/*.json
 
-time_to_quality.json -> docs/figures/time_to_quality.png (accuracy against training clock, both
-arms); memory.json -> docs/figures/memory.png (model-state memory per GPU by ZeRO scheme, and the
-measured CPU runs). A result file that is missing is skipped with a note; the rest are drawn.
+- time_to_quality.json -> time_to_quality.png: accuracy against each arm's clock, both arms;
+- memory.json -> memory.png: model-state memory per GPU by ZeRO scheme, and the measured CPU runs;
+- train_throughput.json -> throughput.png: tokens/s, MFU and epoch time per arm, negatives per
+  encoded prompt by ranks.
+
+A result file that is missing is skipped with a note; the rest are drawn.
 """
 from __future__ import annotations
 
@@ -15,10 +18,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from relbert_ds.plotting import plot_memory, plot_time_to_quality  # noqa: E402
+from relbert_ds.plotting import plot_memory, plot_throughput, plot_time_to_quality  # noqa: E402
 
 FIGURES = (("time_to_quality.json", "time_to_quality.png", plot_time_to_quality),
-           ("memory.json", "memory.png", plot_memory))
+           ("memory.json", "memory.png", plot_memory),
+           ("train_throughput.json", "throughput.png", plot_throughput))
 
 
 def main(argv=None) -> int:

@@ -304,3 +304,55 @@ def plot_memory(results: Union[str, Path], out_path: Union[str, Path]) -> Path:
         ax.set(title=f"measured: {doc['measured'].get('model')}, {doc['measured'].get('nproc')} CPU ranks",
                ylabel="peak RSS per rank, GB")
     return _save(fig, Path(out_path))
+
+
+_ARM_LABELS = {"ours": "relbert-ds", "bare": "bare PyTorch\n(same tokens)", "public": "public scheme\n(pad to 64)",
+               "public_longest": "public scheme\n(pad to longest)"}
+
+
+def plot_throughput(results: Union[str, Path], out_path: Union[str, Path]) -> Path:
+    """Training throughput per arm (real tokens/s, MFU), the epoch time it implies, and how many
+    negatives each encoded prompt serves as the number of ranks grows."""
+    doc = _load(results, "train_throughput")
+    arms = [k for k in ("ours", "bare", "public", "public_longest") if k in doc["arms"]]
+    colours = {"ours": "tab:blue", "bare": "0.6", "public": "tab:orange", "public_longest": "tab:red"}
+    fig, axes = _figure(17, 4.6, ncols=4)
+    ax = axes[0][0]
+    ax.bar(range(len(arms)), [doc["arms"][a]["tokens_per_s"] for a in arms], color=[colours[a] for a in arms])
+    ax.set_xticks(range(len(arms)), [_ARM_LABELS[a] for a in arms], fontsize=8)
+    ax.set(ylabel="real (unpadded) tokens per second", title="Training throughput")
+    ax = axes[0][1]
+    ax.bar(range(len(arms)), [100 * doc["arms"][a]["mfu"] for a in arms], color=[colours[a] for a in arms])
+    ax.set_xticks(range(len(arms)), [_ARM_LABELS[a] for a in arms], fontsize=8)
+    peak = doc.get("peak_flops")
+    peak_text = f" of {peak['tflops']:.3f} TFLOP/s" if isinstance(peak, dict) and "tflops" in peak else ""
+    ax.set(ylabel=f"MFU %{peak_text}", title="Model FLOPs utilisation")
+    ax = axes[0][2]
+    epochs = doc.get("epoch_seconds") or {}
+    keys = [k for k in ("ours", "public_extrapolated", "public_longest_extrapolated") if k in epochs]
+    labels = {"ours": "relbert-ds", "public_extrapolated": "public scheme\n(pad to 64)",
+              "public_longest_extrapolated": "public scheme\n(pad to longest)"}
+    bars = ax.bar(range(len(keys)), [epochs[k]["median"] for k in keys],
+                  color=[colours.get(k.replace("_extrapolated", ""), "0.5") for k in keys])
+    for bar, k in zip(bars, keys):
+        ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), f"{epochs[k]['median']:.0f} s", ha="center",
+                va="bottom", fontsize=8)
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(keys)), [labels[k] for k in keys], fontsize=8)
+    ax.set(ylabel="seconds per epoch (log)", title="One epoch over SemEval-2012 (public: extrapolated)")
+    ax = axes[0][3]
+    by_world = (doc.get("negatives") or {}).get("ours_by_world_size") or []
+    if by_world:
+        ax.plot([r["world_size"] for r in by_world], [r["negatives_per_sequence"] for r in by_world], "o-",
+                color="tab:blue", label="relbert-ds (cross-device negatives)")
+        public = (doc.get("negatives") or {}).get("public", {}).get("negatives_per_sequence")
+        if public:
+            ax.axhline(public, color="tab:orange", linestyle="--", label="public scheme (any number of GPUs)")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks([r["world_size"] for r in by_world], [str(r["world_size"]) for r in by_world])
+        ax.legend(fontsize=8)
+    ax.set(xlabel="ranks", ylabel="negative pairs per encoded prompt", title="Negatives per encoded prompt")
+    machine = doc.get("machine", {})
+    fig.suptitle(f"all arms on the same {machine.get('cpu_count', '?')}-core CPU, {machine.get('torch', '')}; "
+                 f"median of the timed steps", fontsize=9)
+    return _save(fig, Path(out_path))

@@ -160,7 +160,8 @@ def test_benchmark_figures_from_the_committed_results(tmp_path):
     proc = subprocess.run([sys.executable, "benchmarks/make_figures.py", "--out", str(tmp_path)], capture_output=True,
                           text=True, timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr
-    for name in ("time_to_quality.png", "memory.png"):
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["memory.png", "throughput.png", "time_to_quality.png"]
+    for name in ("time_to_quality.png", "memory.png", "throughput.png"):
         width, height = _png_size(tmp_path / name)
         assert width >= 800 and height >= 400 and 0.02 < _drawn_fraction(tmp_path / name) < 0.6
     # the curves drawn are the arms' curves of the results file
