@@ -1,8 +1,10 @@
 """The evaluator CLI really launched: 1 rank (plain python) and 2 ranks (torchrun) give identical
 predictions and metrics; bad input stops every rank with one ``error:`` line and no hang.
 
-Small on purpose (bundled backbone, SAT's validation questions, a 3-label slice of bundled BLESS, one mapping
-problem): about 40-60 s on a 2-core CPU, mostly process start-up and imports.
+Small on purpose (bundled backbone, SAT's validation questions, two 3-label slices of bundled BLESS, one mapping
+problem): about 40-60 s per probe on a 2-core CPU, mostly process start-up and imports. With the torch probe the
+two classification sets are trained one per rank on 2 ranks (and both on the one rank of the plain run), so the
+test covers the all-gather of finished results; with the sklearn probe the configurations are split instead.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ def _env() -> dict:
     return env
 
 
-def run(cmd: list[str], timeout: float = 150) -> subprocess.CompletedProcess:
+def run(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
     """Run a launcher in its own session; kill the whole process group on timeout."""
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
@@ -51,13 +53,13 @@ def _torchrun(n: int) -> list[str]:
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("eval_data")
-    labels = ("coord", "hyper", "mero")
-    cls = root / "bless_small"
-    cls.mkdir()
-    for split, per_label in (("train", 16), ("validation", 4), ("test", 6)):
-        rows = [json.loads(line) for line in (BLESS / f"{split}.jsonl").read_text().splitlines() if line.strip()]
-        keep = [r for label in labels for r in [r for r in rows if r["relation"] == label][:per_label]]
-        (cls / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in keep))
+    for name, labels in (("bless_small", ("coord", "hyper", "mero")), ("bless_other", ("event", "attri", "random"))):
+        cls = root / name
+        cls.mkdir()
+        for split, per_label in (("train", 16), ("validation", 4), ("test", 6)):
+            rows = [json.loads(line) for line in (BLESS / f"{split}.jsonl").read_text().splitlines() if line.strip()]
+            keep = [r for label in labels for r in [r for r in rows if r["relation"] == label][:per_label]]
+            (cls / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in keep))
     # SAT's 37 validation questions, served as the test split of a local folder (one --split for all).
     sat = root / "sat_valid"
     sat.mkdir()
@@ -65,12 +67,13 @@ def small_data(tmp_path_factory) -> dict:
     mapping = root / "mapping.jsonl"
     mapping.write_text(json.dumps({"source": ["sun", "planet", "gravity", "orbit"],
                                    "target": ["nucleus", "electron", "charge", "shell"]}) + "\n")
-    return {"root": root, "analogy": str(sat), "classification": str(cls), "mapping": str(mapping)}
+    return {"root": root, "analogy": str(sat), "classification": [str(root / "bless_small"), str(root / "bless_other")],
+            "mapping": str(mapping)}
 
 
-def _args(data: dict, out: Path) -> list[str]:
-    return ["--model", "all-MiniLM-L6-v2", "--analogy", data["analogy"], "--split", "test",
-            "--classification", data["classification"], "--mapping", data["mapping"], "--max_iter", "60",
+def _args(data: dict, out: Path, probe: str) -> list[str]:
+    return ["--model", "all-MiniLM-L6-v2", "--analogy", data["analogy"], "--split", "test", "--probe", probe,
+            "--classification", *data["classification"], "--mapping", data["mapping"], "--max_iter", "60",
             "--batch_size", "16", "--threads", "1", "--output", str(out / "results.json"),
             "--predictions", str(out / "predictions.jsonl"), "--vectors", str(out / "vectors.npz")]
 
@@ -81,14 +84,16 @@ def _comparable(doc: dict) -> dict:
         model.pop(key)
     for entry in model["classification"].values():
         entry.pop("time_s")
+        entry.pop("device", None)
     return model
 
 
-def test_one_and_two_ranks_give_identical_results(small_data, tmp_path):
+@pytest.mark.parametrize("probe", ["torch", "sklearn"])
+def test_one_and_two_ranks_give_identical_results(small_data, tmp_path, probe):
     one, two = tmp_path / "one", tmp_path / "two"
-    r1 = run([sys.executable, str(LAUNCHER)] + _args(small_data, one))
+    r1 = run([sys.executable, str(LAUNCHER)] + _args(small_data, one, probe))
     assert r1.returncode == 0, r1.stderr[-3000:]
-    r2 = run(_torchrun(2) + _args(small_data, two))
+    r2 = run(_torchrun(2) + _args(small_data, two, probe))
     assert r2.returncode == 0, r2.stderr[-3000:]
     d1 = json.loads((one / "results.json").read_text())
     d2 = json.loads((two / "results.json").read_text())
@@ -106,11 +111,14 @@ def test_one_and_two_ranks_give_identical_results(small_data, tmp_path):
     assert p1 == (two / "predictions.jsonl").read_text()
     records = [json.loads(line) for line in p1.splitlines()]
     assert sum(r["task"] == "analogy" for r in records) == 37
-    assert sum(r["task"] == "classification" for r in records) == 18
-    assert d1["models"]["model"]["classification"]
-    entry = next(iter(d1["models"]["model"]["classification"].values()))
-    assert entry["selected_on"] == "validation" and len(entry["grid"]) == 9
-    assert {d["dataset"] for d in d1["datasets"]} == {"sat_valid", "bless_small", "mapping"}
+    assert sum(r["task"] == "classification" for r in records) == 36
+    assert {r["dataset"] for r in records if r["task"] == "classification"} == {"bless_small", "bless_other"}
+    entries = d1["models"]["model"]["classification"]
+    assert set(entries) == {"bless_small/test", "bless_other/test"}
+    for entry in entries.values():
+        assert entry["selected_on"] == "validation" and len(entry["grid"]) == 9 and entry["probe"] == probe
+    assert d2["models"]["model"]["probe"]["implementation"] == probe
+    assert {d["dataset"] for d in d1["datasets"]} == {"sat_valid", "bless_small", "bless_other", "mapping"}
     # The table is printed once (rank 0), the other rank stays quiet.
     assert r2.stdout.count("| task | dataset |") == 1
     assert "| analogy | sat_valid | test | accuracy | 37 |" in r2.stdout
