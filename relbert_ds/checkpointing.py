@@ -29,7 +29,12 @@ from relbert_ds import distributed
 from relbert_ds.config import write_json
 from relbert_ds.errors import CheckpointError, DiskFullError
 from relbert_ds.run_directory import (CHECKPOINTS, LATEST, MARKER, RunDirectory, describe_bytes, folder_size,
-                                      is_write_failure, read_latest, says_disk_full, step_of, tag_for)
+                                      read_latest, says_disk_full, step_of, tag_for)
+
+# What a failed file write raises: OSError, or torch.save's RuntimeError (its text varies with the
+# format and says nothing useful: "write(): fd 3 failed with No space left on device", "unexpected
+# pos 576 vs 534", "basic_ios::clear: iostream error").
+WRITE_ERRORS = (OSError, RuntimeError)
 
 
 def rng_state() -> dict[str, Any]:
@@ -58,12 +63,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 @dataclass
 class _WriteFailure:
-    """One rank's failed write: what, why, and the room left when it failed."""
+    """One rank's failed write: where, why, and whether the file system was full."""
     rank: int
     path: str
     error: str
     disk_full: bool
-    free: int
 
 
 def estimate_checkpoint_bytes(engine: Any, run: RunDirectory) -> int:
@@ -117,9 +121,7 @@ def _recording_engine_writes(engine: Any, failures: list[_WriteFailure], needed:
     def save(state_dict: Any, path: str, *args: Any, **kwargs: Any) -> Any:
         try:
             return real_save(state_dict, path, *args, **kwargs)
-        except (OSError, RuntimeError) as exc:
-            if not is_write_failure(exc):
-                raise
+        except WRITE_ERRORS as exc:
             failures.append(_failure(Path(path), exc, needed))
             return None
 
@@ -134,7 +136,7 @@ def _failure(path: Path, exc: BaseException, needed: int) -> _WriteFailure:
     free = _free_bytes(path.parent)
     # torch.save words a full disk in several ways (or not at all): little room left says it too.
     full = says_disk_full(exc) or free < max(needed // 10, 1 << 20)
-    return _WriteFailure(distributed.rank(), str(path), f"{type(exc).__name__}: {exc}", full, free)
+    return _WriteFailure(distributed.rank(), str(path), f"{type(exc).__name__}: {exc}", full)
 
 
 def _gather_failures(own: list[_WriteFailure]) -> list[_WriteFailure]:
@@ -168,9 +170,7 @@ def save_checkpoint(engine: Any, run_dir: Path, step: int, client_state: dict[st
     def attempt(path: Path, write: Any) -> None:
         try:
             write()
-        except (OSError, RuntimeError) as exc:
-            if not is_write_failure(exc):
-                raise
+        except WRITE_ERRORS as exc:
             failures.append(_failure(path, exc, needed))
 
     attempt(tag_dir, lambda: tag_dir.mkdir(parents=True, exist_ok=True))
@@ -183,12 +183,10 @@ def save_checkpoint(engine: Any, run_dir: Path, step: int, client_state: dict[st
     with _recording_engine_writes(engine, failures, needed):
         try:
             engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
-        except (OSError, RuntimeError) as exc:
+        except WRITE_ERRORS as exc:
             # Not a write through the checkpoint engine: in DeepSpeed 0.19.8 that is rank 0 copying
             # zero_to_fp32.py, after every collective of the save but its closing barrier, which
             # this barrier stands in for.
-            if not is_write_failure(exc):
-                raise
             failures.append(_failure(root, exc, needed))
             distributed.barrier()
     failures = _gather_failures(failures)  # every rank's shards are on disk, or we know who failed
@@ -213,7 +211,8 @@ def _discard(tag_dir: Path, failures: list[_WriteFailure], needed: int, keep_las
     """Remove the partial checkpoint (rank 0) and word the error every rank raises."""
     shutil.rmtree(tag_dir, ignore_errors=True)
     first = failures[0]
-    where = f" (rank {first.rank} writing {Path(first.path).name}: {first.error})"         if distributed.world_size() > 1 else f" (writing {Path(first.path).name}: {first.error})"
+    who = f"rank {first.rank} " if distributed.world_size() > 1 else ""
+    where = f" ({who}writing {Path(first.path).name}: {first.error})"
     full = [f for f in failures if f.disk_full]
     if full:
         free = _free_bytes(tag_dir.parent)

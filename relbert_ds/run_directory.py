@@ -290,14 +290,6 @@ class HistoryError(ConfigError):
             f"history); fix: make it a writable file again, then --resume latest re-runs those steps"))
 
 
-def is_write_failure(exc: BaseException) -> bool:
-    """An exception a file write raises when the file system refuses it: any OSError, or the
-    RuntimeError torch.save raises for a failed write (its text varies with the format: "write():
-    fd 3 failed with No space left on device", "unexpected pos 576 vs 534", "basic_ios::clear:
-    iostream error")."""
-    return isinstance(exc, (OSError, RuntimeError))
-
-
 def says_disk_full(exc: BaseException) -> bool:
     """The exception itself says the disk (or the quota) is full."""
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
