@@ -28,9 +28,10 @@ def write_relations(folder: Path, n_relations: int, *, positives: int = 3, negat
     for split in splits:
         with open(folder / f"{split}.jsonl", "w") as handle:
             for r in range(n_relations):
+                word = f"{tag}{split[0]}"  # distinct words per source and split
                 record = {"relation_type": f"{tag}{r}",
-                          "positives": [[f"{tag}{split[0]}h{r}n{i}", f"{tag}{split[0]}t{r}n{i}"] for i in range(positives)],
-                          "negatives": [[f"{tag}{split[0]}x{r}n{i}", f"{tag}{split[0]}y{r}n{i}"] for i in range(negatives)]}
+                          "positives": [[f"{word}h{r}n{i}", f"{word}t{r}n{i}"] for i in range(positives)],
+                          "negatives": [[f"{word}x{r}n{i}", f"{word}y{r}n{i}"] for i in range(negatives)]}
                 if parents:
                     record["parent"] = str(r % parents)
                 handle.write(json.dumps(record) + "\n")
@@ -95,16 +96,51 @@ def test_hub_ids_load_from_a_local_copy_in_the_hub_schema(tmp_path, monkeypatch)
     hub's relbert/*_relational_similarity sets hold (relation_type, positives, negatives)."""
     for name, tag in (("t_rex_relational_similarity", "T"), ("conceptnet_relational_similarity", "C")):
         write_relations(tmp_path / "hub" / "relbert" / name, 3, tag=tag)
+    with open(tmp_path / "hub" / "relbert" / "t_rex_relational_similarity" / "train.jsonl", "a") as handle:
+        handle.write(json.dumps(T_REX_ROWS[0]) + "\n")  # a real row's names: brackets, spaces
     monkeypatch.setenv("RELBERT_DS_DATA", str(tmp_path / "hub"))
     data, weights = load_training_sources(["relbert/t_rex_relational_similarity",
                                            "relbert/conceptnet_relational_similarity", "semeval2012"], "train",
                                           [1, 1, 2])
     assert data.name == "t_rex_relational_similarity+conceptnet_relational_similarity+semeval2012"
-    assert [g.relation_type for g in data.relations[:6]] == ["T0", "T1", "T2", "C0", "C1", "C2"]
-    assert weights == [1.0] * 6 + [2.0] * 79
+    assert [g.relation_type for g in data.relations[:7]] == ["T0", "T1", "T2", T_REX_ROWS[0]["relation_type"], "C0",
+                                                             "C1", "C2"]
+    assert data.relations[3].positives[0] == ("Korean Air", "Seoul")
+    assert weights == [1.0] * 7 + [2.0] * 79
     valid = per_source_validation(["relbert/t_rex_relational_similarity", "semeval2012"], "validation")
     assert [d.name for d in valid] == ["t_rex_relational_similarity", "semeval2012"]
     assert valid[0].relations[0].positives[0] == ("Tvh0n0", "Tvt0n0")
+
+
+# Rows as the hub's relbert/t_rex_relational_similarity holds them (its dataset card's example).
+T_REX_ROWS = [
+    {"relation_type": "[Airline] has a hub in [Location]",
+     "positives": [["Korean Air", "Seoul"], ["Cathay Pacific", "Hong Kong"], ["Qantas", "Singapore"]],
+     "negatives": [["joint resolution", "United States Congress"], ["harp", "Ireland"]]},
+    {"relation_type": "[Person] is a citizen of [Country]",
+     "positives": [["Marie Curie", "France"], ["Alan Turing", "United Kingdom"]],
+     "negatives": [["Seoul", "Korean Air"]]},
+]
+
+
+def test_hub_ids_load_through_the_datasets_path(monkeypatch):
+    """No local copy: the hub id goes through ``datasets.load_dataset`` (stood in for by an
+    in-memory ``datasets.Dataset`` of hub-schema rows) and its rows through the same checks."""
+    datasets = pytest.importorskip("datasets")
+    calls = []
+
+    def fake_load_dataset(path, name=None, split=None, **kwargs):
+        calls.append((path, name, split))
+        return datasets.Dataset.from_list(T_REX_ROWS)
+
+    monkeypatch.delenv("RELBERT_DS_DATA", raising=False)
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    data, weights = load_training_sources(["relbert/t_rex_relational_similarity", "semeval2012"], "train", [0.5, 1])
+    assert calls == [("relbert/t_rex_relational_similarity", None, "train")]
+    assert [g.relation_type for g in data.relations[:2]] == [r["relation_type"] for r in T_REX_ROWS]
+    assert data.relations[0].positives[1] == ("Cathay Pacific", "Hong Kong") and data.relations[0].parent is None
+    assert data.source.startswith("relbert/t_rex_relational_similarity + ")
+    assert weights == [0.5, 0.5] + [1.0] * 79
 
 
 def test_per_source_validation_gives_one_analogy_set_per_source(tmp_path):
