@@ -24,6 +24,10 @@ Tokenizer: the bundled all-MiniLM-L6-v2 WordPiece tokenizer (30,522 ids, all ins
 50,265-row embedding table, so no id needs remapping; the config's pad id is set to WordPiece's 0 so
 that RoBERTa's position ids skip padding). The sequence lengths are those of real prompts.
 
+Time is bounded: no job starts after ``--budget_s`` (450 s; ``--quick`` 200 s) and a running one is
+stopped there; what was skipped says so in the JSON. Order: the timed runs, the equivalence check,
+the micro batch search.
+
 Without a CUDA GPU it prints one line and exits 0, writing nothing (the committed results of a GPU
 run stay as they are). ``--allow_cpu`` runs the same mechanics on CPU with a tiny model (to test the
 script here; no figure in it means anything).
@@ -60,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no_probe", action="store_true", help="skip the largest-micro-batch search")
     p.add_argument("--no_equivalence", action="store_true", help="skip the 1 vs 2 GPU check")
     p.add_argument("--timeout", type=float, default=240, help="seconds allowed per launched job")
+    p.add_argument("--budget_s", type=float, default=None,
+                   help="stop starting new jobs after this many seconds (default 450; --quick 200): the timed runs "
+                        "come first, then the equivalence check, then the micro batch search")
     p.add_argument("--work_dir", default="runs/benchmarks/gpu_check")
     p.add_argument("--output", default=None, help="results JSON (default benchmarks/results/gpu_check.json)")
     p.add_argument("--allow_cpu", action="store_true", help=argparse.SUPPRESS)
@@ -212,6 +219,7 @@ def worker_probe(args: argparse.Namespace) -> int:
     base = trainer.sampler.local_batch(0, 0, 0)
     oom_types = (torch.cuda.OutOfMemoryError,) if torch.cuda.is_available() else ()
     tried: list[dict[str, Any]] = []
+    errors: list[str] = []
 
     def fits(k: int) -> bool:
         batch = _tiled_batch(base, k)
@@ -227,9 +235,9 @@ def worker_probe(args: argparse.Namespace) -> int:
         except oom_types:
             ok = False
         except RuntimeError as exc:  # some kernels report allocation failures as plain RuntimeErrors
-            if "out of memory" not in str(exc).lower():
-                raise
-            ok = False
+            ok = False if "out of memory" in str(exc).lower() else None
+            if ok is None:
+                errors.append(f"k={k}: {type(exc).__name__}: {str(exc)[:300]}")
         peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
         tried.append({"k": k, "prompts": len(batch), "fits": ok, "seconds": time.perf_counter() - start,
                       "peak_memory_mb": peak})
@@ -239,22 +247,24 @@ def worker_probe(args: argparse.Namespace) -> int:
     lo, hi = 0, None
     k = 1
     while k <= args.max_tile:  # doubling: every probe before the first OOM ran on a clean allocator
-        if fits(k):
+        ok = fits(k)
+        if ok:
             lo, k = k, k * 2
         else:
-            hi = k
+            hi = k if ok is False else None
             break
     steps = 0
-    while hi is not None and hi - lo > 1 and steps < (2 if args.quick else 5):  # then bisect
+    # Then bisect (after an OOM the engine may be left mid-step: any other error ends the search).
+    while hi is not None and hi - lo > 1 and steps < (2 if args.quick else 5) and not errors:
         mid = (lo + hi) // 2
-        if fits(mid):
-            lo = mid
-        else:
-            hi = mid
+        ok = fits(mid)
+        if ok is None:
+            break
+        lo, hi = (mid, hi) if ok else (lo, mid)
         steps += 1
     doc = {"largest_fitting_k": lo, "smallest_failing_k": hi, "prompts_per_copy": len(base),
            "largest_micro_batch_prompts": lo * len(base), "largest_micro_batch_relations": lo * 8,
-           "search_capped": hi is None, "tried": tried, "zero_stage": trainer.resolved.zero_stage,
+           "search_capped": hi is None and not errors, "errors": errors, "tried": tried, "zero_stage": trainer.resolved.zero_stage,
            "precision": trainer.resolved.precision}
     Path(args.result).write_text(json.dumps(doc, indent=1) + "\n")
     return 0
@@ -268,6 +278,9 @@ def launch(args: argparse.Namespace, mode: str, model: str, ds_config: str, npro
     """Start ``nproc`` ranks of this file's worker; return rank 0's result, or the failure."""
     from benchmarks import common
 
+    left = args.deadline - time.monotonic()
+    if left < 45:
+        return {"skipped": f"time budget ({args.budget_s:.0f} s) spent", "error": None}
     result.parent.mkdir(parents=True, exist_ok=True)
     if result.exists():
         result.unlink()
@@ -278,7 +291,7 @@ def launch(args: argparse.Namespace, mode: str, model: str, ds_config: str, npro
     env = common.rank_env(**({"CUDA_VISIBLE_DEVICES": devices} if devices is not None else {}))
     start = time.perf_counter()
     try:
-        common.run(cmd, timeout=args.timeout, env=env, echo=True, log_path=result.with_suffix(".log"))
+        common.run(cmd, timeout=min(args.timeout, left), env=env, echo=True, log_path=result.with_suffix(".log"))
         doc = json.loads(result.read_text())
         error = None
     except (RuntimeError, OSError, ValueError) as exc:
@@ -292,6 +305,8 @@ def equivalence(args: argparse.Namespace, work: Path, on_gpu: bool) -> dict[str,
     cfg = fp32_config(work)
     one = launch(args, "train", tiny, cfg, 1, work / "equivalence_1.json", 3, 16, devices="0" if on_gpu else None)
     two = launch(args, "train", tiny, cfg, 2, work / "equivalence_2.json", 3, 16, devices="0,1" if on_gpu else None)
+    if one.get("skipped") or two.get("skipped"):
+        return {"ran": False, "reason": one.get("skipped") or two.get("skipped")}
     if one["error"] or two["error"]:
         return {"ran": False, "error": one["error"] or two["error"]}
 
@@ -311,11 +326,15 @@ def table(doc: dict[str, Any]) -> str:
     rows = []
     for stage, r in doc["runs"].items():
         probe = doc["largest_micro_batch"].get(stage, {})
+        if r.get("skipped"):
+            rows.append([f"ZeRO-{stage}", "skipped", r["skipped"], "", "", "", "", ""])
+            continue
         if r.get("error"):
             rows.append([f"ZeRO-{stage}", "failed", r["error"].splitlines()[0][:60], "", "", "", "", ""])
             continue
         fit = probe.get("largest_micro_batch_prompts")
-        fit_cell = "n/a" if not probe or probe.get("error") else (
+        fit_cell = "skipped" if probe.get("skipped") else "n/a" if not probe or probe.get("error") \
+            or probe.get("largest_micro_batch_prompts") is None else (
             f"{'>= ' if probe.get('search_capped') else ''}{fit} prompts")
         rows.append([f"ZeRO-{stage}", r["world_size"], r["precision"], r["median"]["step_seconds"],
                      r["median"]["tokens_per_s"], None if r["mfu_vs_bf16_peak"] is None
@@ -352,6 +371,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not on_gpu:  # the CPU test of the mechanics: no OOM to find, keep it short
         args.max_tile = min(args.max_tile, 2)
     started = time.perf_counter()
+    args.budget_s = args.budget_s or (200.0 if args.quick else 450.0)
+    args.deadline = time.monotonic() + args.budget_s
     head = common.header("gpu_check", argv if argv is not None else sys.argv[1:])
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
@@ -366,17 +387,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for stage in args.stages:
         doc["runs"][stage] = launch(args, "train", model, STAGE_CONFIGS[stage], nproc, work / f"zero{stage}.json",
                                     args.steps, args.relations_per_step)
-    if not args.no_probe:
-        for stage in args.stages[:1] if args.quick else args.stages:  # --quick: the first stage only
-            doc["largest_micro_batch"][stage] = launch(args, "probe", model, STAGE_CONFIGS[stage], 1,
-                                                       work / f"probe_zero{stage}.json", 1, 8,
-                                                       devices="0" if on_gpu else None)
     if args.no_equivalence:
         doc["equivalence"] = {"ran": False, "reason": "--no_equivalence"}
     elif gpus >= 2 or (args.allow_cpu and not on_gpu):
         doc["equivalence"] = equivalence(args, work, on_gpu)
     else:
         doc["equivalence"] = {"ran": False, "reason": f"needs 2 GPUs, this machine has {gpus}"}
+    if not args.no_probe:
+        for stage in args.stages[:1] if args.quick else args.stages:  # --quick: the first stage only
+            doc["largest_micro_batch"][stage] = launch(args, "probe", model, STAGE_CONFIGS[stage], 1,
+                                                       work / f"probe_zero{stage}.json", 1, 8,
+                                                       devices="0" if on_gpu else None)
     doc["total_seconds"] = time.perf_counter() - started
     failed = [s for s, r in doc["runs"].items() if r.get("error")]
     common.emit(table(doc), Path(args.output or common.default_output("gpu_check")), doc)
