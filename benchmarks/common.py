@@ -14,6 +14,7 @@ import math
 import os
 import platform
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -87,7 +88,8 @@ def header(benchmark: str, argv: Optional[Sequence[str]] = None) -> dict[str, An
     import relbert_ds
 
     return {"benchmark": benchmark,
-            "command": "python " + " ".join([f"benchmarks/{benchmark}.py", *(argv if argv is not None else sys.argv[1:])]),
+            "command": "python " + " ".join([f"benchmarks/{benchmark}.py",
+                                              *(argv if argv is not None else sys.argv[1:])]),
             "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "relbert_ds_version": relbert_ds.__version__, "git_commit": git_commit(), "machine": machine(),
             "loadavg_start": loadavg()}
@@ -189,8 +191,42 @@ def emit(table: str, path: Path, document: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- processes
 
 
-# The tests' launch helpers (free ports, the venv's tools, the ranks' environment) serve here too.
-from tests.launch import free_port, rank_env, tool  # noqa: E402,F401
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for a launcher's master port)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tool(name: str) -> str:
+    """A console script of this interpreter's environment (deepspeed, torchrun, mpirun)."""
+    path = BIN / name
+    return str(path) if path.exists() else name
+
+
+def slurm_job_id_with_free_port() -> int:
+    """A job id whose derived master port (15000 + id % 20000, as relbert_ds.distributed derives it
+    under SLURM) is free right now: for starting ranks with srun's environment by hand."""
+    for job in range(1000, 20000, 37):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", 15000 + job))
+                return job
+            except OSError:
+                continue
+    raise RuntimeError("no free port in 15000-35000")
+
+
+def rank_env(**extra: str) -> dict[str, str]:
+    """Environment for launched ranks: no inherited rank variables, one BLAS thread, offline hub,
+    this checkout first on the path."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
+    env.update({"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+                "PYTHONPATH": str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""),
+                "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}"})
+    env.update(extra)
+    return env
 
 
 def launch_cmd(script: str, args: Sequence[str], nproc: int, launcher: str = "torchrun") -> list[str]:

@@ -34,7 +34,7 @@ from typing import Any, Optional, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import common  # noqa: E402
-from tests.launch import slurm_job_id_with_free_port  # noqa: E402
+from benchmarks.common import slurm_job_id_with_free_port  # noqa: E402
 
 PATHS = ("deepspeed", "torchrun", "mpirun", "srun-env", "python")
 TRAIN = "launchers/train.py"

