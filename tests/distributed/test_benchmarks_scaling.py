@@ -68,15 +68,15 @@ def test_quick_run_reports_every_part_and_measured_bytes_equal_the_formula(tiny_
     two = measured[2]
     assert two["parts_s"]["embedding_gather"] > 0 and two["parts_s"]["gradient_allreduce"] > 0
     assert two["parts_s"]["parameter_allgather"] > 0
-    # Independent expectations: 8 relations x (8 positives + 8 negatives) prompts, the tiny model's sizes.
+    # Independent expectations: --quick is 8 relations x (4 positives + 4 negatives) prompts; the tiny model's sizes.
     config = json.loads((__import__("pathlib").Path(tiny_bert) / "config.json").read_text())
     from transformers import AutoModel
 
     params = sum(p.numel() for p in AutoModel.from_pretrained(tiny_bert).parameters())
-    prompts = 8 * 16
-    assert two["prompts_per_step"] == prompts and two["prompts_per_rank"] == [64, 64]
+    prompts = 8 * (4 + 4)
+    assert two["prompts_per_step"] == prompts and two["prompts_per_rank"] == [32, 32]
     b = two["bytes"]
-    assert b["gather_fwd"]["bytes_per_rank"] == prompts * config["hidden_size"] * 4  # exact: 64 rows per rank
+    assert b["gather_fwd"]["bytes_per_rank"] == prompts * config["hidden_size"] * 4  # exact: 32 rows per rank
     assert b["gather_bwd"]["bytes_per_rank"] == prompts * config["hidden_size"] * 4
     assert b["gather_fwd"]["min_rank"] == b["gather_fwd"]["max_rank"]
     # ZeRO-2 on gloo: one gradient all-reduce of the parameters that get gradients (the unused pooler
