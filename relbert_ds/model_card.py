@@ -79,8 +79,8 @@ def model_card(run: Any, resolved: Any, world_size: int, results: Optional[dict]
     DeepSpeed ran with), ``results`` the exported epoch's validation record, ``best`` the best
     epoch so far, ``template`` the prompt text the encoder used.
     """
-    training = {**run.to_dict(), "deepspeed": resolved.config, "world_size": world_size, "validation": results,
-                "best": best}
+    training = {**run.to_dict(), "deepspeed": resolved.config, "world_size": world_size,
+                "validation_results": results, "best": best}
     return build_card(training, template=template)
 
 
@@ -247,7 +247,8 @@ def build_card(training: dict, template: str, evaluation: Optional[dict] = None,
     m = training.get("model", {})
     backbone = m.get("model", "?")
     name = repo_id.split("/")[-1] if repo_id else f"relbert-ds-{Path(str(backbone)).name}"
-    entries = evaluation_entries(evaluation) if evaluation else validation_entries(training.get("validation"))
+    entries = evaluation_entries(evaluation) if evaluation \
+        else validation_entries(training.get("validation_results"))
     front = yaml.safe_dump(metadata(training, entries, name, license), sort_keys=False, allow_unicode=True)
     where = repo_id or "path/to/this/folder"
     lines = ["---", front.rstrip("\n"), "---", "",
@@ -316,7 +317,7 @@ def _results(evaluation: Optional[dict], entries: list[dict], training: dict) ->
                                                        for x in missing) + "."]
         lines.append("")
         return lines
-    validation = training.get("validation")
+    validation = training.get("validation_results")
     if not entries:
         return lines + ["No evaluation is attached to this export; `relbert-ds-evaluate --model <this folder> "
                         "--output results.json` measures it, and `relbert-ds-push --results results.json` "
@@ -348,7 +349,7 @@ def _recipe(training: dict, template: str) -> list[str]:
     micro = ds.get("train_micro_batch_size_per_gpu")
     accum = ds.get("gradient_accumulation_steps", 1)
     global_batch = ds.get("train_batch_size")
-    validation = training.get("validation") or {}
+    validation = training.get("validation_results") or {}
     positives, negatives = d.get("positives_per_relation"), d.get("negatives_per_relation")
     loss = t.get("loss")
     loss_text = f"triplet (margin {t.get('margin')})" if loss == "triplet" else \

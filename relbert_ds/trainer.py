@@ -306,11 +306,18 @@ class Trainer:
         batch = resolve_batch(ds, source, run.data.relations_per_step, self.info.world_size,
                               run.data.relations_per_rank)
         self.sampler = self._make_sampler(self.train_data, batch.relations_per_step, batch.accumulation)
-        hidden = getattr(backbones.load_config(backbones.check_model_exists(m.model), m.trust_remote_code),
-                         "hidden_size", None)
+        from relbert_ds.ds_auto import hidden_size_of
+
+        hidden = hidden_size_of(backbones.load_config(backbones.check_model_exists(m.model), m.trust_remote_code))
         self.resolved: ResolvedDeepSpeed = resolve_deepspeed_config(
             run.deepspeed_config, run, self.info.world_size, self.sampler.steps_per_epoch, hidden_size=hidden)
         self.steps = self.resolved.steps
+        # DeepSpeed's own monitors (csv, wandb, comet, tensorboard) write into the run directory
+        # unless the JSON says where: never into the working directory by surprise.
+        for key in ("csv_monitor", "tensorboard", "wandb", "comet"):
+            section = self.resolved.config.get(key)
+            if isinstance(section, dict) and section.get("enabled") and key != "wandb":
+                section.setdefault("output_path", str(self.run_dir / "ds_monitor"))
 
     def _load_training_data(self) -> RelationDataset:
         d = self.run.data
@@ -471,11 +478,21 @@ class Trainer:
         if distributed.is_main():
             self._append_history(record)
             if p.optimizer_steps % self.run.train.log_every_steps == 0:
-                self.monitor.scalars(p.optimizer_steps, {f"train/{k}": v for k, v in record.items()
-                                                         if k not in ("kind", "epoch", "optimizer_step")})
+                scalars = {f"train/{k}": v for k, v in record.items() if k not in ("kind", "epoch", "optimizer_step")}
+                self.monitor.scalars(p.optimizer_steps, scalars)
+                self._write_deepspeed_monitor(scalars)
             self.monitor.progress(1, {"loss": f"{record['loss']:.4f}", "pairs/s": f"{record['pairs_per_s']:.0f}",
                                       "mfu": f"{100 * record['mfu']:.1f}%"})
         return record
+
+    def _write_deepspeed_monitor(self, scalars: dict[str, float]) -> None:
+        """Our scalars into DeepSpeed's monitors (csv, wandb, comet) when the JSON enables one:
+        DeepSpeed itself only logs the lr and timings there. Indexed by optimizer step."""
+        monitor = getattr(self.engine, "monitor", None)
+        if monitor is not None and getattr(monitor, "enabled", False):
+            step = self.progress.optimizer_steps
+            monitor.write_events([(f"relbert_ds/{name}", float(value), step) for name, value in scalars.items()
+                                  if isinstance(value, (int, float)) and math.isfinite(value)])
 
     def _forward_backward_step(self, batch: LocalBatch, meter: "_StepMeter") -> tuple[LossOutput, int, float]:
         device = self.engine.device
@@ -528,7 +545,9 @@ class Trainer:
             if self.run.train.push_to_hub and distributed.is_main():
                 from relbert_ds.hub import push_to_hub
 
-                push_to_hub(final, self.run.train.push_to_hub)
+                # the model chosen on validation when there is one; repeated pushes update the repo
+                chosen = self.run_dir / "best_model"
+                push_to_hub(str(chosen if chosen.exists() else final), self.run.train.push_to_hub, exist_ok=True)
         best_dir = self.files.best_model
         b = self.progress.best
         return TrainResult(str(self.run_dir), final, str(best_dir) if best_dir.exists() else None, b["epoch"],
@@ -686,7 +705,7 @@ class Trainer:
                                                            "world_size": self.info.world_size,
                                                            "relations_per_step": self.resolved.relations_per_step,
                                                            "optimizer_steps": self.progress.optimizer_steps,
-                                                           "validation": epoch_results, "best": best})
+                                                           "validation_results": epoch_results, "best": best})
             (tmp / "README.md").write_text(self._model_card(epoch_results, best))
             if directory.exists():
                 shutil.rmtree(directory)

@@ -48,4 +48,4 @@ def minilm(bundled_model_path):
     from relbert_ds import RelationEncoder
 
     torch.set_num_threads(1)
-    return RelationEncoder.from_pretrained(bundled_model_path)
+    return RelationEncoder.from_pretrained(bundled_model_path, warn_untrained=False)

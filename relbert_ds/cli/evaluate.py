@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from relbert_ds.errors import ConfigError, ModelError, UserError
+from relbert_ds.errors import ConfigError, ModelError
 
 SPLIT_CHOICES = ("test", "valid", "validation")
 
@@ -143,8 +142,11 @@ class ResolvedModel:
         else:
             from relbert_ds.encoder import RelationEncoder
 
+            from relbert_ds import distributed
+
+            # an untrained backbone is said once (rank 0), not once per rank
             encoder = RelationEncoder.from_pretrained(self.resolved, template=self.template, pooling=self.pooling,
-                                                      max_length=self.max_length)
+                                                      max_length=self.max_length, warn_untrained=distributed.is_main())
         encoder.name = self.spec  # the name the user gave (the results name the model by it)
         return encoder.to(device) if device is not None else encoder
 
@@ -221,7 +223,6 @@ def _device(local_rank: int) -> Any:
 
 
 def _run(args: argparse.Namespace, info: Any, start: float) -> int:
-    import torch
 
     import relbert_ds
     from relbert_ds import distributed
@@ -231,8 +232,7 @@ def _run(args: argparse.Namespace, info: Any, start: float) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # the per-rank "Loading weights" bars
-    threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, info.local_world_size))
-    torch.set_num_threads(threads)
+    threads = distributed.set_threads(args.threads, info.local_world_size)
     splits = [("validation" if s == "valid" else s) for s in args.split]
     analogy, classification = args.analogy, args.classification
     if args.preset == "paper":
@@ -242,9 +242,9 @@ def _run(args: argparse.Namespace, info: Any, start: float) -> int:
         classification = classification if classification is not None else list(PAPER_CLASSIFICATION)
     tasks = runner.prepare_tasks(analogy=analogy, classification=classification, mapping=args.mapping,
                                  split=splits, data_dir=args.data_dir)
-    model = runner.run_consistently(lambda: resolve_model(args.model, args.template, args.pooling, args.max_length,
+    model = distributed.agree(lambda: resolve_model(args.model, args.template, args.pooling, args.max_length,
                                                           override_prompt=args.override_prompt))
-    baseline = runner.run_consistently(lambda: resolve_model(args.baseline, args.baseline_template,
+    baseline = distributed.agree(lambda: resolve_model(args.baseline, args.baseline_template,
                                                              args.baseline_pooling, args.max_length,
                                                              override_prompt=args.override_prompt)) \
         if args.baseline else None
@@ -259,7 +259,7 @@ def _run(args: argparse.Namespace, info: Any, start: float) -> int:
     results: dict[str, dict] = {}
     load_s: dict[str, float] = {}
     t = time.perf_counter()
-    encoder = runner.run_consistently(lambda: model.load(device))
+    encoder = distributed.agree(lambda: model.load(device))
     load_s["model"] = time.perf_counter() - t
     results["model"] = runner.evaluate_tasks(encoder, tasks, **kwargs)
     results["model"]["model"].update(path=model.resolved, kind=model.kind)
@@ -272,7 +272,7 @@ def _run(args: argparse.Namespace, info: Any, start: float) -> int:
                                         "max_length": baseline.max_length or encoder.max_length})
         del encoder
         t = time.perf_counter()
-        encoder = runner.run_consistently(lambda: baseline.load(device))
+        encoder = distributed.agree(lambda: baseline.load(device))
         load_s["baseline"] = time.perf_counter() - t
         results["baseline"] = runner.evaluate_tasks(encoder, tasks, **kwargs)
         results["baseline"]["model"].update(path=baseline.resolved, kind=baseline.kind)
@@ -319,26 +319,16 @@ def _save_vectors(path: str, results: dict[str, dict]) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the evaluator; returns the exit code (0, or 2 for a user error)."""
-    start = time.perf_counter()
-    parse_error: Optional[UserError] = None
-    args = None
-    try:
-        args = parse_args(argv)
-    except UserError as exc:  # raised after joining the job, so only rank 0 prints it
-        parse_error = exc
-    from relbert_ds import distributed
+    from relbert_ds.cli.common import run_command
 
-    try:
-        info = distributed.init_distributed()
-        if parse_error is not None:
-            raise parse_error
-        return _run(args, info, start)
-    except UserError as exc:
-        if distributed.is_main():
-            print(f"error: {exc}", file=sys.stderr, flush=True)
-        return exc.exit_code
-    finally:
-        distributed.shutdown()
+    start = time.perf_counter()
+
+    def body(args: argparse.Namespace) -> int:
+        from relbert_ds import distributed
+
+        return _run(args, distributed.init_distributed(), start)
+
+    return run_command(argv, parse_args, body)
 
 
 def run() -> None:

@@ -34,13 +34,12 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, TypeVar, Union
+from typing import Any, Optional, Sequence, TypeVar, Union
 
 import numpy as np
 import torch
 
-from relbert_ds import errors
-from relbert_ds.collectives import all_gather_no_grad, gather_sizes, world_info
+from relbert_ds.collectives import all_gather_no_grad, world_info
 from relbert_ds.data import (
     BUNDLED_ANALOGY,
     BUNDLED_CLASSIFICATION,
@@ -50,7 +49,7 @@ from relbert_ds.data import (
     load_classification_dataset,
 )
 from relbert_ds.data.schemas import AnalogyDataset, ClassificationDataset, Pair
-from relbert_ds.errors import ConfigError, DataError, UserError
+from relbert_ds.errors import ConfigError, DataError
 from relbert_ds.evaluation import analogy as analogy_mod
 from relbert_ds.evaluation import classification as classification_mod
 from relbert_ds.evaluation import mapping as mapping_mod
@@ -162,43 +161,6 @@ def _load_tasks(analogy: Spec, classification: Spec, mapping: Spec, split: Union
     return tasks
 
 
-def run_consistently(fn: Callable[[], T]) -> T:
-    """Run ``fn`` on every rank; if it fails on any rank, fail on every rank.
-
-    The failing ranks' messages are exchanged (one all-gather of bytes); every rank raises the
-    lowest failing rank's error with its message, so rank 0 can print it even where only
-    another rank failed. Without a process group this is just ``fn()``.
-    """
-    error: Optional[BaseException] = None
-    result = None
-    try:
-        result = fn()
-    except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
-        error = exc
-    _, world = world_info()
-    if world == 1:
-        if error is not None:
-            raise error
-        return result
-    payload = b"\x00" if error is None else b"\x01" + f"{type(error).__name__}\t{error}".encode("utf-8", "replace")
-    local = torch.tensor(list(payload), dtype=torch.uint8)
-    sizes = gather_sizes(len(payload))
-    gathered = bytes(all_gather_no_grad(local, sizes).cpu().tolist())
-    offset = 0
-    for rank_index, size in enumerate(sizes):
-        chunk = gathered[offset:offset + size]
-        offset += size
-        if chunk[:1] == b"\x01":
-            if error is not None and not isinstance(error, UserError):
-                raise error  # a bug on this rank: keep its traceback
-            name, _, message = chunk[1:].decode("utf-8", "replace").partition("\t")
-            cls = getattr(errors, name, None)
-            if isinstance(cls, type) and issubclass(cls, UserError):
-                raise cls(message) from None
-            raise RuntimeError(f"rank {rank_index} failed: {name}: {message}")
-    return result
-
-
 def prepare_tasks(analogy: Spec = None, classification: Spec = None, mapping: Spec = None,
                   split: Union[str, Sequence[str]] = "test", data_dir: Optional[Union[str, Path]] = None) -> TaskSet:
     """Load and validate every requested dataset (a collective; cheap, no model involved).
@@ -216,7 +178,9 @@ def prepare_tasks(analogy: Spec = None, classification: Spec = None, mapping: Sp
     Raises:
         UserError (DataError, ConfigError) on every rank when any rank finds bad input.
     """
-    return run_consistently(lambda: _load_tasks(analogy, classification, mapping, split, data_dir))
+    from relbert_ds.distributed import agree
+
+    return agree(lambda: _load_tasks(analogy, classification, mapping, split, data_dir))
 
 
 # --------------------------------------------------------------------------- evaluation

@@ -75,6 +75,11 @@ def test_hf_zero3_example_bucket_sizes_from_the_backbone(tiny_bert, tmp_path):
     assert len(steps(out)) == 2
 
 
+def rows_of(path) -> list[list[str]]:
+    with open(path, newline="") as f:
+        return list(csv.reader(f))
+
+
 def test_deepspeed_csv_monitor_writes_one_row_per_step(tiny_bert, tmp_path):
     ds = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
     ds["csv_monitor"] = {"enabled": True, "output_path": str(tmp_path / "csv"), "job_name": "tiny"}
@@ -87,11 +92,16 @@ def test_deepspeed_csv_monitor_writes_one_row_per_step(tiny_bert, tmp_path):
     folder = tmp_path / "csv" / "tiny"
     timings = ["forward", "backward", "backward_inner", "backward_allreduce", "step"]
     want = {"Train_Samples_lr.csv", *(f"Train_Samples_elapsed_time_ms_{t}.csv" for t in timings)}
-    assert {p.name for p in folder.iterdir()} == want  # fp32: no loss_scale file
+    names = {p.name for p in folder.iterdir()}
+    assert want <= names and "Train_Samples_loss_scale.csv" not in names  # fp32: no loss_scale file
+    # relbert-ds's own scalars go to the same monitor (DeepSpeed logs only the lr and timings)
+    ours = rows_of(folder / "relbert_ds_train_loss.csv")
+    assert ours[0] == ["step", "loss"] and [int(r[0]) for r in ours[1:]] == [1, 2, 3]
+    assert [float(r[1]) for r in ours[1:]] == pytest.approx([r["loss"] for r in steps(out)], rel=1e-6)
+    assert "relbert_ds_train_pairs_per_s.csv" in names
 
     def rows(name: str) -> list[list[str]]:
-        with open(folder / name, newline="") as f:
-            return list(csv.reader(f))
+        return rows_of(folder / name)
 
     samples_per_step = json.loads((out / "ds_config.json").read_text())["train_batch_size"]
     lr = rows("Train_Samples_lr.csv")

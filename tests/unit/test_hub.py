@@ -173,7 +173,7 @@ def export(tmp_path_factory):
     best = {"epoch": 3, "metric": "analogy_mean", "score": 0.39}
     (folder / "relbert_ds_training.json").write_text(json.dumps(
         {**run.to_dict(), "deepspeed": ds, "world_size": 2, "relations_per_step": 16, "optimizer_steps": 40,
-         "validation": validation, "best": best}))
+         "validation_results": validation, "best": best}))
     (folder / "README.md").write_text(model_card(run, SimpleNamespace(config=ds), 2, validation, best,
                                                  encoder.template))
     # The evaluator's own flow and writer, on the bundled SAT (valid, test, full) and a tiny probe.
@@ -412,5 +412,5 @@ def test_a_real_training_run_plots_and_pushes(hub, tiny_bert, tmp_path, capsys):
     training = json.loads((folder / "relbert_ds_training.json").read_text())
     meta = _front_matter(received["README.md"].decode())
     [result] = [r for r in meta["model-index"][0]["results"] if r["dataset"]["name"] == "semeval2012"]
-    assert result["metrics"][0]["value"] == training["validation"]["analogy"]["semeval2012"]
+    assert result["metrics"][0]["value"] == training["validation_results"]["analogy"]["semeval2012"]
     assert "base_model" not in meta  # a local backbone folder has no hub id to link to
