@@ -212,7 +212,7 @@ def worker_probe(args: argparse.Namespace) -> int:
     """One rank: does a micro batch of ``k`` tiled copies fit? Search k; rank 0 writes the result."""
     import torch
 
-    from relbert_ds.trainer import Trainer, _StepMeter
+    from relbert_ds.trainer import Trainer
 
     _quiet()
     trainer = Trainer(_run_config(args, str(Path(args.result).parent / "run"), 1, 8)).prepare()
@@ -228,7 +228,7 @@ def worker_probe(args: argparse.Namespace) -> int:
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         try:
-            trainer._forward_backward_step(batch, _StepMeter())
+            trainer.train_on(batch)
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             ok = True

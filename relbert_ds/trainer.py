@@ -485,6 +485,16 @@ class Trainer:
                                       "mfu": f"{100 * record['mfu']:.1f}%"})
         return record
 
+    def train_on(self, batch: LocalBatch) -> LossOutput:
+        """Forward, backward and DeepSpeed's step on a batch the caller built (memory probes,
+        experiments); :attr:`progress`, the history and the monitors are left alone. Every rank
+        must call it (the loss gathers across ranks)."""
+        if not self.prepared:
+            self.prepare()
+        self.engine.train()
+        out, _, _ = self._forward_backward_step(batch, _StepMeter())
+        return out
+
     def _write_deepspeed_monitor(self, scalars: dict[str, float]) -> None:
         """Our scalars into DeepSpeed's monitors (csv, wandb, comet) when the JSON enables one:
         DeepSpeed itself only logs the lr and timings there. Indexed by optimizer step."""
