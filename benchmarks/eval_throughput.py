@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache_dir", default=None, help="vector cache of --probe_table (default: a temporary folder)")
     p.add_argument("--work_dir", default=None,
                    help="--probe_table's working folder (kept); an evaluator result already in it is reused")
+    p.add_argument("--compare_only", action="store_true",
+                   help="skip the evaluator: take the vectors of the table from --cache_dir (the entry whose pair "
+                        "list matches) and only compare the probes")
     p.add_argument("--probe_workers", type=int, default=1,
                    help="processes comparing the probes at once (each runs torch then sklearn for one dataset "
                         "and seed, so both probes of a pair see the same load)")
@@ -173,6 +176,27 @@ def _full_table(model: str, label: str, classification: Sequence[str], cache_dir
     return _table_timing(json.loads(out.read_text()), phase.record["seconds"]), vectors
 
 
+def _vectors_from_cache(classification: Sequence[str], cache_dir: Path, vectors: Path) -> dict:
+    """Write the table of the evaluator's pair list (bundled analogy + ``classification``, valid and test) from
+    the cache entry that holds it; returns what is known of its timing (the entry's write time)."""
+    import numpy as np
+
+    from relbert_ds.evaluation import runner
+    from relbert_ds.evaluation.cache import pairs_hash
+
+    pairs = runner.prepare_tasks(analogy=None, classification=list(classification),
+                                 split=["validation", "test"]).pairs()
+    wanted = pairs_hash(pairs)
+    for entry in sorted(cache_dir.glob("*.npz")):
+        with np.load(entry, allow_pickle=False) as data:
+            key = json.loads(str(data["key"]))
+            if key.get("pairs") == wanted:
+                np.savez(vectors, pairs=np.array(pairs, dtype=str).reshape(-1, 2), model_vectors=data["table"])
+                return {"from_cache": str(entry), "n_pairs": len(pairs), "cache_written_utc": time.strftime(
+                    "%Y-%m-%dT%H:%M:%SZ", time.gmtime(entry.stat().st_mtime))}
+    raise SystemExit(f"no entry of {cache_dir} holds this table's {len(pairs)} pairs; run without --compare_only")
+
+
 def _table_timing(doc: dict, process_wall_s: Optional[float]) -> dict:
     res = doc["models"]["model"]
     return {"process_wall_s": process_wall_s, "evaluator_wall_s": doc["wall_time_s"],
@@ -257,12 +281,16 @@ def probe_table(args: argparse.Namespace, argv: Optional[Sequence[str]]) -> int:
                                "trained_model_note": None if trained else "no trained model under runs/*/best_model"}
     rows, agreement = [], []
     for label, model in models.items():
-        timing, vectors = _full_table(model, label, classification, cache_dir, work)
-        section[f"{label}_full_table"] = timing
+        if args.compare_only:
+            vectors = work / f"{label}.npz"
+            section[f"{label}_vectors"] = _vectors_from_cache(classification, cache_dir, vectors)
+        else:
+            timing, vectors = _full_table(model, label, classification, cache_dir, work)
+            section[f"{label}_full_table"] = timing
+            rows.append([label, timing["n_pairs"], f"{timing['encode_s']:.0f}", f"{timing['classification_s']:.0f}",
+                         f"{timing['analogy_s']:.1f}", f"{timing['total_s']:.0f}"])
         compared = _compare_probes(vectors, args.seeds, classification, args.probe_workers)
         section[f"{label}_probes"] = compared
-        rows.append([label, timing["n_pairs"], f"{timing['encode_s']:.0f}", f"{timing['classification_s']:.0f}",
-                     f"{timing['analogy_s']:.1f}", f"{timing['total_s']:.0f}"])
         for name, c in compared.items():
             d = c["f1_macro_difference_points"]
             agreement.append([label, name, c["n_train"], len(args.seeds),
@@ -274,10 +302,11 @@ def probe_table(args: argparse.Namespace, argv: Optional[Sequence[str]]) -> int:
                               f"{c['torch_time_s']['median']:.1f}", f"{c['sklearn_time_s']['median']:.1f}",
                               f"{c['speedup']['median']:.1f}x"])
     what = "full" if not args.subset else f"BLESS and K&H+N cut to {args.subset} pairs per split"
-    table = (f"Bundled table ({what}; analogy sets whole), 1 process (the evaluator's own timing, s):\n"
-             + common.markdown_table(["model", "unique pairs", "encode s", "classification probes s (torch)",
-                                      "analogy s", "total s"], rows)
-             + "\nProbes on the same vectors (test split, macro F1 in points; median [min-max] over seeds; "
+    table = ((f"Bundled table ({what}; analogy sets whole), 1 process (the evaluator's own timing, s):\n"
+              + common.markdown_table(["model", "unique pairs", "encode s", "classification probes s (torch)",
+                                       "analogy s", "total s"], rows) + "\n" if rows else
+              f"Vectors of the bundled table ({what}) read from the cache (--compare_only).\n")
+             + "Probes on the same vectors (test split, macro F1 in points; median [min-max] over seeds; "
                "one thread each):\n"
              + common.markdown_table(["model", "dataset", "train pairs", "seeds", "torch F1", "sklearn F1",
                                       "torch - sklearn", "torch s", "sklearn s", "speed-up"], agreement)

@@ -38,8 +38,11 @@ def model_fingerprint(encoder: Any) -> str:
     digest.update(type(encoder).__name__.encode())
     config = getattr(getattr(encoder, "backbone", None), "config", None)
     if config is not None:
-        digest.update(config.to_json_string(use_diff=False).encode() if hasattr(config, "to_json_string")
-                      else repr(config).encode())
+        # Where the weights were read from is not part of the model: a copied folder hits the same entry.
+        fields = config.to_dict() if hasattr(config, "to_dict") else {"repr": repr(config)}
+        for where in ("_name_or_path", "name_or_path", "transformers_version"):
+            fields.pop(where, None)
+        digest.update(json.dumps(fields, sort_keys=True, default=str).encode())
     state = encoder.state_dict() if isinstance(encoder, torch.nn.Module) else {}
     for name in sorted(state):
         tensor = state[name].detach().cpu().contiguous()
