@@ -31,9 +31,16 @@ Measure once (builds the venv if needed, runs a few real steps, scores a checkpo
 
     python benchmarks/public_relbert.py --steps 3 --output benchmarks/results/public_relbert_smoke.json
 
-The three-arm time-to-quality run (needs about 25+ minutes of an otherwise idle 2-core machine)::
+The three-arm time-to-quality run. The arms take turns, so the wall time is the sum of the
+budgets: about 45 minutes of an otherwise idle 2-core machine (the real arm needs ~23 minutes
+for its first epoch of 79 steps at 16.9 s, REFERENCE_RUN.md; its venv build, ~3 minutes once,
+is not counted)::
 
-    python benchmarks/time_to_quality.py --real_budget_min 30 --public_budget_min 30 --ours_budget_min 8
+    python benchmarks/time_to_quality.py --real_budget_min 26 --public_budget_min 15 --ours_budget_min 4
+
+Seconds per step of the real trainer next to ours (``--real_steps`` per repetition)::
+
+    python benchmarks/train_throughput.py --repeats 3 --real_steps 3
 """
 from __future__ import annotations
 

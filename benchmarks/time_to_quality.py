@@ -33,7 +33,7 @@ target an arm does not reach within its budget is reported as not reached.
 
     python benchmarks/time_to_quality.py                               # target 45.6 (REFERENCE_RUN)
     python benchmarks/time_to_quality.py --ours_budget_min 12 --public_budget_min 30 --target 0.456
-    python benchmarks/time_to_quality.py --real_budget_min 30 --public_budget_min 30 --ours_budget_min 8
+    python benchmarks/time_to_quality.py --real_budget_min 26 --public_budget_min 15 --ours_budget_min 4  # ~45 min
     python benchmarks/time_to_quality.py --skip_real                   # the two in-process arms only
 """
 from __future__ import annotations
@@ -202,7 +202,7 @@ def run_public(args: argparse.Namespace, questions: Any) -> dict[str, Any]:
     from relbert_ds.data import load_relation_dataset
 
     torch.manual_seed(0)
-    encoder = RelationEncoder.from_pretrained(args.model)
+    encoder = RelationEncoder.from_pretrained(args.model, warn_untrained=False)
     scheme = PublicScheme(load_relation_dataset("semeval2012", "train"), encoder, args.public_positives,
                           args.public_negatives, seed=0, padding=args.public_padding)
     trainer = PublicTrainer(encoder, scheme, lr=args.lr)
@@ -407,7 +407,7 @@ def _setup_in_process_arms(args: argparse.Namespace, active: list[str], state: d
     if "public" in active:
         t = time.perf_counter()
         torch.manual_seed(0)
-        encoder = RelationEncoder.from_pretrained(args.model)
+        encoder = RelationEncoder.from_pretrained(args.model, warn_untrained=False)
         scheme = PublicScheme(load_relation_dataset("semeval2012", "train"), encoder, args.public_positives,
                               args.public_negatives, seed=0, padding=args.public_padding)
         state["public"] = {"trainer": PublicTrainer(encoder, scheme, lr=args.lr), "scheme": scheme, "order": [],
@@ -474,7 +474,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.arms = [a for a in args.arms if a != "real"]
     questions = semeval_questions()
     torch.set_num_threads(os.cpu_count() or 1)
-    zero_shot = accuracy(RelationEncoder.from_pretrained(args.model), questions)
+    zero_shot = accuracy(RelationEncoder.from_pretrained(args.model, warn_untrained=False), questions)
     arms: dict[str, Any] = {}
     if args.mode == "interleaved":
         arms = run_interleaved(args, questions)

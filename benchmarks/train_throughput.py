@@ -138,7 +138,7 @@ class Bare:
         from relbert_ds import RelationEncoder
 
         self.torch = torch
-        self.encoder = RelationEncoder.from_pretrained(model)
+        self.encoder = RelationEncoder.from_pretrained(model, warn_untrained=False)
         self.encoder.train()
         self.optimizer = torch.optim.AdamW(self.encoder.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8,
                                            weight_decay=0.0)
@@ -278,7 +278,7 @@ def _measure(args: argparse.Namespace, head: dict[str, Any], trainer: Any, setup
     arms: dict[str, tuple[Any, Any]] = {}
     if not args.no_public:
         scheme = PublicScheme(data, trainer.encoder, args.public_positives, args.public_negatives, padding="max_length")
-        public = PublicTrainer(RelationEncoder.from_pretrained(args.model), scheme, lr=args.lr)
+        public = PublicTrainer(RelationEncoder.from_pretrained(args.model, warn_untrained=False), scheme, lr=args.lr)
         arms["public"] = (public, scheme)
         if not args.no_public_longest:
             arms["public_longest"] = (public, PublicScheme(data, trainer.encoder, args.public_positives,
