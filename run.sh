@@ -87,6 +87,8 @@ case "$cmd" in
     test)
         install_apt
         setup
+        # The style first (ruff.toml), then the tests; pytest's arguments pass through.
+        python -m ruff check .
         python -m pytest "$@" ;;
     *)
         echo "usage: ./run.sh {train|test|setup} [options]" >&2; exit 2 ;;

@@ -22,7 +22,6 @@ import dataclasses
 import json
 import logging
 import math
-import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -292,8 +291,13 @@ class Trainer:
         run, m = self.run, self.run.model
         self.train_data = self._load_training_data()
         self.validation_relations = self._load_validation_relations()
+        per_source = None
+        if len(run.data.train_data) > 1 and self.validation_relations is not None:
+            from relbert_ds.data.training_sources import per_source_validation
+
+            per_source = per_source_validation(run.data.train_data, run.validation.validation_split)
         self.analogy_sets: list[AnalogyDataset] = validation.load_validation_sets(
-            run.validation.analogy, self.validation_relations, run.validation.validation_split)
+            run.validation.analogy, self.validation_relations, run.validation.validation_split, per_source)
         if run.validation.metric == "analogy" and not self.analogy_sets:
             from relbert_ds.errors import ConfigError
 
@@ -698,30 +702,30 @@ class Trainer:
     def export(self, directory: Path, epoch_results: Optional[dict] = None, best: Optional[dict] = None) -> Path:
         """Write a Hugging Face folder (all ranks call: ZeRO-3 weights are gathered)."""
         state = consolidated_state_dict(self.engine.module)
-        if distributed.is_main():
-            prefix = "encoder.backbone."
-            backbone_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-            tmp = directory.with_name(directory.name + ".tmp")
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            self.encoder.save_pretrained(tmp, state_dict=backbone_state,
-                                         relbert_compatible=self.run.train.relbert_compatible)
-            extra = {k: v for k, v in state.items() if k.startswith("loss.")}
-            if extra:
-                from safetensors.torch import save_file
-
-                save_file({k: v.contiguous() for k, v in extra.items()}, str(tmp / "relbert_ds_loss_head.safetensors"))
-            write_json(tmp / "relbert_ds_training.json", {**self.run.to_dict(), "deepspeed": self.resolved.config,
-                                                           "world_size": self.info.world_size,
-                                                           "relations_per_step": self.resolved.relations_per_step,
-                                                           "optimizer_steps": self.progress.optimizer_steps,
-                                                           "validation_results": epoch_results, "best": best})
-            (tmp / "README.md").write_text(self._model_card(epoch_results, best))
-            if directory.exists():
-                shutil.rmtree(directory)
-            tmp.rename(directory)
-        distributed.barrier()
+        # Rank 0 writes; agreed, so that a full disk stops every rank with one line (not a
+        # traceback on rank 0 and a peer left in a barrier).
+        distributed.agree(lambda: self.files.write_folder(
+            directory, lambda tmp: self._write_export(tmp, state, epoch_results, best)), main_only=True)
         return directory
+
+    def _write_export(self, tmp: Path, state: dict[str, torch.Tensor], epoch_results: Optional[dict],
+                      best: Optional[dict]) -> None:
+        """Rank 0: the export's files into ``tmp`` (which then replaces the export folder)."""
+        prefix = "encoder.backbone."
+        backbone_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        self.encoder.save_pretrained(tmp, state_dict=backbone_state,
+                                     relbert_compatible=self.run.train.relbert_compatible)
+        extra = {k: v for k, v in state.items() if k.startswith("loss.")}
+        if extra:
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in extra.items()}, str(tmp / "relbert_ds_loss_head.safetensors"))
+        write_json(tmp / "relbert_ds_training.json", {**self.run.to_dict(), "deepspeed": self.resolved.config,
+                                                       "world_size": self.info.world_size,
+                                                       "relations_per_step": self.resolved.relations_per_step,
+                                                       "optimizer_steps": self.progress.optimizer_steps,
+                                                       "validation_results": epoch_results, "best": best})
+        (tmp / "README.md").write_text(self._model_card(epoch_results, best))
 
     def _model_card(self, results: Optional[dict], best: Optional[dict]) -> str:
         from relbert_ds.model_card import model_card

@@ -23,16 +23,18 @@ DERIVED_ANALOGY = "semeval2012"
 
 
 def load_validation_sets(names: Sequence[str], validation_relations: Optional[RelationDataset],
-                         split_label: str = "validation") -> list[AnalogyDataset]:
+                         split_label: str = "validation",
+                         per_source: Optional[Sequence[RelationDataset]] = None) -> list[AnalogyDataset]:
     """The analogy validation sets by name; ``semeval2012`` is built from
-    ``validation_relations`` (the training data's validation split)."""
+    ``validation_relations`` (the training data's validation split), or, with several training
+    sources, from each of ``per_source`` (one set, and one accuracy, per source)."""
     sets = []
     for name in names:
         if name.lower() == DERIVED_ANALOGY:
             if validation_relations is None:
                 raise DataError(f"--analogy {DERIVED_ANALOGY} needs the {split_label!r} split of the training data; "
                                 f"fix: pass --validation_split or drop {DERIVED_ANALOGY} from --analogy")
-            sets.append(relation_analogy_questions(validation_relations))
+            sets.extend(relation_analogy_questions(d) for d in (per_source or [validation_relations]))
         else:
             sets.append(load_analogy_dataset(name, "valid"))
     return sets

@@ -86,8 +86,6 @@ def test_semeval_with_a_second_local_source_trains_and_validates(combined_run):
         math.ceil(91 / 8)
 
 
-@pytest.mark.xfail(strict=True, reason="the trainer still derives one analogy set from the combined validation "
-                                       "split; it must call training_sources.per_source_validation")
 def test_validation_reports_one_accuracy_per_source(combined_run):
     evals = [r for r in history(combined_run) if r["kind"] != "step"]
     assert set(evals[0]["analogy"]) == {"semeval2012", "extra"}
