@@ -103,7 +103,8 @@ class CommMeter:
         if op in ("all_gather", "all_gather_coalesced", "all_gather_into_tensor", "_all_gather_base"):
             return _nbytes(args[0] if args else kwargs.get("tensor_list", kwargs.get("output_tensor")))
         if op in ("reduce_scatter", "reduce_scatter_tensor", "_reduce_scatter_base"):
-            src = args[1] if len(args) > 1 else kwargs.get("input_list", kwargs.get("input", kwargs.get("input_tensor")))
+            src = args[1] if len(args) > 1 else \
+                kwargs.get("input_list", kwargs.get("input", kwargs.get("input_tensor")))
             return _nbytes(src)
         if op == "scatter":
             src_rank = args[2] if len(args) > 2 else kwargs.get("src", 0)

@@ -38,7 +38,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -264,7 +263,8 @@ def worker_probe(args: argparse.Namespace) -> int:
         steps += 1
     doc = {"largest_fitting_k": lo, "smallest_failing_k": hi, "prompts_per_copy": len(base),
            "largest_micro_batch_prompts": lo * len(base), "largest_micro_batch_relations": lo * 8,
-           "search_capped": hi is None and not errors, "errors": errors, "tried": tried, "zero_stage": trainer.resolved.zero_stage,
+           "search_capped": hi is None and not errors, "errors": errors, "tried": tried,
+           "zero_stage": trainer.resolved.zero_stage,
            "precision": trainer.resolved.precision}
     Path(args.result).write_text(json.dumps(doc, indent=1) + "\n")
     return 0
@@ -344,7 +344,8 @@ def table(doc: dict[str, Any]) -> str:
     eq = doc.get("equivalence")
     if eq and eq.get("ran"):
         text += (f"\n1 vs 2 GPUs ({eq['backend_2']}, {eq['precision']}, 3 steps): max relative difference of losses "
-                 f"{eq['max_relative_loss_difference']:.2e}, of gradient norms {eq['max_relative_grad_norm_difference']:.2e}"
+                 f"{eq['max_relative_loss_difference']:.2e}, of gradient norms "
+                 f"{eq['max_relative_grad_norm_difference']:.2e}"
                  f" -> {'EQUAL' if eq['equal'] else 'DIFFERENT'} (tolerance {eq['tolerance']:g}).\n")
     elif eq:
         text += f"\n1 vs 2 GPUs: not run ({eq.get('reason') or eq.get('error', '')[:200]}).\n"
@@ -380,7 +381,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                        ROBERTA_LARGE if on_gpu else TINY, on_gpu)
     nproc = max(gpus, 1)
     doc: dict[str, Any] = {**head, "config": vars(args), "gpus": gpus,
-                           "model": {"kind": "RoBERTa-large-shaped, random weights" if on_gpu else "tiny RoBERTa (CPU test)",
+                           "model": {"kind": "RoBERTa-large-shaped, random weights" if on_gpu
+                                     else "tiny RoBERTa (CPU test)",
                                      "sizes": ROBERTA_LARGE if on_gpu else TINY, "path": model,
                                      "tokenizer": "bundled all-MiniLM-L6-v2 WordPiece (ids < 30,522)"},
                            "runs": {}, "largest_micro_batch": {}}

@@ -187,7 +187,8 @@ def estimate_table(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     """Short real training runs per DeepSpeed config; rank 0's peak RSS from history.jsonl."""
     work = Path(args.work_dir)
-    floor_code = ("import resource, torch, deepspeed, transformers, relbert_ds; from relbert_ds import RelationEncoder; "
+    floor_code = ("import resource, torch, deepspeed, transformers, relbert_ds; "
+                  "from relbert_ds import RelationEncoder; "
                   f"e = RelationEncoder.from_pretrained({args.measure_model!r}); "
                   "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
     floor = int(common.run([sys.executable, "-c", floor_code], timeout=600).stdout.strip().splitlines()[-1])

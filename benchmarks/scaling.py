@@ -333,7 +333,8 @@ def gpu_model(args: argparse.Namespace, tokens_per_prompt: float) -> dict[str, A
                    "nics_per_node": args.nics_per_node, "gpus_per_node": args.gpus_per_node,
                    "latency_us_per_log2_step": args.latency_us, "hbm_TBps": args.hbm_TBps,
                    "grad_bytes": args.grad_bytes, "embedding_bytes": 4, "tokens_per_prompt": tokens_per_prompt,
-                   "prompts_per_gpu_weak": args.model_prompts_per_gpu, "global_prompts_strong": args.model_global_prompts,
+                   "prompts_per_gpu_weak": args.model_prompts_per_gpu,
+                   "global_prompts_strong": args.model_global_prompts,
                    "overlap": "none (communication and compute add up: an upper bound on the communication share)",
                    "zero_stage": 2}
     return {"label": "MODEL (not a measurement)", "assumptions": assumptions, "rows": rows, "limits": limits}
@@ -387,7 +388,8 @@ def tables(doc: dict[str, Any]) -> str:
              f"{'n/a' if worst is None else f'{100 * worst:.2f}%'}")
     multi = [x for x in s if x["world_size"] > 1]
     if multi:
-        gap = multi[0]["formula_bytes"]["gradient_allreduce"] - multi[0]["bytes"]["gradient_allreduce"]["bytes_per_rank"]
+        gap = (multi[0]["formula_bytes"]["gradient_allreduce"]
+               - multi[0]["bytes"]["gradient_allreduce"]["bytes_per_rank"])
         if gap > 0:
             text += (f" (the gradient all-reduce moves {gap:,.0f} bytes = {gap / 4:,.0f} parameters less than the "
                      f"formula: parameters that get no gradient, such as a backbone's pooler that the relation "
@@ -410,7 +412,8 @@ def tables(doc: dict[str, Any]) -> str:
         p = r["parts_s"]
         mrows.append([r["model"], r["scaling"], r["gpus"], f"{r['prompts_per_gpu']:g}", 1000 * r["step_s"],
                       1000 * (p["encode_forward"] + p["encode_backward"]), 1000 * p["embedding_gather"],
-                      1000 * (p["gradient_allreduce"] + p["parameter_allgather"]), f"{100 * r['communication_share']:.0f}%",
+                      1000 * (p["gradient_allreduce"] + p["parameter_allgather"]),
+                      f"{100 * r['communication_share']:.0f}%",
                       f"{100 * r['gather_share']:.1f}%", f"{100 * r['efficiency']:.0f}%"])
     text += common.markdown_table(["model", "scaling", "GPUs", "prompts/GPU", "step ms", "compute ms", "gather ms",
                                    "ZeRO-2 grad+param ms", "comm share", "gather share", "efficiency"], mrows, digits=1)
@@ -527,7 +530,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 f"{'; tables re-rendered from the kept measurements with --reuse' if args.reuse else ''}; "
                 f"results: `{_relative(out)}`"
                 + (f", figure: `{args.figure}`" if args.figure else "") + f"; {doc['created_utc']}, commit "
-                f"{doc['git_commit']}).\n\n" + (f"![scaling]({os.path.relpath(args.figure, Path(args.markdown).parent)})"
+                f"{doc['git_commit']}).\n\n"
+                + (f"![scaling]({os.path.relpath(args.figure, Path(args.markdown).parent)})"
                                                 f"\n\n" if args.figure else "") + table + _METHOD)
         Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
         Path(args.markdown).write_text(page)

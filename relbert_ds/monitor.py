@@ -20,7 +20,8 @@ GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A10G": 125e12
                   "V100": 125e12, "A6000": 155e12, "4090": 165e12}
 
 
-def model_flops_per_token(num_params: int, num_layers: int, hidden: int, seq_len: float, training: bool = True) -> float:
+def model_flops_per_token(num_params: int, num_layers: int, hidden: int, seq_len: float,
+                          training: bool = True) -> float:
     """FLOPs per token: 2N (forward) + 4N (backward) for the weights, plus attention scores
     (QK^T and AV: 2 x 2 x seq x hidden per layer and token, forward).
 
@@ -74,7 +75,8 @@ def device_peak_flops(user_tflops: Optional[float], precision: str) -> tuple[flo
                 return (peak if precision in ("bf16", "fp16") else peak / 2), f"datasheet peak of {name}"
         dtype = torch.bfloat16 if precision == "bf16" else torch.float16 if precision == "fp16" else torch.float32
         return measure_matmul_peak(dtype, 4096), f"measured matmul peak of {name}"
-    return measure_matmul_peak(torch.float32), f"measured fp32 matmul peak of this CPU ({torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return measure_matmul_peak(torch.float32), f"measured fp32 matmul peak of this CPU ({threads} threads)"
 
 
 def peak_memory_bytes() -> int:

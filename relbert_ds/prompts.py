@@ -17,8 +17,8 @@ TEMPLATES: dict[str, str] = {
     "a": "Today, I finally discovered the relation between <subj> and <obj> : <subj> is the <mask> of <obj>",
     "b": "Today, I finally discovered the relation between <subj> and <obj> : <obj>  is <subj>'s <mask>",
     "c": "Today, I finally discovered the relation between <subj> and <obj> : <mask>",
-    "d": "I wasn\u2019t aware of this relationship, but I just read in the encyclopedia that <subj> is the <mask> of <obj>",
-    "e": "I wasn\u2019t aware of this relationship, but I just read in the encyclopedia that <obj>  is <subj>\u2019s <mask>",
+    "d": "I wasn\u2019t aware of this relationship, but I just read in the encyclopedia that <subj> is the <mask> of <obj>",  # noqa: E501
+    "e": "I wasn\u2019t aware of this relationship, but I just read in the encyclopedia that <obj>  is <subj>\u2019s <mask>",  # noqa: E501
 }
 DEFAULT_TEMPLATE = "d"
 

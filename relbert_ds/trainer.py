@@ -35,13 +35,24 @@ from relbert_ds.config import RunConfig, write_json
 from relbert_ds.data import load_relation_dataset
 from relbert_ds.data.schemas import AnalogyDataset, RelationDataset
 from relbert_ds.encoder import RelationEncoder
-from relbert_ds.engine import (ResolvedDeepSpeed, initialize_engine, load_ds_config, model_construction_context,
-                               resolve_batch, resolve_deepspeed_config)
+from relbert_ds.engine import (
+    ResolvedDeepSpeed,
+    initialize_engine,
+    load_ds_config,
+    model_construction_context,
+    resolve_batch,
+    resolve_deepspeed_config,
+)
 from relbert_ds.errors import CheckpointError, DataError
 from relbert_ds.evaluation import validation
 from relbert_ds.losses import LossOutput, build_loss
-from relbert_ds.monitor import (TrainingMonitor, device_peak_flops, matmul_parameters, model_flops_per_token,
-                               peak_memory_bytes)
+from relbert_ds.monitor import (
+    TrainingMonitor,
+    device_peak_flops,
+    matmul_parameters,
+    model_flops_per_token,
+    peak_memory_bytes,
+)
 from relbert_ds.run_directory import HistoryError, RunDirectory
 from relbert_ds.sampler import LocalBatch, RelationAwareSampler
 
@@ -361,9 +372,9 @@ class Trainer:
         m, t = self.run.model, self.run.train
         torch.manual_seed(self.run.data.seed)  # identical initialisation of new parameters on every rank
         with model_construction_context(self.resolved):
-            self.encoder = RelationEncoder.from_pretrained(m.model, template=m.template, pooling=m.pooling,
-                                                           max_length=m.max_length, trust_remote_code=m.trust_remote_code,
-                                                           warn_untrained=False)
+            self.encoder = RelationEncoder.from_pretrained(
+                m.model, template=m.template, pooling=m.pooling, max_length=m.max_length,
+                trust_remote_code=m.trust_remote_code, warn_untrained=False)
             if m.dropout is not None:
                 override_dropout(self.encoder.backbone, m.dropout)
             if m.gradient_checkpointing:

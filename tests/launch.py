@@ -70,7 +70,8 @@ def kill_group(proc: subprocess.Popen) -> None:
             pass
 
 
-def run(cmd: Sequence[str], timeout: float = 300, env: Optional[dict] = None, cwd: Optional[str] = None) -> subprocess.CompletedProcess:
+def run(cmd: Sequence[str], timeout: float = 300, env: Optional[dict] = None,
+        cwd: Optional[str] = None) -> subprocess.CompletedProcess:
     """Run a launcher in its own session; on timeout kill the whole group (no orphans) and fail."""
     proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env or rank_env(), cwd=cwd or str(REPO), start_new_session=True)
@@ -79,7 +80,8 @@ def run(cmd: Sequence[str], timeout: float = 300, env: Optional[dict] = None, cw
     except subprocess.TimeoutExpired:
         kill_group(proc)
         out, err = proc.communicate()
-        raise AssertionError(f"{' '.join(cmd)} timed out after {timeout} s\nstdout:\n{out[-3000:]}\nstderr:\n{err[-5000:]}")
+        raise AssertionError(f"{' '.join(cmd)} timed out after {timeout} s\nstdout:\n{out[-3000:]}\n"
+                             f"stderr:\n{err[-5000:]}")
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
@@ -93,5 +95,6 @@ def torchrun_cmd(script: str, *args: str, nproc: int = 2) -> list[str]:
 
 
 def check(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-6000:]}"
+    assert result.returncode == 0, \
+        f"exit {result.returncode}\nstdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-6000:]}"
     return result

@@ -19,8 +19,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster.helpers import (FAST, finish, history, kill_group, processes_mentioning, run_ranks, start_ranks,
-                                   step_losses, wait_for)
+from tests.cluster.helpers import (
+    FAST,
+    finish,
+    history,
+    kill_group,
+    processes_mentioning,
+    run_ranks,
+    start_ranks,
+    step_losses,
+    wait_for,
+)
 from tests.launch import REPO, check, free_port, rank_env, run, tool, torchrun_cmd
 
 pytestmark = pytest.mark.slow

@@ -45,7 +45,11 @@ def test_largest_world_for_the_gather():
     args = _assumptions()
     found = scaling.largest_world(args, SHAPE, 20.0, "weak")
     n = found["gpus"]
-    share = lambda m: (lambda p: p["embedding_gather"] / p["step"])(scaling.model_step(args, SHAPE, m, 128, 20.0))
+
+    def share(gpus: int) -> float:
+        parts = scaling.model_step(args, SHAPE, gpus, 128, 20.0)
+        return parts["embedding_gather"] / parts["step"]
+
     assert share(n) < 0.10 <= share(2 * n)  # the largest power of two under 10%, the next one over
     strong = scaling.largest_world(args, SHAPE, 20.0, "strong")
     assert strong["searched_up_to"] == 4096  # stops at one prompt per GPU

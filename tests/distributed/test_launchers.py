@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.launch import (REPO, check, deepspeed_cmd, rank_env, run, slurm_job_id_with_free_port, tool,
-                          torchrun_cmd)
+from tests.launch import REPO, check, deepspeed_cmd, rank_env, run, slurm_job_id_with_free_port, tool, torchrun_cmd
 
 pytestmark = pytest.mark.slow
 TRAIN = "launchers/train.py"
@@ -54,7 +53,8 @@ def test_srun_environment(tiny_bert, tmp_path):
                        SLURM_NTASKS="2", SLURM_STEP_NUM_NODES="1", SLURM_JOB_NUM_NODES="1",
                        SLURM_JOB_NODELIST="localhost", SLURM_JOB_ID=str(job))
         procs.append(subprocess.Popen([tool("python"), TRAIN, *opts(tiny_bert, tmp_path / "r")], cwd=str(REPO), env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True))
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      start_new_session=True))
     for p in procs:
         out, err = p.communicate(timeout=300)
         assert p.returncode == 0, err[-4000:]

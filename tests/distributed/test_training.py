@@ -197,7 +197,8 @@ def test_gradient_accumulation_and_early_stop(tiny_bert, tmp_path):
     assert [r["optimizer_step"] for r in steps] == list(range(1, 21))
     assert [e["epoch"] for e in epochs] == [0, 1] and epochs[1]["best_epoch"] == 0
     ds = json.loads((out / "ds_config.json").read_text())
-    assert (ds["train_batch_size"], ds["gradient_accumulation_steps"], ds["train_micro_batch_size_per_gpu"]) == (8, 2, 2)
+    triad = (ds["train_batch_size"], ds["gradient_accumulation_steps"], ds["train_micro_batch_size_per_gpu"])
+    assert triad == (8, 2, 2)
 
 
 def test_recipe_in_steps_validates_every_n_steps(tiny_bert, tmp_path):

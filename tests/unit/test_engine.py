@@ -4,8 +4,13 @@ import json
 import pytest
 
 from relbert_ds.config import RunConfig
-from relbert_ds.engine import (EMBEDDED_DS_CONFIG, WarmupSchedule, resolve_batch, resolve_deepspeed_config,
-                               resolve_precision)
+from relbert_ds.engine import (
+    EMBEDDED_DS_CONFIG,
+    WarmupSchedule,
+    resolve_batch,
+    resolve_deepspeed_config,
+    resolve_precision,
+)
 from relbert_ds.errors import ConfigError
 from tests.launch import REPO
 
@@ -54,7 +59,8 @@ def test_global_batch_resolution():
     ds = {}
     plan = resolve_batch(ds, "x", None, 4)
     assert (plan.relations_per_step, plan.accumulation) == (16, 1)  # the default global batch
-    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (4, 1, 16)
+    triad = (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"])
+    assert triad == (4, 1, 16)
     # train_batch_size is global, like --relations_per_step: the world size does not change it
     for world in (1, 2, 3, 8):
         ds = {"train_batch_size": 64, "gradient_accumulation_steps": 2}
@@ -191,7 +197,8 @@ def test_config_replay_and_deepspeed_alias(tmp_path):
     changed = parse_train_command(["--config", str(saved), "--lr", "5e-6", "--relations_per_step", "8"]).run
     assert (changed.train.lr, changed.data.relations_per_step, changed.train.loss) == (5e-6, 8, "triplet")
     as_yaml = tmp_path / "run.yaml"
-    as_yaml.write_text(yaml.safe_dump({"train": {"loss": "iloob", "max_steps": 3}, "data": {"train_data": "semeval2012"}}))
+    as_yaml.write_text(yaml.safe_dump({"train": {"loss": "iloob", "max_steps": 3},
+                                       "data": {"train_data": "semeval2012"}}))
     from_yaml = parse_train_command(["--config", str(as_yaml)]).run
     assert (from_yaml.train.loss, from_yaml.train.max_steps, from_yaml.data.train_data) == ("iloob", 3, ["semeval2012"])
     bad = tmp_path / "bad.json"

@@ -313,7 +313,8 @@ def test_local_batch_shapes_and_types():
     b = _sampler(1, 2, relations_per_step=4, positives_per_relation=3, negatives_per_relation=2).local_batch(0, 1)
     assert isinstance(b, LocalBatch)
     assert len(b) == len(b.pairs) == 2 * (3 + 2)
-    for t, dtype in ((b.relation_ids, torch.long), (b.is_positive, torch.bool), (b.parent_ids, torch.long), (b.pair_ids, torch.long)):
+    for t, dtype in ((b.relation_ids, torch.long), (b.is_positive, torch.bool), (b.parent_ids, torch.long),
+                     (b.pair_ids, torch.long)):
         assert t.dtype == dtype and t.shape == (10,)
 
 
