@@ -108,6 +108,7 @@ class VectorCache:
             handle, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".npz", dir=self.directory)
             with os.fdopen(handle, "wb") as out:
                 np.savez(out, table=np.asarray(table, dtype=np.float32), key=np.array(json.dumps(key)))
+            os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache is meant to be shared like any output
             os.replace(tmp, self.path(key))
             return self.path(key)
         except OSError as exc:
