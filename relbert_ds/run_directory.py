@@ -21,9 +21,9 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
-from relbert_ds.errors import ConfigError
+from relbert_ds.errors import ConfigError, DiskFullError
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -200,6 +200,38 @@ class RunDirectory:
             Path(path).with_name(Path(path).name + ".tmp").unlink(missing_ok=True)
             raise ConfigError(f"{path} cannot be written ({_reason(exc)}); fix: free space on that file system "
                               f"or pass another --output_dir") from exc
+
+    def write_folder(self, directory: Path, write: Callable[[Path], None]) -> Path:
+        """Write an export folder (``model/``, ``best_model/``) all or nothing: ``write(tmp)``
+        fills ``<directory>.tmp``, which then replaces ``directory``. A file system that refuses
+        a write (full, read-only, I/O error) is one error line; the partial folder is removed and
+        an earlier ``directory`` is kept."""
+        directory = Path(directory)
+        tmp = directory.with_name(directory.name + ".tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        try:
+            write(tmp)
+        except Exception as exc:  # noqa: BLE001 - torch and safetensors word a failed write in their own types
+            free = shutil.disk_usage(self.path).free
+            full = says_disk_full(exc) or free < (1 << 20)
+            if not isinstance(exc, OSError) and not full:
+                raise  # not the file system: a bug, with its traceback
+            written = folder_size(tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+            kept = f"; the earlier {directory.name} is kept" if directory.exists() else ""
+            if full:
+                raise DiskFullError(
+                    f"no room to write {directory}: the disk filled up after {describe_bytes(written)} "
+                    f"({describe_bytes(shutil.disk_usage(self.path).free)} free now the partial folder is "
+                    f"removed{kept}); fix: free space on that file system or point --output_dir elsewhere, then "
+                    f"--resume latest (it writes {directory.name} again)") from exc
+            raise ConfigError(f"could not write {directory} ({_reason(exc)}; the partial folder was removed{kept}); "
+                              f"fix: make --output_dir writable, then --resume latest") from exc
+        if directory.exists():
+            shutil.rmtree(directory)
+        tmp.rename(directory)
+        return directory
 
     # ------------------------------------------------------------------ what is there
     def existing_run_files(self) -> list[str]:

@@ -6,6 +6,7 @@ real command line:
   check turned off, the write itself fails part-way inside DeepSpeed's save;
 - --output_dir cannot be created or written (a file in the way, a parent under /proc, a
   read-only mount), or is on a full file system (config.json cannot be written);
+- the disk fills up while the final model is exported (then --resume latest exports it);
 - a checkpoint file truncated before --resume;
 - history.jsonl replaced by a folder while the run is going.
 
@@ -183,3 +184,25 @@ def test_history_unwritable_mid_run(tiny_bert, tmp_path):
     assert "--resume latest re-runs those steps" in message, message
     # no checkpoint was written after the history stopped
     assert all(int(t.removeprefix("global_step")) <= step for t in tags(out))
+
+
+def test_disk_full_while_exporting(tiny_bert, tmpfs):
+    """Room for the last checkpoint but not for the export after it; then, with more room,
+    --resume latest writes the export without training again."""
+    size = checkpoint_bytes(tiny_bert)
+    disk = tmpfs(int(1.25 * size))
+    out = disk / "run"
+    results = run_ranks(TRAIN, opts(tiny_bert, out, "--max_steps", "2"), world=2, timeout=600)
+    message = one_error(results)
+    assert message.startswith(f"error: no room to write {out / 'model'}: the disk filled up after "), message
+    assert "fix: free space on that file system or point --output_dir elsewhere, then --resume latest" in message
+    assert not (out / "model").exists() and not (out / "model.tmp").exists()
+    assert (out / "checkpoints" / "latest").read_text() == "global_step2"
+    steps = [r["optimizer_step"] for r in history(out)]
+    assert steps == [1, 2]
+    done = subprocess.run(["mount", "-o", f"remount,size={3 * size}", str(disk)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    results = run_ranks(TRAIN, opts(tiny_bert, out, "--max_steps", "2", "--resume", "latest"), world=2, timeout=600)
+    assert [r.returncode for r in results] == [0, 0], "\n".join(r.stderr[-3000:] for r in results)
+    assert (out / "model" / "model.safetensors").is_file()
+    assert [r["optimizer_step"] for r in history(out)] == steps  # nothing trained again

@@ -206,7 +206,7 @@ def mount_point(tmp_path):
 
     yield mount
     for p in mounted:
-        subprocess.run(["umount", str(p)], capture_output=True)
+        subprocess.run(["umount", "-l", str(p)], capture_output=True)  # lazy: a file torch left open
 
 
 def test_check_writable_read_only_mount(mount_point):
@@ -385,3 +385,42 @@ def test_run_json_on_a_full_disk(mount_point):
     assert str(info.value) == (f"{run.config} cannot be written (no space left on device); fix: free space on that "
                                f"file system or pass another --output_dir")
     assert sorted(p.name for p in run.path.iterdir()) == []  # no config.json.tmp left
+
+
+def test_write_folder_all_or_nothing(tmp_path):
+    run = RunDirectory(tmp_path)
+    run.write_folder(run.model, lambda tmp: (tmp.mkdir(), (tmp / "a.txt").write_text("one")))
+    assert (run.model / "a.txt").read_text() == "one" and not (tmp_path / "model.tmp").exists()
+
+    def fails(tmp: Path) -> None:
+        tmp.mkdir()
+        (tmp / "a.txt").write_text("two")
+        raise OSError(errno.EACCES, "Permission denied")
+
+    with pytest.raises(ConfigError) as info:
+        run.write_folder(run.model, fails)
+    assert str(info.value) == (f"could not write {run.model} (permission denied; the partial folder was removed; the "
+                               f"earlier model is kept); fix: make --output_dir writable, then --resume latest")
+    assert (run.model / "a.txt").read_text() == "one" and not (tmp_path / "model.tmp").exists()
+
+    def bug(tmp: Path) -> None:
+        raise RuntimeError("a shape mismatch")  # plenty of room: not the file system, keeps its traceback
+
+    with pytest.raises(RuntimeError, match="a shape mismatch"):
+        run.write_folder(run.model, bug)
+
+
+def test_write_folder_on_a_full_disk(mount_point):
+    point = mount_point("size=256k")
+    run = RunDirectory(point)
+
+    def big(tmp: Path) -> None:
+        tmp.mkdir()
+        torch.save(torch.zeros(100_000), tmp / "pytorch_model.bin")  # 400 kB: torch's own wording of ENOSPC
+
+    with pytest.raises(DiskFullError) as info:
+        run.write_folder(run.best_model, big)
+    assert str(info.value).startswith(f"no room to write {run.best_model}: the disk filled up after ")
+    assert str(info.value).endswith("fix: free space on that file system or point --output_dir elsewhere, then "
+                                    "--resume latest (it writes best_model again)")
+    assert list(point.iterdir()) == []
