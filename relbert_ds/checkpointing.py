@@ -28,8 +28,18 @@ import torch
 from relbert_ds import distributed
 from relbert_ds.config import write_json
 from relbert_ds.errors import CheckpointError, DiskFullError
-from relbert_ds.run_directory import (CHECKPOINTS, LATEST, MARKER, RunDirectory, describe_bytes, folder_size,
-                                      read_latest, says_disk_full, step_of, tag_for)
+from relbert_ds.run_directory import (
+    CHECKPOINTS,
+    LATEST,
+    MARKER,
+    RunDirectory,
+    describe_bytes,
+    folder_size,
+    read_latest,
+    says_disk_full,
+    step_of,
+    tag_for,
+)
 
 # What a failed file write raises: OSError, or torch.save's RuntimeError (its text varies with the
 # format and says nothing useful: "write(): fd 3 failed with No space left on device", "unexpected
