@@ -3,51 +3,11 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
-import sys
-from pathlib import Path
 from typing import Optional, Sequence
 
-REPO = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def tool(name: str) -> str:
-    """A console script of this interpreter's environment (deepspeed, torchrun, mpirun)."""
-    path = BIN / name
-    return str(path) if path.exists() else name
-
-
-def slurm_job_id_with_free_port() -> int:
-    """A job id whose derived master port (15000 + id % 20000, as relbert_ds.distributed derives it
-    under SLURM) is free right now: for starting ranks with srun's environment by hand."""
-    for job in range(1000, 20000, 37):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", 15000 + job))
-                return job
-            except OSError:
-                continue
-    raise RuntimeError("no free port in 15000-35000")
-
-
-def rank_env(**extra: str) -> dict[str, str]:
-    """Environment for launched ranks: no inherited rank variables, one BLAS thread, offline hub,
-    this checkout first on the path."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
-    env.update({"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-                "PYTHONPATH": str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""),
-                "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}"})
-    env.update(extra)
-    return env
+# One set of launch helpers for tests and benchmarks (free ports, the venv's tools, rank environments).
+from benchmarks.common import BIN, REPO, free_port, rank_env, slurm_job_id_with_free_port, tool  # noqa: F401 (re-exported)
 
 
 def kill_group(proc: subprocess.Popen) -> None:
