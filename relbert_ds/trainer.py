@@ -293,10 +293,12 @@ class Trainer:
             has = distributed.agree(lambda: checkpointing.latest_complete(self.run_dir) is not None)
             run.train.resume = "latest" if has else None
             run.train.overwrite = run.train.overwrite or not has
-        distributed.agree(lambda: prepare_run_dir(self.run_dir, run.train.resume, run.train.overwrite), main_only=True)
         self.resume_dir = distributed.agree(lambda: checkpointing.find_checkpoint(self.run_dir, run.train.resume)) \
             if run.train.resume is not None else None
         distributed.agree(self._load_inputs)
+        # Last: bad input must leave no folder behind, and --overwrite must not clear a run that
+        # this command then cannot replace.
+        distributed.agree(lambda: prepare_run_dir(self.run_dir, run.train.resume, run.train.overwrite), main_only=True)
 
     def _load_inputs(self) -> None:
         run, m = self.run, self.run.model

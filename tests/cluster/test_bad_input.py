@@ -107,7 +107,7 @@ CASES = [
     Case("ds_config_invalid_json", TRAIN, 2, lambda c: train(c, "--deepspeed_config", str(c.tmp / "ds.json")),
          ("ds.json", "not valid json"), setup=ds_config('{\n  "zero_optimization": {"stage": 2},\n}\n')),
     Case("ds_batch_sizes_inconsistent", TRAIN, 2, lambda c: train(c, "--deepspeed_config", str(c.tmp / "ds.json")),
-         ("train_batch_size 7", "set train_batch_size to 8"),
+         ("--relations_per_step 8 and train_batch_size 7", "disagree", "fix: set only one of them"),
          setup=ds_config(json.dumps({**ZERO2, "train_batch_size": 7}))),
     Case("fp16_on_cpu", TRAIN, 1, lambda c: train(c, "--deepspeed_config", str(c.tmp / "ds.json")),
          ("fp16", "gpu"), setup=ds_config(json.dumps({**ZERO2, "fp16": {"enabled": True}}))),
