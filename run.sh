@@ -77,13 +77,12 @@ case "$cmd" in
         log "training with $NPROC local ranks into $OUT"
         deepspeed --num_gpus "$NPROC" --master_port "$(free_port)" launchers/train.py \
             --deepspeed_config ds_configs/zero2.json --output_dir "$OUT" --overwrite "$@"
-        # Analogy questions only: the classification probes (BLESS, K&H+N: 138k prompts to encode per
-        # model, then 9 MLP fits each) took 61 min for the two models on 2 CPU cores. The full table:
-        #   deepspeed --num_gpus 2 launchers/evaluate.py --model $OUT/best_model --baseline all-MiniLM-L6-v2
-        log "evaluating $OUT/best_model (the epoch chosen on validation) and the untrained backbone on the analogy sets"
+        # Every bundled set: five analogy sets, BLESS and K&H+N (the torch probe trains its 3x3 grid as
+        # one batched model). Vectors are cached, so a second run re-encodes only what changed.
+        log "evaluating $OUT/best_model (chosen on validation) and the untrained backbone on every bundled set"
         deepspeed --num_gpus "$NPROC" --master_port "$(free_port)" launchers/evaluate.py \
-            --model "$OUT/best_model" --baseline all-MiniLM-L6-v2 --classification none --split valid test \
-            --output "$OUT/results.json" ;;
+            --model "$OUT/best_model" --baseline all-MiniLM-L6-v2 --split valid test \
+            --cache_dir "${RELBERT_DS_CACHE:-runs/vector_cache}" --output "$OUT/results.json" ;;
     test)
         install_apt
         setup
