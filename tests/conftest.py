@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -49,3 +51,25 @@ def minilm(bundled_model_path):
 
     torch.set_num_threads(1)
     return RelationEncoder.from_pretrained(bundled_model_path, warn_untrained=False)
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """mount(size_bytes, read_only=False) -> a fresh tmpfs (root only, else the test is skipped);
+    unmounted (lazily: a file torch left open) at the end."""
+    mounted: list[Path] = []
+
+    def mount(size: int, read_only: bool = False) -> Path:
+        point = tmp_path / f"mnt{len(mounted)}"
+        point.mkdir()
+        options = f"size={size}" + (",ro" if read_only else "")
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], capture_output=True,
+                              text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs (needs root): {done.stderr.strip()}")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", "-l", str(point)], capture_output=True)

@@ -59,27 +59,6 @@ def checkpoint_bytes(model: str) -> int:
     return 16 * AutoModel.from_pretrained(model).num_parameters()
 
 
-@pytest.fixture
-def tmpfs(tmp_path):
-    """mount(size_bytes, read_only=False) -> a fresh tmpfs; unmounted at the end."""
-    mounted: list[Path] = []
-
-    def mount(size: int, read_only: bool = False) -> Path:
-        point = tmp_path / f"mnt{len(mounted)}"
-        point.mkdir()
-        options = f"size={size}" + (",ro" if read_only else "")
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], capture_output=True,
-                              text=True)
-        if done.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs (needs root): {done.stderr.strip()}")
-        mounted.append(point)
-        return point
-
-    yield mount
-    for point in mounted:
-        subprocess.run(["umount", "-l", str(point)], capture_output=True)
-
-
 def tags(run_dir: Path) -> list[str]:
     root = run_dir / "checkpoints"
     return sorted(d.name for d in root.iterdir() if d.is_dir()) if root.is_dir() else []

@@ -9,7 +9,6 @@ import errno
 import json
 import os
 import shutil
-import subprocess
 from collections import namedtuple
 from pathlib import Path
 
@@ -189,28 +188,8 @@ def test_check_writable_impossible_parent():
         RunDirectory("/proc/relbert_ds_x/run").check_writable()
 
 
-@pytest.fixture
-def mount_point(tmp_path):
-    """A folder to mount a tmpfs on (root only); unmounted afterwards."""
-    point = tmp_path / "mnt"
-    point.mkdir()
-    mounted = []
-
-    def mount(options: str) -> Path:
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], capture_output=True,
-                              text=True)
-        if done.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
-        mounted.append(point)
-        return point
-
-    yield mount
-    for p in mounted:
-        subprocess.run(["umount", "-l", str(p)], capture_output=True)  # lazy: a file torch left open
-
-
-def test_check_writable_read_only_mount(mount_point):
-    point = mount_point("size=1M,ro")
+def test_check_writable_read_only_mount(tmpfs):
+    point = tmpfs(1 << 20, read_only=True)
     with pytest.raises(ConfigError, match=rf"^--output_dir {point}/run cannot be created \(read-only file "
                                           r"system\); fix: "):
         RunDirectory(point / "run").check_writable()
@@ -340,9 +319,9 @@ def test_other_write_failure_is_a_checkpoint_error(tmp_path):
     assert list(run.checkpoints.iterdir()) == []
 
 
-def test_disk_full_on_a_real_tmpfs(mount_point):
+def test_disk_full_on_a_real_tmpfs(tmpfs):
     """A real full file system (no mocks): the failed write is found, the folder removed."""
-    point = mount_point("size=256k")
+    point = tmpfs(256 << 10)
     run = RunDirectory(point / "run")
 
     class Big(FakeEngine):
@@ -374,8 +353,8 @@ def fill(point: Path) -> None:
             pass
 
 
-def test_run_json_on_a_full_disk(mount_point):
-    point = mount_point("size=64k")
+def test_run_json_on_a_full_disk(tmpfs):
+    point = tmpfs(64 << 10)
     run = RunDirectory(point / "run")
     run.check_writable()
     fill(point)
@@ -410,8 +389,8 @@ def test_write_folder_all_or_nothing(tmp_path):
         run.write_folder(run.model, bug)
 
 
-def test_write_folder_on_a_full_disk(mount_point):
-    point = mount_point("size=256k")
+def test_write_folder_on_a_full_disk(tmpfs):
+    point = tmpfs(256 << 10)
     run = RunDirectory(point)
 
     def big(tmp: Path) -> None:
