@@ -83,6 +83,7 @@ case "$cmd" in
         log "evaluating $OUT/best_model (chosen on validation) and the untrained backbone"
         deepspeed --num_gpus "$NPROC" --master_port "$(free_port)" launchers/evaluate.py \
             --model "$OUT/best_model" --baseline all-MiniLM-L6-v2 --split valid test \
+            --analogy semeval2012 sat u2 u4 google bats \
             $([ "${RELBERT_DS_FULL_TABLE:-0}" = 1 ] || echo --classification none) \
             --cache_dir "${RELBERT_DS_CACHE:-runs/vector_cache}" --output "$OUT/results.json" ;;
     test)

@@ -56,6 +56,7 @@ from relbert_ds.evaluation import mapping as mapping_mod
 from relbert_ds.evaluation.sharding import encode_sharded
 
 T = TypeVar("T")
+DERIVED_ANALOGY = "semeval2012"  # the trainer's validation questions (relbert_ds.evaluation.validation)
 SPLITS = ("test", "validation")
 Spec = Union[None, str, Sequence[str]]
 
@@ -132,6 +133,9 @@ def _load_tasks(analogy: Spec, classification: Spec, mapping: Spec, split: Union
     tasks = TaskSet(splits=splits)
     sources, defaults = _normalize_sources(analogy, BUNDLED_ANALOGY)
     for source in sources:
+        if source.lower() == DERIVED_ANALOGY:
+            _add_derived_analogy(tasks, source, splits, data_dir)
+            continue
         for s in splits:
             if defaults and not _bundled_has_split("analogy", source, s):
                 tasks.missing.append({"task": "analogy", "dataset": source, "split": s,
@@ -159,6 +163,24 @@ def _load_tasks(analogy: Spec, classification: Spec, mapping: Spec, split: Union
     for source in sources:
         tasks.mapping.append(mapping_mod.load_mapping_dataset(source))
     return tasks
+
+
+def _add_derived_analogy(tasks: TaskSet, source: str, splits: Sequence[str],
+                         data_dir: Optional[Union[str, Path]]) -> None:
+    """``semeval2012``: the 79 questions the trainer validates on, built from SemEval-2012's
+    validation relations (one name for one set, in the trainer and the evaluator). They exist
+    for the validation split only."""
+    from relbert_ds.data import load_relation_dataset
+    from relbert_ds.data.derived import relation_analogy_questions
+
+    if "validation" not in splits:
+        raise DataError(f"--analogy {source}: the SemEval-2012 analogy questions exist for the validation split "
+                        f"only (built from its validation relations); fix: pass --split valid")
+    tasks.analogy.append(relation_analogy_questions(load_relation_dataset(DERIVED_ANALOGY, "validation")))
+    for s in splits:
+        if s != "validation":
+            tasks.missing.append({"task": "analogy", "dataset": DERIVED_ANALOGY, "split": s,
+                                  "reason": "SemEval-2012 questions exist for validation only"})
 
 
 def prepare_tasks(analogy: Spec = None, classification: Spec = None, mapping: Spec = None,
@@ -393,18 +415,15 @@ def strip_predictions(result: dict) -> tuple[dict, list[dict]]:
 
 
 def _rows(results: dict[str, dict]) -> list[tuple[str, str, str, str, str]]:
-    """(task, dataset, split, metric, n) of every reported number, in a stable order."""
+    """(task, dataset, split, metric, n) of every measured number, in a stable order (what was not
+    measured is listed under the table, not as rows of n/a)."""
     rows: list[tuple[str, str, str, str, str]] = []
     seen = set()
     for res in results.values():
         items = [("analogy", e["dataset"], e["split"], m, str(e["n_questions"]))
                  for e in res["analogy"].values() for m in ANALOGY_METRICS]
-        items += [("analogy", m["dataset"], m["split"], "accuracy", "-") for m in res["missing"]
-                  if m["task"] == "analogy"]
         items += [("classification", e["dataset"], e["split"], m, str(e["n_eval"]))
                   for e in res["classification"].values() for m in CLASSIFICATION_METRICS]
-        items += [("classification", m["dataset"], m["split"], "f1_macro", "-") for m in res["missing"]
-                  if m["task"] == "classification"]
         items += [("mapping", e["dataset"], e["split"], m, str(e["n_problems"]))
                   for e in res["mapping"].values() for m in MAPPING_METRICS]
         for row in items:
@@ -466,7 +485,19 @@ def markdown_table(results: dict[str, dict]) -> str:
         lines.append(f"| {task} | {dataset} | {split} | {metric} | {n} | " + " | ".join(cells) + " |")
     models = "; ".join(f"{label} = {r['model'].get('name')} (template {_template_label(r['model'].get('template'))}, "
                        f"pooling {r['model'].get('pooling')})" for label, r in results.items())
-    return "\n".join(lines) + f"\n\nModels: {models}\n" + _probe_note(results)
+    return "\n".join(lines) + f"\n\nModels: {models}\n" + _missing_note(results) + _probe_note(results)
+
+
+def _missing_note(results: dict[str, dict]) -> str:
+    """One line naming the requested dataset/split pairs that could not be measured, and why."""
+    missing = {(m["dataset"], m["split"]): m["reason"] for res in results.values() for m in res.get("missing", [])}
+    if not missing:
+        return ""
+    by_reason: dict[str, list[str]] = {}
+    for (dataset, split), reason in missing.items():
+        by_reason.setdefault(reason, []).append(f"{dataset} {split}")
+    return "Not measured: " + "; ".join(f"{', '.join(sorted(names))} ({reason})"
+                                         for reason, names in by_reason.items()) + "\n"
 
 
 def write_tensorboard(results: dict[str, dict], log_dir: Union[str, Path], step: int = 0,

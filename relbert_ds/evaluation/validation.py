@@ -17,9 +17,9 @@ from relbert_ds.data.derived import relation_analogy_questions
 from relbert_ds.data.schemas import AnalogyDataset, Pair, RelationDataset
 from relbert_ds.errors import DataError
 
-# The analogy questions built from a relational-similarity set's validation split (RelBERT's
-# model selection): the name is the same one the evaluator's --analogy takes.
-DERIVED_ANALOGY = "semeval2012"
+# The analogy questions built from a relational-similarity set's validation split (RelBERT's model
+# selection) have the same name in the evaluator's --analogy.
+from relbert_ds.evaluation.runner import DERIVED_ANALOGY
 
 
 def load_validation_sets(names: Sequence[str], validation_relations: Optional[RelationDataset],

@@ -17,7 +17,6 @@ from relbert_ds.errors import ConfigError, DataError, ModelError, UserError
 from relbert_ds.evaluation import analogy, classification, mapping, runner, sharding
 from relbert_ds.evaluation.sharding import encode_sharded, length_order, plan_shards
 
-
 # --------------------------------------------------------------------------- helpers
 
 
@@ -469,8 +468,25 @@ def test_markdown_shows_missing_bundled_split():
                                                                                            "bundled data"})
     res = runner.evaluate_tasks(FakeEncoder(), tasks)
     table = runner.markdown_table({"model": res})
-    assert "| analogy | u4 | test | accuracy | - | n/a (no test split in the bundled data) |" in table
+    assert "| u4 |" not in table  # only what was measured is a row
+    assert "Not measured: u4 test (no test split in the bundled data)" in table
     assert "| analogy | sat | validation | accuracy | 37 |" in table
+
+
+def test_semeval2012_is_one_name_in_the_trainer_and_the_evaluator():
+    from relbert_ds.evaluation import validation
+
+    tasks = runner.prepare_tasks(analogy=["semeval2012"], classification="none", split=["validation", "test"])
+    assert [(d.name, d.split, len(d)) for d in tasks.analogy] == [("semeval2012", "validation", 79)]
+    assert tasks.missing == [{"task": "analogy", "dataset": "semeval2012", "split": "test",
+                              "reason": "SemEval-2012 questions exist for validation only"}]
+    from relbert_ds.data import load_relation_dataset
+
+    relations = load_relation_dataset("semeval2012", "validation")
+    trainer_set = validation.load_validation_sets(["semeval2012"], relations)[0]
+    assert trainer_set.questions == tasks.analogy[0].questions
+    with pytest.raises(DataError, match="validation split only"):
+        runner.prepare_tasks(analogy=["semeval2012"], classification="none", split="test")
 
 
 def test_evaluate_with_real_encoder_is_usable_from_python(minilm, tmp_path):
