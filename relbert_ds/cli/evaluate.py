@@ -140,9 +140,8 @@ class ResolvedModel:
 
             encoder = encoder_from_checkpoint(Path(self.resolved), template=self.template, pooling=self.pooling)
         else:
-            from relbert_ds.encoder import RelationEncoder
-
             from relbert_ds import distributed
+            from relbert_ds.encoder import RelationEncoder
 
             # an untrained backbone is said once (rank 0), not once per rank
             encoder = RelationEncoder.from_pretrained(self.resolved, template=self.template, pooling=self.pooling,

@@ -19,7 +19,7 @@ def relation_analogy_questions(dataset: RelationDataset, distractors: int = 2, s
     for index, group in enumerate(dataset.relations):
         if len(group.positives) < 2 or len(group.negatives) < 1:
             raise DataError(f"{dataset.source}: relation {group.relation_type!r} needs 2 positives and 1 negative to "
-                            f"make a validation analogy question. Fix: use a validation split with them, or pass "
+                            f"make a validation analogy question; fix: use a validation split with them, or pass "
                             f"--analogy without semeval2012")
         choices = [group.positives[1], *group.negatives[:distractors]]
         generator = torch.Generator().manual_seed(seed * 1_000_003 + index)

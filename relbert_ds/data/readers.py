@@ -1,7 +1,7 @@
 """Parse and validate records of the three relbert schemas, from JSONL files or hub rows.
 
 Every problem becomes a one-line :class:`DataError` of the form
-``"<where>: <problem>. Fix: <what to do>"`` where ``<where>`` is ``"<file>, line <n>"`` for
+``"<where>: <problem>; fix: <what to do>"`` where ``<where>`` is ``"<file>, line <n>"`` for
 files and ``"hub dataset <id> split <s> row <n>"`` for Hugging Face rows. Local files and hub
 rows go through the same validators, so both sources accept exactly the same records.
 Words are kept exactly as written (no lowercasing, no stripping).
@@ -39,8 +39,8 @@ class Row:
 
 
 def data_error(where: str, problem: str, fix: str) -> DataError:
-    """Build the one-line error ``"<where>: <problem>. Fix: <fix>"``."""
-    message = f"{where}: {problem}. Fix: {fix}"
+    """Build the one-line error ``"<where>: <problem>; fix: <fix>"``."""
+    message = f"{where}: {problem}; fix: {fix}"
     # Messages must stay on one line even when they quote odd user input.
     return DataError(message.replace("\r", "\\r").replace("\n", "\\n"))
 
@@ -203,8 +203,8 @@ def relation_groups(rows: Iterable[Row], origin: str,
     for row in rows:
         group = _relation_group(row)
         if group.relation_type in first_seen:
-            raise data_error(row.where,
-                             f"relation_type '{group.relation_type}' already appears at {first_seen[group.relation_type]}",
+            raise data_error(row.where, f"relation_type '{group.relation_type}' already appears at "
+                                        f"{first_seen[group.relation_type]}",
                              "merge the two records or rename one of them")
         first_seen[group.relation_type] = row.where
         if group.parent is None:

@@ -99,10 +99,10 @@ def bundled_path(kind: str, name: str) -> Path:
         name: a bundled name or alias, case-insensitive (e.g. ``"sat"``, ``"K&H+N"``).
     """
     if kind not in _KIND_ROOTS:
-        raise DataError(f"unknown dataset kind '{kind}'. Fix: use one of relation, analogy, classification")
+        raise DataError(f"unknown dataset kind '{kind}'; fix: use one of relation, analogy, classification")
     bundled = _ALIASES[kind].get(name.strip().lower())
     if bundled is None:
-        raise DataError(f"no bundled {kind} dataset '{name}'. Fix: use one of {', '.join(_BUNDLED[kind])}")
+        raise DataError(f"no bundled {kind} dataset '{name}'; fix: use one of {', '.join(_BUNDLED[kind])}")
     return _KIND_ROOTS[kind] / bundled
 
 
@@ -122,14 +122,14 @@ def resolve_source(source: str, kind: str, data_dir: Optional[str | Path] = None
     """Resolve ``source`` for a dataset ``kind`` (see the module docstring for the order)."""
     choices = ", ".join(_BUNDLED[kind])
     if not isinstance(source, str) or not source.strip():
-        raise DataError(f"empty dataset source {source!r}. Fix: give a local .jsonl file/folder or one of {choices}")
+        raise DataError(f"empty dataset source {source!r}; fix: give a local .jsonl file/folder or one of {choices}")
     path = Path(source).expanduser()
     if path.exists():
         path = path.resolve()
         if path.is_dir():
             return ResolvedSource(name=path.name, path=path)
         if path.suffix != ".jsonl":
-            raise DataError(f"{path}: not a .jsonl file. Fix: convert it to JSON Lines in the relbert schema "
+            raise DataError(f"{path}: not a .jsonl file; fix: convert it to JSON Lines in the relbert schema "
                             "or pass the folder that holds <split>.jsonl files")
         return ResolvedSource(name=path.parent.name, path=path)
     bundled = _ALIASES[kind].get(source.strip().lower())
@@ -145,8 +145,8 @@ def resolve_source(source: str, kind: str, data_dir: Optional[str | Path] = None
         return ResolvedSource(name=name, hub_id=match.group(1), hub_config=match.group(2), data_dir=root)
     if source.endswith(".jsonl") or "/" in source or "\\" in source:
         # Clearly meant as a path: say so rather than trying the hub.
-        raise DataError(f"no such file or folder: {source}. Fix: check the path, or use one of {choices}")
-    raise DataError(f"unknown dataset '{source}'. Fix: give a local .jsonl file/folder or one of {choices}")
+        raise DataError(f"no such file or folder: {source}; fix: check the path, or use one of {choices}")
+    raise DataError(f"unknown dataset '{source}'; fix: give a local .jsonl file/folder or one of {choices}")
 
 
 def _present_splits(folder: Path) -> list[str]:
@@ -168,10 +168,10 @@ def _split_file(folder: Path, split: str) -> Path:
     present = _present_splits(folder)
     looked_for = ", ".join(f"{s}.jsonl" for s in spellings)
     if not present:
-        raise DataError(f"{folder}: no split '{split}' (looked for {looked_for}) and no .jsonl files at all. "
-                        "Fix: put the data in <split>.jsonl files in that folder")
+        raise DataError(f"{folder}: no split '{split}' (looked for {looked_for}) and no .jsonl files at all; "
+                        "fix: put the data in <split>.jsonl files in that folder")
     raise DataError(f"{folder}: no split '{split}' (looked for {looked_for}); splits present: "
-                    f"{', '.join(present)}. Fix: ask for one of those splits or add {split}.jsonl")
+                    f"{', '.join(present)}; fix: ask for one of those splits or add {split}.jsonl")
 
 
 def _local_file(resolved: ResolvedSource, split: str) -> Path:
@@ -190,14 +190,15 @@ def _fetch_hub(resolved: ResolvedSource, split: Optional[str]) -> Any:
     try:
         import datasets  # lazy: slow to import and only needed for hub sources
     except ImportError:
-        raise DataError(f"{where}: cannot be fetched because the 'datasets' package is not installed. Fix: {fix}") from None
+        raise DataError(f"{where}: cannot be fetched because the 'datasets' package is not installed; "
+                        f"fix: {fix}") from None
     try:
         hf_split = canonical_split(split) if split else None  # the hub names it "validation"
         return datasets.load_dataset(resolved.hub_id, resolved.hub_config, split=hf_split)
     except Exception as exc:  # network, auth, unknown config/split: datasets raises many types
         detail = (str(exc).strip().splitlines() or [""])[0][:200]
         raise DataError(f"{where}: could not be fetched ({type(exc).__name__}: {detail}) and no local "
-                        f"file or folder of that name exists. Fix: {fix}".replace("\n", " ")) from exc
+                        f"file or folder of that name exists; fix: {fix}".replace("\n", " ")) from exc
 
 
 @dataclass(frozen=True)
@@ -298,16 +299,16 @@ def load_classification_dataset(source: str, splits: Optional[Sequence[str]] = N
         if path.is_file():
             # A single file is one split: the one asked for, else the one its name says.
             if splits is not None and len(splits) != 1:
-                raise DataError(f"{path}: a single file holds one split but {len(splits)} were requested. "
-                                "Fix: pass the folder holding train.jsonl and test.jsonl instead")
+                raise DataError(f"{path}: a single file holds one split but {len(splits)} were requested; "
+                                "fix: pass the folder holding train.jsonl and test.jsonl instead")
             split = splits[0] if splits is not None else path.stem
             add(split, readers.lexical_pairs(readers.iter_jsonl(path), str(path)))
         else:
             present = _present_splits(path)
             if "train" not in present or "test" not in present:
                 raise DataError(f"{path}: a classification folder needs train.jsonl and test.jsonl "
-                                f"(validation.jsonl optional); found: {', '.join(present) or 'no .jsonl files'}. "
-                                "Fix: add the missing files or point at the right folder")
+                                f"(validation.jsonl optional); found: {', '.join(present) or 'no .jsonl files'}; "
+                                "fix: add the missing files or point at the right folder")
             for split in (present if splits is None else splits):
                 file = _split_file(path, split)
                 add(split, readers.lexical_pairs(readers.iter_jsonl(file), str(file)))

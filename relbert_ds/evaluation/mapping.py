@@ -274,7 +274,7 @@ def load_mapping_dataset(path: str) -> MappingDataset:
     """Read and validate a relation-mapping JSONL file (see the module docstring)."""
     file = Path(path).expanduser()
     if not file.is_file():
-        raise DataError(f"mapping file {path} does not exist or is not a file. Fix: pass a .jsonl file of "
+        raise DataError(f"mapping file {path} does not exist or is not a file; fix: pass a .jsonl file of "
                         f"{MAPPING_SCHEMA} lines")
     problems = []
     for row in iter_jsonl(file):
@@ -288,7 +288,7 @@ def load_mapping_dataset(path: str) -> MappingDataset:
             raise data_error(row.where, "a mapping needs at least 2 terms per list", "add terms or drop the line")
         problems.append(MappingProblem(source, target))
     if not problems:
-        raise DataError(f"{file}: holds no problems. Fix: write one {MAPPING_SCHEMA} object per line")
+        raise DataError(f"{file}: holds no problems; fix: write one {MAPPING_SCHEMA} object per line")
     return MappingDataset(name=file.stem, problems=tuple(problems), source=str(file.resolve()))
 
 

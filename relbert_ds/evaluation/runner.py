@@ -152,7 +152,7 @@ def _load_tasks(analogy: Spec, classification: Spec, mapping: Spec, split: Union
         for s in splits:
             if "train" not in data.splits:
                 raise DataError(f"classification dataset {source}: no train split (splits present: "
-                                f"{', '.join(data.splits) or 'none'}). Fix: pass a folder holding train.jsonl "
+                                f"{', '.join(data.splits) or 'none'}); fix: pass a folder holding train.jsonl "
                                 "and test.jsonl (validation.jsonl optional)")
             if s not in data.splits:
                 if defaults:
@@ -160,7 +160,7 @@ def _load_tasks(analogy: Spec, classification: Spec, mapping: Spec, split: Union
                                           "reason": f"no {s} split in the bundled data"})
                     continue
                 raise DataError(f"classification dataset {source}: no {s} split (splits present: "
-                                f"{', '.join(data.splits)}). Fix: ask for one of those splits or add {s}.jsonl")
+                                f"{', '.join(data.splits)}); fix: ask for one of those splits or add {s}.jsonl")
             tasks.classification.append((data, s))
     sources, _ = _normalize_sources(mapping, ())
     for source in sources:

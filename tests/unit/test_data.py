@@ -49,7 +49,7 @@ def assert_line_error(exc: pytest.ExceptionInfo, path: Path, line: int) -> str:
     message = str(exc.value)
     assert path.name in message, message
     assert f"line {line}:" in message, message
-    assert "Fix:" in message, message
+    assert "; fix:" in message, message
     assert "\n" not in message, message
     return message
 
@@ -93,9 +93,9 @@ def test_bundled_constants_and_paths() -> None:
     assert bundled_path("classification", "k&h+n").name == "KHN"
     assert bundled_path("analogy", "SAT").is_dir()
     assert (bundled_path("relation", "semeval") / "relations.json").is_file()
-    with pytest.raises(DataError, match="Fix"):
+    with pytest.raises(DataError, match="; fix:"):
         bundled_path("analogy", "BLESS")
-    with pytest.raises(DataError, match="Fix"):
+    with pytest.raises(DataError, match="; fix:"):
         bundled_path("embedding", "sat")
 
 
@@ -228,7 +228,7 @@ def test_empty_file(tmp_path: Path, content: bytes) -> None:
     path.write_bytes(content)
     with pytest.raises(DataError) as exc:
         load_analogy_dataset(str(path))
-    assert path.name in str(exc.value) and "no records" in str(exc.value) and "Fix:" in str(exc.value)
+    assert path.name in str(exc.value) and "no records" in str(exc.value) and "; fix:" in str(exc.value)
 
 
 def test_unseen_label_in_test(tmp_path: Path) -> None:
@@ -250,7 +250,7 @@ def test_classification_folder_needs_train_and_test(tmp_path: Path, present: lis
     with pytest.raises(DataError) as exc:
         load_classification_dataset(str(folder))
     message = str(exc.value)
-    assert str(folder) in message and "train.jsonl and test.jsonl" in message and "Fix:" in message
+    assert str(folder) in message and "train.jsonl and test.jsonl" in message and "; fix:" in message
 
 
 # --------------------------------------------------------------------------- accepted input
@@ -315,7 +315,7 @@ def test_missing_split_lists_present_ones() -> None:
     with pytest.raises(DataError) as exc:
         load_analogy_dataset("google", "test")
     message = str(exc.value)
-    assert "no split 'test'" in message and "splits present: valid" in message and "Fix:" in message
+    assert "no split 'test'" in message and "splits present: valid" in message and "; fix:" in message
 
 
 def test_folder_and_single_file_forms(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -345,7 +345,7 @@ def test_unknown_name(loader: Any) -> None:
     with pytest.raises(DataError) as exc:
         loader("no_such_benchmark")
     message = str(exc.value)
-    assert "unknown dataset 'no_such_benchmark'" in message and "Fix:" in message
+    assert "unknown dataset 'no_such_benchmark'" in message and "; fix:" in message
 
 
 def test_missing_local_path_is_not_sent_to_the_hub(tmp_path: Path) -> None:
@@ -408,7 +408,7 @@ def test_hub_row_goes_through_validation(monkeypatch: pytest.MonkeyPatch) -> Non
         load_analogy_dataset("relbert/analogy_questions:u2")
     message = str(exc.value)
     assert "hub dataset relbert/analogy_questions:u2 split test row 1" in message
-    assert "answer index 9 is out of range for 3 choices" in message and "Fix:" in message
+    assert "answer index 9 is out of range for 3 choices" in message and "; fix:" in message
 
 
 def test_hub_fetch_failure_says_how_to_work_offline(monkeypatch: pytest.MonkeyPatch) -> None:
