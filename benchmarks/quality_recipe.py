@@ -159,18 +159,13 @@ def semeval_validation_accuracy(model_path: str, template: Optional[str] = None,
 
     from relbert_ds import RelationEncoder
     from relbert_ds.data import load_relation_dataset
-    from relbert_ds.data.derived import relation_analogy_questions
-    from relbert_ds.evaluation.analogy import analogy_pairs, score_analogy
+    from relbert_ds.evaluation.validation import analogy_accuracies, load_validation_sets
 
     torch.set_num_threads(max(1, __import__("os").cpu_count() or 1))
-    questions = relation_analogy_questions(load_relation_dataset("semeval2012", "validation"))
-    encoder = RelationEncoder.from_pretrained(model_path, template=template, pooling=pooling)
-    pairs = analogy_pairs(questions.questions)
-    table = dict(zip(pairs, encoder.encode(pairs)))
-    import numpy as np
-
-    result = score_analogy(questions, lambda ps: np.stack([table[tuple(p)] for p in ps]))
-    return {"accuracy": result["accuracy"], "n_questions": result["n_questions"]}
+    questions = load_validation_sets(["semeval2012"], load_relation_dataset("semeval2012", "validation"))[0]
+    encoder = RelationEncoder.from_pretrained(model_path, template=template, pooling=pooling, warn_untrained=False)
+    # the trainer's validation path: the same accuracy it selected its best model on
+    return {"accuracy": analogy_accuracies(encoder, [questions])["semeval2012"], "n_questions": len(questions)}
 
 
 # (label, evaluator metric key, role) in table order.

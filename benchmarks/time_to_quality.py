@@ -112,14 +112,10 @@ def semeval_questions() -> Any:
 
 
 def accuracy(encoder: Any, questions: Any) -> float:
-    """SemEval-2012 validation analogy accuracy of ``encoder`` (the trainer's own scoring)."""
-    import numpy as np
+    """SemEval-2012 validation analogy accuracy of ``encoder`` (the trainer's validation path)."""
+    from relbert_ds.evaluation.validation import analogy_accuracies
 
-    from relbert_ds.evaluation.analogy import analogy_pairs, score_analogy
-
-    pairs = analogy_pairs(questions.questions)
-    table = dict(zip(pairs, encoder.encode(pairs)))
-    return float(score_analogy(questions, lambda ps: np.stack([table[tuple(p)] for p in ps]))["accuracy"])
+    return float(analogy_accuracies(encoder, [questions])[questions.name])
 
 
 # --------------------------------------------------------------------------- arms

@@ -1,9 +1,12 @@
 """The evaluation flow: benchmark files -> unique pairs -> one sharded encode -> metrics -> outputs.
 
-Used by ``launchers/evaluate.py`` and by the trainer (per-epoch validation) alike:
+Used by ``launchers/evaluate.py`` and by the trainer's validation
+(:mod:`relbert_ds.evaluation.validation`) alike::
 
+    from relbert_ds import RelationEncoder
     from relbert_ds.evaluation import evaluate
-    result = evaluate(engine.module, analogy=("sat",), classification=(), split="valid")
+    encoder = RelationEncoder.from_pretrained("runs/default/best_model")   # or trainer.encoder in a job
+    result = evaluate(encoder, analogy=("sat",), classification=(), split="valid")
 
 Contract:
 - ``evaluate`` is a collective: every rank calls it with the same arguments (inside a live
@@ -19,13 +22,7 @@ Contract:
   decision (best epoch, early stop) without a broadcast. Files, the markdown table and
   TensorBoard are written by the caller on rank 0 (:func:`write_outputs` does that).
 
-Cost on the 2-core development CPU (all-MiniLM-L6-v2, batch 64, ``--split valid test``, other
-jobs sharing the CPU, so upper bounds): the five bundled analogy sets (4,777 unique pairs)
-101 s wall on 1 rank, 44 s on 2 ranks; everything bundled (analogy + BLESS + K&H+N,
-142,786 unique pairs) 53 min on 1 rank (encode 31 min, classification 22 min) and 41 min on
-2 ranks (encode 22 min, classification 19 min), with identical metrics. On the idle machine
-(benchmarks/results/quality.json, 2 ranks): encode 4.8-5.2 min per model; the classifier grid
-15 min for the zero-shot backbone and 36 min for a trained model (more fits run to max_iter).
+Measured costs: docs/PERFORMANCE.md and docs/EVALUATION.md.
 """
 from __future__ import annotations
 

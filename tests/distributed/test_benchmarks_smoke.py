@@ -36,7 +36,7 @@ def test_train_throughput(tiny_bert, tmp_path):
                    "--max_steps_per_repeat", "2", "--public_steps", "1", "--public_negatives", "24",
                    "--peak_tflops", "0.05", "--count_world_sizes", "1", "2", "--output", str(out))
     doc = load(out)
-    assert "overhead" in result.stdout and doc["table_markdown"] in result.stdout or "| arm |" in result.stdout
+    assert doc["table_markdown"].strip() in result.stdout  # the printed table is the one saved
     assert set(doc["arms"]) == {"ours", "bare", "public", "public_longest"}
     for arm in doc["arms"].values():
         assert positive(arm["pairs_per_s"]) and positive(arm["tokens_per_s"]) and positive(arm["mfu"])
