@@ -294,8 +294,8 @@ def check_compatible(meta: dict[str, Any], expected: dict[str, Any], tag_dir: Pa
     if meta.get("world_size") != expected["world_size"]:
         raise CheckpointError(
             f"checkpoint {tag_dir} was written by {meta.get('world_size')} ranks and this run has "
-            f"{expected['world_size']}; fix: resume with {meta.get('world_size')} ranks (ZeRO shards and the batch "
-            f"plan depend on the world size)")
+            f"{expected['world_size']}; fix: resume with {meta.get('world_size')} ranks (the optimizer's ZeRO "
+            f"shards are split by the world size; the batch plan is not)")
     for key, option in (("model", "model"), ("hidden_size", "model"), ("num_parameters", "model"),
                         ("template", "template"), ("pooling", "pooling"), ("loss", "loss")):
         if key in meta and key in expected and meta[key] != expected[key]:
