@@ -47,25 +47,57 @@ def run_command(argv: Optional[Sequence[str]], parse: Callable[[Optional[Sequenc
                 body: Callable[[A], int], verbose: Callable[[A], bool] = lambda a: False) -> int:
     """Parse ``argv`` and run ``body(args)``; returns the exit status.
 
-    A bad option (a :class:`UserError` from ``parse``) is printed by rank 0 only (the rank read
-    from the launcher's environment: no process group is needed to stay quiet) and returns 2 on
-    every rank at once.
+    A bad option (a :class:`UserError` from ``parse``) is printed by rank 0 only and returns 2 on
+    every rank (see :func:`_report_bad_option`).
     """
-    from relbert_ds import distributed
-
     try:
         args = parse(argv)
     except UserError as exc:
-        if distributed.env_rank() == 0:
-            print(f"error: {exc}", file=sys.stderr, flush=True)
+        _report_bad_option(exc)
         return exc.exit_code
     setup_logging(verbose(args))
     return run_main(lambda: body(args))
 
 
+def _report_bad_option(exc: UserError) -> None:
+    """Print a command-line error once, on rank 0, before any rank exits.
+
+    The ranks join the job just long enough for rank 0 to print and a barrier: a launcher that
+    ends the job at the first non-zero exit (srun --kill-on-bad-exit, torchrun) would otherwise
+    kill rank 0 before it printed when another rank exited first. Where the job cannot be
+    joined, the rank the launcher's environment names 0 prints.
+    """
+    from relbert_ds import distributed
+
+    try:
+        distributed.init_distributed(connect_timeout_s=60)
+    except Exception:  # noqa: BLE001 - the option error is the message; the rendezvous is a bonus
+        if distributed.env_rank() == 0:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        return
+    try:
+        if distributed.is_main():
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        _barrier_quietly()
+    finally:
+        distributed.shutdown()
+
+
+def _barrier_quietly() -> None:
+    """Wait for every rank (after rank 0 printed), ignoring a broken job: it only orders exits."""
+    from relbert_ds import distributed
+
+    try:
+        distributed.barrier()
+    except Exception:  # noqa: BLE001 - a peer already gone: nothing to order
+        pass
+
+
 def run_main(body: Callable[[], int]) -> int:
     """Run ``body``; a UserError becomes ``error: <message>`` on one rank and exit status 2; a
-    failure agreed across ranks is printed once by rank 0 and exit status 1."""
+    failure agreed across ranks is printed once by rank 0 and exit status 1. After an agreed
+    failure every rank waits for rank 0 to have printed before it exits (see
+    :func:`_report_bad_option` for why)."""
     from relbert_ds import distributed
 
     try:
@@ -75,6 +107,7 @@ def run_main(body: Callable[[], int]) -> int:
         if getattr(exc, "agreed", False):
             if rank == 0:
                 print(f"error: {exc}", file=sys.stderr, flush=True)
+            _barrier_quietly()
         else:
             prefix = f"[rank {rank}] " if distributed.world_size() > 1 else ""
             print(f"{prefix}error: {exc}", file=sys.stderr, flush=True)
@@ -84,6 +117,7 @@ def run_main(body: Callable[[], int]) -> int:
             print(f"{exc.report.rstrip()}\nerror: internal error ({exc}); every rank stopped. This is a bug in "
                   f"relbert-ds or a library it uses: please report it with the traceback above",
                   file=sys.stderr, flush=True)
+        _barrier_quietly()
         return 1
     finally:
         distributed.shutdown()
