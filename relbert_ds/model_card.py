@@ -346,9 +346,8 @@ def _recipe(training: dict, template: str) -> list[str]:
     m, d, t = training.get("model", {}), training.get("data", {}), training.get("train", {})
     ds = training.get("deepspeed") or {}
     world = training.get("world_size", 1)
-    micro = ds.get("train_micro_batch_size_per_gpu")
     accum = ds.get("gradient_accumulation_steps", 1)
-    global_batch = ds.get("train_batch_size")
+    global_batch = training.get("relations_per_step") or ds.get("train_batch_size")  # the export records it
     validation = training.get("validation_results") or {}
     positives, negatives = d.get("positives_per_relation"), d.get("negatives_per_relation")
     loss = t.get("loss")
@@ -368,9 +367,9 @@ def _recipe(training: dict, template: str) -> list[str]:
              f"| template | {_template_label(template)} |",
              f"| pooling | {m.get('pooling')}, max length {m.get('max_length')} tokens |",
              f"| data | {_sources(d)} ({d.get('train_split')} split) |",
-             f"| global batch | {global_batch} relation groups per optimizer step ({micro} per rank x {accum} "
-             f"accumulation step(s) x {world} rank(s)); each group {positives} positive pairs + up to {negatives} "
-             f"of its own negative pairs, every other group's pairs are negatives too (cross-device) |",
+             f"| global batch | {global_batch} relation groups per optimizer step over {world} rank(s), {accum} "
+             f"micro step(s) each; each group {positives} positive pairs + up to {negatives} of its own negative "
+             f"pairs, every other group's pairs are negatives too (cross-device) |",
              f"| steps | {steps if steps is not None else '?'} optimizer steps at export"
              + (f" (planned: {plan})" if plan else "") + " |",
              f"| loss | {loss_text} |",

@@ -2,6 +2,7 @@
 uninterrupted run step for step, TensorBoard scalars read back, exported models load, ZeRO-3
 partitions a decoder-only backbone and the export consolidates it."""
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -125,7 +126,9 @@ def test_exported_model_loads(full_run):
     assert len(compared) == len(trained) > 20, sorted(set(trained) - set(exported))  # every trained weight
     assert all(torch.equal(exported[k], trained[k]) for k in compared)
     card = (model / "README.md").read_text()
-    assert "Recipe" in card and "loss: nce" in card and "| sat (valid) |" in card
+    assert "## Training recipe" in card and "| loss | nce (temperature 0.05) |" in card
+    assert "| global batch | 8 relation groups per optimizer step over 2 rank(s)" in card
+    assert re.search(r"\| sat \| validation \| accuracy \| \d+\.\d \|", card), card
     training = json.loads((model / "relbert_ds_training.json").read_text())
     assert training["train"]["lr"] == 1e-4 and training["world_size"] == 2
     best = json.loads((out / "best_model" / "relbert_ds_training.json").read_text())

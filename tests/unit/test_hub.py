@@ -269,8 +269,7 @@ def test_push_uploads_every_file_and_a_full_card(hub, export, capsys):
 
     # the body: recipe, DeepSpeed config, results with the baseline column, both ways to load, citation
     body = card.split("---\n", 2)[2]
-    assert "| global batch | 16 relation groups per optimizer step (4 per rank x 2 accumulation step(s) x 2 rank(s))" \
-        in body
+    assert "| global batch | 16 relation groups per optimizer step over 2 rank(s), 2 micro step(s) each" in body
     assert "| steps | 40 optimizer steps at export" in body and "nce (temperature 0.05)" in body
     assert "I wasn’t aware of this relationship" in body and "average_no_mask" in body
     assert json.dumps(json.loads(json.dumps({k: v for k, v in json.loads(
