@@ -114,3 +114,8 @@ def wait_for(condition, timeout: float, what: str, interval: float = 0.05) -> No
 # Small, fast training options shared by the cluster tests (tiny backbone, no validation).
 FAST = ["--epochs", "10", "--metric", "none", "--analogy", "--no-projector", "--relations_per_step", "8",
         "--positives_per_relation", "4", "--negatives_per_relation", "4", "--lr", "1e-4", "--warmup_steps", "2"]
+
+
+def opts(model: str, out: Path, *extra: str) -> list[str]:
+    """The fast training options of the cluster tests, for ``model`` into ``out``."""
+    return ["--model", model, "--output_dir", str(out), *FAST, *extra]

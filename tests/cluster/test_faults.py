@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 
 from tests.cluster.helpers import (
-    FAST,
     finish,
     history,
     kill_group,
+    opts,
     processes_mentioning,
     run_ranks,
     start_ranks,
@@ -36,10 +36,6 @@ pytestmark = pytest.mark.slow
 TRAIN = "launchers/train.py"
 FAULTY = "tests/cluster/_faulty_train.py"
 MARKER = "relbert_ds_checkpoint.json"
-
-
-def opts(model: str, out: Path, *extra: str) -> list[str]:
-    return ["--model", model, "--output_dir", str(out), *FAST, *extra]
 
 
 def checkpoint_files_complete(tag_dir: Path, world: int = 2) -> None:

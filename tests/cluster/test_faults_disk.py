@@ -25,16 +25,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster.helpers import FAST, finish, history, run_ranks, snapshot, start_ranks, wait_for
+from tests.cluster.helpers import finish, history, opts, run_ranks, snapshot, start_ranks, wait_for
 
 pytestmark = pytest.mark.slow
 TRAIN = "launchers/train.py"
 NO_SPACE_CHECK = "tests/cluster/_no_space_check_train.py"
 MARKER = "relbert_ds_checkpoint.json"
-
-
-def opts(model: str, out: Path, *extra: str) -> list[str]:
-    return ["--model", model, "--output_dir", str(out), *FAST, *extra]
 
 
 def one_error(results, world: int = 2) -> str:
