@@ -17,16 +17,11 @@ from relbert_ds.schedule import plan_steps
 
 def batch_plan(run: RunConfig, world_size: int) -> dict[str, Any]:
     """The plan as a dict (what :func:`print_plan` prints); raises the run's own ConfigErrors."""
-    from relbert_ds.data import load_relation_dataset
+    from relbert_ds.data.training_sources import load_train_data
     from relbert_ds.sampler import RelationAwareSampler
 
     d = run.data
-    if len(d.train_data) == 1 and d.train_weights is None:
-        data, weights = load_relation_dataset(d.train_data[0], d.train_split), None
-    else:
-        from relbert_ds.data.training_sources import load_training_sources
-
-        data, weights = load_training_sources(d.train_data, d.train_split, d.train_weights)
+    data, weights = load_train_data(d.train_data, d.train_split, d.train_weights)
     ds, source = load_ds_config(run.deepspeed_config)
     batch = resolve_batch(ds, source, d.relations_per_step, world_size, d.relations_per_rank)
     sampler = RelationAwareSampler(data, world_size=world_size, rank=0, relations_per_step=batch.relations_per_step,

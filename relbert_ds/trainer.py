@@ -32,8 +32,8 @@ import torch
 
 from relbert_ds import __version__, backbones, checkpointing, distributed
 from relbert_ds.config import RunConfig, write_json
-from relbert_ds.data import load_relation_dataset
 from relbert_ds.data.schemas import AnalogyDataset, RelationDataset
+from relbert_ds.data.training_sources import load_train_data
 from relbert_ds.encoder import RelationEncoder
 from relbert_ds.engine import (
     ResolvedDeepSpeed,
@@ -338,11 +338,7 @@ class Trainer:
 
     def _load_training_data(self) -> RelationDataset:
         d = self.run.data
-        if len(d.train_data) == 1 and d.train_weights is None:
-            return load_relation_dataset(d.train_data[0], d.train_split)
-        from relbert_ds.data.training_sources import load_training_sources
-
-        data, self.relation_weights = load_training_sources(d.train_data, d.train_split, d.train_weights)
+        data, self.relation_weights = load_train_data(d.train_data, d.train_split, d.train_weights)
         return data
 
     def _make_sampler(self, data: RelationDataset, relations_per_step: int, accumulation: int) -> RelationAwareSampler:
@@ -360,11 +356,7 @@ class Trainer:
         if not (wanted or v.projector):
             return None
         try:
-            if len(d.train_data) > 1:
-                from relbert_ds.data.training_sources import load_training_sources
-
-                return load_training_sources(d.train_data, v.validation_split, None)[0]
-            return load_relation_dataset(d.train_data[0], v.validation_split)
+            return load_train_data(d.train_data, v.validation_split)[0]
         except DataError:
             if wanted:
                 raise

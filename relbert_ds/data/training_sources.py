@@ -156,3 +156,13 @@ def per_source_validation(sources: Sequence[str], split: str) -> list[RelationDa
         _check_unique_relations(shorts, datasets)
     return [RelationDataset(name=short, split=data.split, relations=data.relations, source=data.source)
             for short, data in zip(shorts, datasets)]
+
+
+def load_train_data(sources: Sequence[str], split: str,
+                    weights: Optional[Sequence[float]] = None) -> tuple[RelationDataset, Optional[list[float]]]:
+    """The ``--train_data`` sources of a run: one source without weights is read as it is (its
+    relation and parent names untouched); several, or weights, are combined by
+    :func:`load_training_sources`. Returns the dataset and the per-relation weights (or None)."""
+    if len(sources) == 1 and weights is None:
+        return load_relation_dataset(sources[0], split), None
+    return load_training_sources(sources, split, weights)

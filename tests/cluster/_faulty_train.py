@@ -76,12 +76,12 @@ def _install() -> None:
     elif point:
         raise SystemExit(f"unknown RELBERT_DS_TEST_KILL point {point!r}")
     if os.environ.get("RELBERT_DS_TEST_RAISE") == "load":
-        from relbert_ds import trainer
+        from relbert_ds.data import training_sources
 
         def load(*args, **kwargs):
             raise RuntimeError("injected fault while loading the training data")
 
-        trainer.load_relation_dataset = load
+        training_sources.load_relation_dataset = load
 
 
 if __name__ == "__main__":
