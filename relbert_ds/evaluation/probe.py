@@ -89,76 +89,76 @@ def initial_weights(point_index: int, point: GridPoint, n_features: int, n_class
 
 
 class _Packed:
-    """The trainable tensors of the active grid points side by side in one flat buffer, with Adam's state.
+    """The trainable tensors of the active grid points side by side, with Adam's state and gradients.
 
-    One flat buffer (and one for each Adam moment, the gradient and a scratch area) lets the
-    optimizer update every tensor of every grid point in a few whole-buffer operations; ``w1``,
-    ``b1``, ``w2`` and ``b2`` are views into it. ``w2`` is block diagonal (``mask``).
+    ``w1t`` is the transposed hidden layer ``(sum of hidden sizes, D)``: grid point ``g`` owns the
+    rows ``rows[g]``, so each point's tensors are contiguous slices that one fused Adam call per
+    point updates with its own learning rate. ``w2`` ``(sum of hidden sizes, G * k)`` is block
+    diagonal (``mask``): each point's hidden units only reach its own outputs.
     """
 
     def __init__(self, weights: Sequence[Sequence[torch.Tensor]], moments: Sequence[Sequence[torch.Tensor]],
                  points: Sequence[GridPoint], n_classes: int) -> None:
         self.widths = [w[0].shape[1] for w in weights]
         self.k, self.groups = n_classes, len(weights)
+        self.rates = [p.learning_rate for p in points]
         dim, total = weights[0][0].shape[0], sum(self.widths)
         device = weights[0][0].device
-        self.shapes = [(dim, total), (total,), (total, self.groups * self.k), (self.groups * self.k,)]
-        size = sum(math.prod(shape) for shape in self.shapes)
-        self.param, self.m, self.v, self.grad, self.scratch = (torch.zeros(size, device=device) for _ in range(5))
-        for buffer, items in ((self.param, weights), (self.m, [mo[:4] for mo in moments]),
-                              (self.v, [mo[4:] for mo in moments])):
-            for index, (view, parts) in enumerate(zip(self.views(buffer), zip(*items))):
-                self._place(view, parts, index)
-        self.mask = torch.zeros(self.shapes[2], device=device)
-        self._place(self.mask, [torch.ones(w, self.k) for w in self.widths], index=2)
-        # Per-element learning rate, as a divisor folded into Adam's denominator.
-        rates = self.views(torch.zeros(size))
-        self._place(rates[0], [torch.full((dim, w), p.learning_rate) for w, p in zip(self.widths, points)], index=0)
-        self._place(rates[1], [torch.full((w,), p.learning_rate) for w, p in zip(self.widths, points)], index=1)
-        self._place(rates[2], [torch.full((w, self.k), p.learning_rate) for w, p in zip(self.widths, points)], index=2)
-        self._place(rates[3], [torch.full((self.k,), p.learning_rate) for p in points], index=3)
-        self.inverse_rate = (1.0 / torch.cat([r.reshape(-1) for r in rates]).clamp_min(1e-30)).to(device)
-        self.group_of_col = torch.repeat_interleave(torch.arange(self.groups), torch.tensor(self.widths)).to(device)
-
-    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        """``flat`` cut into the (w1, b1, w2, b2) shapes."""
-        out, offset = [], 0
-        for shape in self.shapes:
-            n = math.prod(shape)
-            out.append(flat[offset:offset + n].view(shape))
-            offset += n
-        return out
-
-    def _place(self, view: torch.Tensor, parts: Sequence[torch.Tensor], index: int) -> None:
-        """Write per-point tensors into packed view ``index`` (0 w1, 1 b1, 2 w2, 3 b2): hidden units side
-        by side, each point's output block on w2's diagonal."""
+        shapes = [(total, dim), (total,), (total, self.groups * self.k), (self.groups * self.k,)]
+        self.param, self.m, self.v, self.grad = ([torch.zeros(s, device=device) for s in shapes] for _ in range(4))
+        self.rows = []
         row = 0
-        for g, (part, width) in enumerate(zip(parts, self.widths)):
-            cols = slice(g * self.k, (g + 1) * self.k)
-            if index == 0:
-                view[:, row:row + width] = part
-            elif index == 1:
-                view[row:row + width] = part
-            elif index == 2:
-                view[row:row + width, cols] = part
-            else:
-                view[cols] = part
+        for width in self.widths:
+            self.rows.append(slice(row, row + width))
             row += width
+        for target, items in ((self.param, weights), (self.m, [mo[:4] for mo in moments]),
+                              (self.v, [mo[4:] for mo in moments])):
+            for g, (w1, b1, w2, b2) in enumerate(items):
+                self._slices(target, g)[0].copy_(w1.t())
+                for dst, src in zip(self._slices(target, g)[1:], (b1, w2, b2)):
+                    dst.copy_(src)
+        self.mask = torch.zeros(shapes[2], device=device)
+        for g in range(self.groups):
+            self._slices([None, None, self.mask, None], g)[2].fill_(1.0)
+        self.group_of_row = torch.repeat_interleave(torch.arange(self.groups), torch.tensor(self.widths)).to(device)
+        self.steps = [torch.zeros((), device=device) for _ in range(4)]  # the fused kernel's step counters
+
+    def _slices(self, tensors: Sequence[Optional[torch.Tensor]], g: int) -> list[Optional[torch.Tensor]]:
+        """Grid point ``g``'s parts of (w1t, b1, w2, b2)-shaped ``tensors`` (contiguous but for w2's columns)."""
+        rows, cols = self.rows[g], slice(g * self.k, (g + 1) * self.k)
+        w1t, b1, w2, b2 = tensors
+        return [None if w1t is None else w1t[rows], None if b1 is None else b1[rows],
+                None if w2 is None else w2[rows, cols], None if b2 is None else b2[cols]]
+
+    def _point(self, tensors: Sequence[torch.Tensor], g: int) -> list[torch.Tensor]:
+        """Grid point ``g``'s rows of (w1t, b1, w2, b2)-shaped ``tensors``: contiguous views for Adam (its w2
+        rows span every point's columns; the others' are masked to zero gradient, so Adam leaves them at 0)."""
+        rows, cols = self.rows[g], slice(g * self.k, (g + 1) * self.k)
+        return [tensors[0][rows], tensors[1][rows], tensors[2][rows], tensors[3][cols]]
+
+    def adam(self, step: int) -> None:
+        """sklearn's Adam update of every point: ``p -= lr * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)``.
+
+        torch's fused kernel computes ``lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps')``, the same
+        update when ``eps' = eps / sqrt(1 - b2^t)``; one pass over the buffers instead of eight.
+        """
+        eps = EPS / math.sqrt(1 - BETA2 ** step)
+        for counter in self.steps:
+            counter.fill_(float(step))
+        for g, rate in enumerate(self.rates):
+            torch._fused_adam_(self._point(self.param, g), self._point(self.grad, g), self._point(self.m, g),
+                               self._point(self.v, g), [], self.steps, lr=rate, beta1=BETA1, beta2=BETA2,
+                               weight_decay=0.0, eps=eps, amsgrad=False, maximize=False)
 
     def unpack(self) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
         """Per point ([w1, b1, w2, b2], its 8 Adam moment tensors), copied out of the buffers."""
-        out, row = [], 0
-        per_buffer = [self.views(b) for b in (self.param, self.m, self.v)]
-        for g, width in enumerate(self.widths):
-            cols = slice(g * self.k, (g + 1) * self.k)
+        out = []
+        for g in range(self.groups):
+            def take(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+                w1t, b1, w2, b2 = self._slices(tensors, g)
+                return [w1t.t().contiguous(), b1.clone(), w2.clone(), b2.clone()]
 
-            def take(views: list[torch.Tensor]) -> list[torch.Tensor]:
-                w1, b1, w2, b2 = views
-                return [w1[:, row:row + width].clone(), b1[row:row + width].clone(),
-                        w2[row:row + width, cols].clone(), b2[cols].clone()]
-
-            out.append((take(per_buffer[0]), take(per_buffer[1]) + take(per_buffer[2])))
-            row += width
+            out.append((take(self.param), take(self.m) + take(self.v)))
         return out
 
 
@@ -216,9 +216,9 @@ def fit_grid(x: np.ndarray, y: np.ndarray, points: Sequence[GridPoint], n_classe
 def _step(packed: _Packed, xb: torch.Tensor, yb: torch.Tensor, alpha: float, step: int) -> torch.Tensor:
     """One mini-batch of every packed grid point; returns each point's batch loss times the batch size."""
     nb, groups, k = xb.shape[0], packed.groups, packed.k
-    w1, b1, w2, b2 = packed.views(packed.param)
-    g_w1, g_b1, g_w2, g_b2 = packed.views(packed.grad)
-    z = torch.addmm(b1, xb, w1)
+    w1t, b1, w2, b2 = packed.param
+    g_w1t, g_b1, g_w2, g_b2 = packed.grad
+    z = torch.addmm(b1, xb, w1t.t())
     a = torch.relu(z)
     logits = torch.addmm(b2, a, w2).view(nb, groups, k)
     logp = torch.log_softmax(logits, dim=2)
@@ -226,7 +226,7 @@ def _step(packed: _Packed, xb: torch.Tensor, yb: torch.Tensor, alpha: float, ste
     picked = logp.gather(2, target).squeeze(2)  # (nb, G)
     # sklearn's batch loss: mean cross-entropy + 0.5 * alpha * (||W1||^2 + ||W2||^2) / nb, weighed by nb.
     squares = torch.zeros(groups, dtype=torch.float32, device=xb.device)
-    squares.index_add_(0, packed.group_of_col, torch.linalg.vector_norm(w1, dim=0).square())
+    squares.index_add_(0, packed.group_of_row, torch.linalg.vector_norm(w1t, dim=1).square())
     squares += torch.linalg.vector_norm(w2, dim=0).square().view(groups, k).sum(dim=1)
     batch_loss = -picked.sum(dim=0).double() + 0.5 * alpha * squares.double()
     # Gradients of the mean loss (sklearn divides every gradient by the batch size).
@@ -237,12 +237,7 @@ def _step(packed: _Packed, xb: torch.Tensor, yb: torch.Tensor, alpha: float, ste
     g_w2.mul_(packed.mask)
     torch.sum(delta, dim=0, out=g_b2)
     dz = (delta @ w2.t()).mul_(z > 0)
-    torch.addmm(w1, xb.t(), dz, beta=alpha / nb, out=g_w1)
+    torch.addmm(w1t, dz.t(), xb, beta=alpha / nb, out=g_w1t)
     torch.sum(dz, dim=0, out=g_b1)
-    # sklearn's Adam: param -= lr * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps), over the flat buffers.
-    correction = math.sqrt(1 - BETA2 ** step) / (1 - BETA1 ** step)
-    packed.m.mul_(BETA1).add_(packed.grad, alpha=1 - BETA1)
-    packed.v.mul_(BETA2).addcmul_(packed.grad, packed.grad, value=1 - BETA2)
-    denominator = torch.sqrt(packed.v, out=packed.scratch).add_(EPS).mul_(packed.inverse_rate)
-    packed.param.addcdiv_(packed.m, denominator, value=-correction)
+    packed.adam(step)
     return batch_loss
