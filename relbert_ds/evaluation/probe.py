@@ -27,7 +27,7 @@ on the CPU or on a GPU.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import numpy as np
@@ -50,12 +50,15 @@ class GridPoint:
 
 @dataclass
 class FittedGrid:
-    """The trained grid: per grid point its weights, epochs run and loss curve."""
+    """The trained grid: per grid point its kept weights, epochs run, curves and why it stopped."""
 
     points: list[GridPoint]
     weights: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]  # (w1, b1, w2, b2) each
     n_iter: list[int]
     loss_curves: list[list[float]]
+    validation_curves: list[list[float]] = field(default_factory=list)  # macro F1 per epoch (with validation)
+    kept_epoch: list[int] = field(default_factory=list)  # the epoch whose weights are kept (1-based)
+    stopped_by: list[str] = field(default_factory=list)  # "loss", "validation", "max_iter" or "pruned"
 
     def predict(self, x: np.ndarray, device: Optional[torch.device] = None) -> np.ndarray:
         """(G, n) int64 class indices of each grid point for the rows of ``x``."""
@@ -150,47 +153,100 @@ class _Packed:
                                self._point(self.v, g), [], self.steps, lr=rate, beta1=BETA1, beta2=BETA2,
                                weight_decay=0.0, eps=eps, amsgrad=False, maximize=False)
 
+    def point_weights(self, g: int) -> list[torch.Tensor]:
+        """Grid point ``g``'s (w1, b1, w2, b2), copied out of the buffers."""
+        w1t, b1, w2, b2 = self._slices(self.param, g)
+        return [w1t.t().contiguous(), b1.clone(), w2.clone(), b2.clone()]
+
     def unpack(self) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
         """Per point ([w1, b1, w2, b2], its 8 Adam moment tensors), copied out of the buffers."""
         out = []
         for g in range(self.groups):
-            def take(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-                w1t, b1, w2, b2 = self._slices(tensors, g)
-                return [w1t.t().contiguous(), b1.clone(), w2.clone(), b2.clone()]
-
-            out.append((take(self.param), take(self.m) + take(self.v)))
+            moments = [t.t().contiguous() if i == 0 else t.clone()
+                       for buffer in (self.m, self.v) for i, t in enumerate(self._slices(buffer, g))]
+            out.append((self.point_weights(g), moments))
         return out
+
+    def validation_f1(self, x: torch.Tensor, y: torch.Tensor) -> list[float]:
+        """Macro F1 of every packed point on ``(x, y)`` (sklearn's: over the labels in gold or predictions)."""
+        w1t, b1, w2, b2 = self.param
+        with torch.no_grad():
+            pred = (torch.relu(torch.addmm(b1, x, w1t.t())) @ w2 + b2).view(len(x), self.groups, self.k).argmax(2)
+        return macro_f1_columns(y, pred, self.k)
+
+
+def macro_f1_columns(y: torch.Tensor, pred: torch.Tensor, k: int) -> list[float]:
+    """Macro F1 of each column of ``pred`` (n, G) against ``y`` (n,), over the labels present in gold or
+    that column's predictions (``classification_metrics``'s definition)."""
+    groups = pred.shape[1]
+    cells = (torch.arange(groups, device=y.device).view(1, groups) * k + y.view(-1, 1)) * k + pred
+    confusion = torch.bincount(cells.reshape(-1), minlength=groups * k * k).view(groups, k, k).double()
+    tp = confusion.diagonal(dim1=1, dim2=2)
+    gold, predicted = confusion.sum(2), confusion.sum(1)
+    present = (gold + predicted) > 0
+    f1 = torch.where(present, 2 * tp / (gold + predicted).clamp_min(1), torch.zeros_like(tp))
+    return (f1.sum(1) / present.sum(1).clamp_min(1)).tolist()
+
+
+STOPPING = ("loss", "validation")
 
 
 def fit_grid(x: np.ndarray, y: np.ndarray, points: Sequence[GridPoint], n_classes: int, max_iter: int = 200,
              seed: int = 0, device: Optional[torch.device] = None, alpha: float = ALPHA, tol: float = TOL,
-             n_iter_no_change: int = N_ITER_NO_CHANGE, batch_size: int = MAX_BATCH) -> FittedGrid:
+             n_iter_no_change: int = N_ITER_NO_CHANGE, batch_size: int = MAX_BATCH,
+             validation: Optional[tuple[np.ndarray, np.ndarray]] = None, stopping: str = "loss",
+             prune_at: Sequence[int] = (), keep_fraction: float = 1 / 3) -> FittedGrid:
     """Train every grid point of ``points`` on ``(x, y)`` at once (see the module docstring).
 
     Args:
         x: (n, D) float32 features. y: (n,) int64 class indices in ``[0, n_classes)``.
         device: where to train (default CPU). Results are deterministic for a device and seed.
+        validation: ``(x_val, y_val)``; its macro F1 is recorded after every epoch.
+        stopping: ``"loss"``: sklearn's default rule (the epoch's training loss has not improved by
+            ``tol`` for more than ``n_iter_no_change`` epochs), the last weights kept; ``"validation"``:
+            sklearn's ``early_stopping`` rule on the validation macro F1 instead, the best epoch's
+            weights kept (needs ``validation``).
+        prune_at: epochs after which the grid is cut to its best ``keep_fraction`` by best validation
+            F1 so far (ties: grid order); a cut point stops there and keeps its best weights
+            (successive halving; needs ``stopping="validation"``).
     """
+    if stopping not in STOPPING:
+        raise ValueError(f"stopping must be one of {STOPPING}, not {stopping!r}")
+    if stopping == "validation" and validation is None:
+        raise ValueError("stopping='validation' needs validation data")
+    if prune_at and stopping != "validation":
+        raise ValueError("prune_at needs stopping='validation'")
     device = torch.device(device) if device is not None else torch.device("cpu")
     n, dim = x.shape
     k = int(n_classes)
     batch = min(batch_size, n)
     xt = torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32), device=device)
     yt = torch.as_tensor(np.asarray(y, dtype=np.int64), device=device)
+    xv = yv = None
+    if validation is not None and len(validation[0]):
+        xv = torch.as_tensor(np.ascontiguousarray(validation[0], dtype=np.float32), device=device)
+        yv = torch.as_tensor(np.asarray(validation[1], dtype=np.int64), device=device)
+    elif stopping == "validation":
+        raise ValueError("stopping='validation' needs validation data")
+    count = len(points)
     weights = [[t.to(device) for t in initial_weights(i, p, dim, k, seed)] for i, p in enumerate(points)]
     moments = [[torch.zeros_like(t) for t in w] * 2 for w in weights]
-    n_iter = [0] * len(points)
+    n_iter, kept_epoch, stopped_by = [0] * count, [0] * count, [""] * count
     curves: list[list[float]] = [[] for _ in points]
-    best = [math.inf] * len(points)
-    stale = [0] * len(points)
-    active = list(range(len(points)))
+    val_curves: list[list[float]] = [[] for _ in points]
+    kept: list[Optional[list[torch.Tensor]]] = [None] * count  # best-validation weights ("validation")
+    best = [math.inf] * count  # best training loss ("loss") or minus best validation F1 ("validation")
+    stale = [0] * count
+    contenders = set(range(count))  # not cut by pruning
+    cuts = sorted({int(e) for e in prune_at if 0 < int(e) < max_iter})
+    active = list(range(count))
     order_rng = torch.Generator().manual_seed(int(seed))
     step = 0
     while active:
         packed = _Packed([weights[i] for i in active], [moments[i] for i in active], [points[i] for i in active], k)
-        converged: list[int] = []
-        # Train epochs with this packing until one of its points converges (or all reach max_iter).
-        while not converged:
+        stopped: list[int] = []
+        # Train epochs with this packing until one of its points stops.
+        while not stopped:
             epoch = n_iter[active[0]]  # every active point has run the same number of epochs
             order = torch.randperm(n, generator=order_rng).to(device)
             epoch_loss = torch.zeros(len(active), dtype=torch.float64, device=device)
@@ -199,18 +255,43 @@ def fit_grid(x: np.ndarray, y: np.ndarray, points: Sequence[GridPoint], n_classe
                 step += 1
                 epoch_loss += _step(packed, xt[rows], yt[rows], alpha, step)
             losses = (epoch_loss / n).tolist()
+            scores = packed.validation_f1(xv, yv) if xv is not None else [math.nan] * len(active)
             for slot, i in enumerate(active):
                 n_iter[i] = epoch + 1
-                loss = losses[slot]
-                curves[i].append(loss)
-                stale[i] = stale[i] + 1 if loss > best[i] - tol else 0
-                best[i] = min(best[i], loss)
-                if stale[i] > n_iter_no_change or n_iter[i] >= max_iter:
-                    converged.append(i)
-        for i, (w, mo) in zip(active, packed.unpack()):
+                curves[i].append(losses[slot])
+                if xv is not None:
+                    val_curves[i].append(scores[slot])
+                # sklearn's rule: no improvement by more than tol, more than n_iter_no_change epochs running.
+                metric = losses[slot] if stopping == "loss" else -scores[slot]
+                stale[i] = stale[i] + 1 if metric > best[i] - tol else 0
+                if metric < best[i]:
+                    best[i] = metric
+                    if stopping == "validation":
+                        kept[i], kept_epoch[i] = packed.point_weights(slot), n_iter[i]
+                if stale[i] > n_iter_no_change:
+                    stopped.append(i)
+                    stopped_by[i] = stopping
+                elif n_iter[i] >= max_iter:
+                    stopped.append(i)
+                    stopped_by[i] = "max_iter"
+            if cuts and n_iter[active[0]] == cuts[0]:
+                cuts.pop(0)
+                # Successive halving: everyone not yet cut competes on its best validation F1 so far.
+                ranked = sorted(contenders, key=lambda i: (best[i], i))
+                for i in ranked[max(1, math.ceil(len(ranked) * keep_fraction)):]:
+                    contenders.discard(i)
+                    if i in active and i not in stopped:
+                        stopped.append(i)
+                        stopped_by[i] = "pruned"
+        for slot, (i, (w, mo)) in enumerate(zip(active, packed.unpack())):
             weights[i], moments[i] = w, mo
-        active = [i for i in active if i not in converged]
-    return FittedGrid(points=list(points), weights=[tuple(w) for w in weights], n_iter=n_iter, loss_curves=curves)
+        active = [i for i in active if i not in stopped]
+    if stopping == "validation":
+        weights = [w if w is not None else weights[i] for i, w in enumerate(kept)]
+    else:
+        kept_epoch = list(n_iter)
+    return FittedGrid(points=list(points), weights=[tuple(w) for w in weights], n_iter=n_iter, loss_curves=curves,
+                      validation_curves=val_curves, kept_epoch=kept_epoch, stopped_by=stopped_by)
 
 
 def _step(packed: _Packed, xb: torch.Tensor, yb: torch.Tensor, alpha: float, step: int) -> torch.Tensor:

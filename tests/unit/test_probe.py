@@ -223,3 +223,62 @@ def test_results_do_not_depend_on_the_thread_count():
         torch.set_num_threads(before)
     for a, b in zip(fits[0].weights, fits[1].weights):
         assert all(torch.equal(p, q) for p, q in zip(a, b))
+
+
+def test_macro_f1_columns_equals_sklearn_over_present_labels():
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 5, 200)
+    pred = np.stack([rng.integers(0, 5, 200), np.where(rng.random(200) < 0.7, y, 0), np.full(200, 2)], axis=1)
+    ours = probe.macro_f1_columns(torch.from_numpy(y), torch.from_numpy(pred), 6)  # label 5 never occurs
+    for column, value in zip(pred.T, ours):
+        want = classification.classification_metrics(y, column, [str(i) for i in range(6)])["f1_macro"]
+        assert value == pytest.approx(want, abs=1e-12)
+
+
+def _split(n_train: int = 600, n_val: int = 200):
+    x, y = blobs(n=n_train + n_val)
+    return x[:n_train], y[:n_train], (x[n_train:], y[n_train:])
+
+
+def test_validation_stopping_keeps_the_best_epoch_and_follows_sklearns_early_stopping_rule():
+    x, y, val = _split()
+    grid = probe.fit_grid(x, y, GRID, 4, max_iter=60, seed=0, validation=val, stopping="validation")
+    for i, point in enumerate(GRID):
+        curve = grid.validation_curves[i]
+        assert len(curve) == grid.n_iter[i] == len(grid.loss_curves[i])
+        assert grid.kept_epoch[i] == curve.index(max(curve)) + 1  # the first epoch with the best score
+        # The kept weights score what the curve says (an independent F1 on fresh predictions).
+        assert macro_f1(val[1], grid.predict(val[0])[i]) == pytest.approx(max(curve))
+        best, stale = -math.inf, 0
+        for score in curve:
+            stale = stale + 1 if score < best + 1e-4 else 0
+            best = max(best, score)
+        if grid.stopped_by[i] == "validation":
+            assert stale == 11 and grid.n_iter[i] < 60
+        else:
+            assert grid.stopped_by[i] == "max_iter" and grid.n_iter[i] == 60 and stale <= 10
+    assert "validation" in grid.stopped_by  # the fast points do stop early on this data
+
+
+def test_pruning_keeps_the_best_third_by_validation_and_stops_the_rest_at_the_cut():
+    x, y, val = _split()
+    grid = probe.fit_grid(x, y, GRID, 4, max_iter=40, seed=0, validation=val, stopping="validation", prune_at=(4,))
+    best_at_cut = [max(c[:4]) for c in grid.validation_curves]
+    survivors = [i for i in range(9) if grid.n_iter[i] > 4]
+    pruned = [i for i in range(9) if grid.stopped_by[i] == "pruned"]
+    assert len(survivors) <= 3 and pruned and all(grid.n_iter[i] == 4 for i in pruned)
+    ranking = sorted(range(9), key=lambda i: (-best_at_cut[i], i))
+    assert set(survivors) <= set(ranking[:3]) and not set(pruned) & set(ranking[:3])
+    # Without the cut, the same seed trains the same points the same way up to it.
+    full = probe.fit_grid(x, y, GRID, 4, max_iter=4, seed=0, validation=val, stopping="validation")
+    assert np.allclose([c[:4] for c in grid.validation_curves], [c[:4] for c in full.validation_curves])
+
+
+def test_stopping_options_are_checked():
+    x, y, val = _split(100, 20)
+    with pytest.raises(ValueError, match="needs validation"):
+        probe.fit_grid(x, y, GRID[:1], 4, stopping="validation")
+    with pytest.raises(ValueError, match="prune_at needs"):
+        probe.fit_grid(x, y, GRID[:1], 4, validation=val, prune_at=(3,))
+    with pytest.raises(ValueError, match="stopping must be"):
+        probe.fit_grid(x, y, GRID[:1], 4, stopping="time")
