@@ -86,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="classification probe: torch (default; the 9-point grid trained as one batched model, on "
                         "the GPU when there is one, datasets split over ranks) or sklearn (MLPClassifier, the "
                         "reference; configurations split over ranks)")
+    r.add_argument("--probe_protocol", default=None, choices=("fast", "paper"),
+                   help="fast (the torch probe's default): each grid point stops when its validation macro F1 "
+                        "stops improving and keeps its best epoch, and the grid is cut to its best third after 5 "
+                        "and 15 epochs; paper (sklearn's default, its only one): every grid point trains to "
+                        "MLPClassifier's training-loss stopping (docs/PROBE_AGREEMENT.md compares them)")
     r.add_argument("--probe_features", default="mean", choices=("mean", "sum"),
                    help="pooled vectors fed to the probe: mean (relbert-ds's pooling, default) or sum (the public "
                         "relbert code's summed pooling: each vector times its pooled token count)")
@@ -225,8 +230,10 @@ def _run(args: argparse.Namespace, info: Any, start: float) -> int:
 
     import relbert_ds
     from relbert_ds import distributed
+    from relbert_ds.evaluation import classification as classification_mod
     from relbert_ds.evaluation import runner
 
+    classification_mod.check_probe(args.probe, args.probe_features, args.probe_protocol)  # before any loading
     if not args.progress:
         from transformers.utils import logging as hf_logging
 
@@ -254,7 +261,8 @@ def _run(args: argparse.Namespace, info: Any, start: float) -> int:
                   # sklearn: one thread per fit (workers run several); torch: the rank's threads (its
                   # results do not depend on them: tests/unit/test_probe.py checks it).
                   blas_threads=threads if args.probe == "torch" else 1,
-                  probe_features=args.probe_features, device=device, cache_dir=args.cache_dir)
+                  probe_features=args.probe_features, device=device, cache_dir=args.cache_dir,
+                  probe_protocol=args.probe_protocol)
     results: dict[str, dict] = {}
     load_s: dict[str, float] = {}
     t = time.perf_counter()
@@ -286,7 +294,9 @@ def _run(args: argparse.Namespace, info: Any, start: float) -> int:
         "threads_per_rank": threads,
         "splits": list(tasks.splits),
         "options": {"batch_size": args.batch_size, "max_iter": args.max_iter, "seed": args.seed,
-                    "probe": args.probe, "probe_features": args.probe_features, "preset": args.preset,
+                    "probe": args.probe, "probe_features": args.probe_features,
+                    "probe_protocol": args.probe_protocol or classification_mod.default_protocol(args.probe),
+                    "preset": args.preset,
                     "cache_dir": args.cache_dir},
         "datasets": tasks.identities(),
         "missing": tasks.missing,

@@ -54,6 +54,16 @@ PROBES = ("torch", "sklearn")
 DEFAULT_PROBE = "torch"
 FEATURES = ("mean", "sum")
 DEFAULT_FEATURES = "mean"
+PROTOCOLS = ("fast", "paper")
+# The fast protocol's schedule (docs/PROBE_AGREEMENT.md measured it against the paper protocol):
+# each grid point stops on validation macro F1 (sklearn's early-stopping rule, best epoch kept) and
+# the grid is cut to its best third after FAST_PRUNE_AT[0] epochs and again after FAST_PRUNE_AT[1].
+FAST_PRUNE_AT = (5, 15)
+
+
+def default_protocol(probe: str) -> str:
+    """The protocol a probe runs when none is named: torch ``fast``, sklearn ``paper`` (its only one)."""
+    return "fast" if probe == "torch" else "paper"
 
 
 def search_grid() -> list[dict]:
@@ -130,12 +140,32 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, labels: Seque
     }
 
 
-def check_probe(probe: str, features: str = DEFAULT_FEATURES) -> None:
-    """Refuse an unknown probe or feature name (a ConfigError with the choices)."""
+def check_probe(probe: str, features: str = DEFAULT_FEATURES, protocol: Optional[str] = None) -> None:
+    """Refuse an unknown probe, feature or protocol name, or sklearn with the fast protocol (a ConfigError)."""
     if probe not in PROBES:
         raise ConfigError(f"unknown probe {probe!r}; fix: use one of {', '.join(PROBES)}")
     if features not in FEATURES:
         raise ConfigError(f"unknown probe features {features!r}; fix: use one of {', '.join(FEATURES)}")
+    if protocol is not None and protocol not in PROTOCOLS:
+        raise ConfigError(f"unknown probe protocol {protocol!r}; fix: use one of {', '.join(PROTOCOLS)}")
+    if probe == "sklearn" and protocol == "fast":
+        raise ConfigError("the sklearn probe runs the paper protocol only; fix: --probe torch for the fast protocol, "
+                          "or --probe_protocol paper")
+
+
+@dataclass
+class _Fit:
+    """One fitted configuration: its predictions, epochs run, the epoch whose weights it kept and why it stopped."""
+
+    pred_val: np.ndarray
+    pred_eval: np.ndarray
+    n_iter: int
+    kept_epoch: int
+    stopped_by: str  # "loss", "validation", "max_iter" or "pruned"
+
+
+def _sklearn_fit(pred_val: np.ndarray, pred_eval: np.ndarray, n_iter: int, max_iter: int) -> _Fit:
+    return _Fit(pred_val, pred_eval, n_iter, n_iter, "max_iter" if n_iter >= max_iter else "loss")
 
 
 @dataclass
@@ -170,8 +200,8 @@ def _problem(dataset: ClassificationDataset, lookup: Lookup, split: str, search:
 
 
 def _fit_sklearn(problem: _Problem, indices: Sequence[int], max_iter: int, seed: int, blas_threads: Optional[int],
-                 workers: int) -> list[tuple[np.ndarray, np.ndarray, int]]:
-    """(validation predictions, evaluated-split predictions, n_iter) of configurations ``indices``."""
+                 workers: int) -> list[_Fit]:
+    """The fits of configurations ``indices``."""
     jobs = [(problem.configs[i], problem.x_train, problem.y_train, [problem.x_val, problem.x_eval], max_iter, seed,
              blas_threads) for i in indices]
     if workers > 1 and len(jobs) > 1:
@@ -180,7 +210,7 @@ def _fit_sklearn(problem: _Problem, indices: Sequence[int], max_iter: int, seed:
         fitted = Parallel(n_jobs=min(workers, len(jobs)), backend="loky")(delayed(fit_predict)(*j) for j in jobs)
     else:
         fitted = [fit_predict(*j) for j in jobs]
-    return [(pred_val, pred_eval, n_iter) for (pred_val, pred_eval), n_iter in fitted]
+    return [_sklearn_fit(pred_val, pred_eval, n_iter, max_iter) for (pred_val, pred_eval), n_iter in fitted]
 
 
 def _thread_limit(threads: Optional[int], device: Any):
@@ -199,29 +229,34 @@ def _thread_limit(threads: Optional[int], device: Any):
     return _Limit()
 
 
-def _fit_torch(problem: _Problem, max_iter: int, seed: int, device: Any,
-               threads: Optional[int]) -> list[tuple[np.ndarray, np.ndarray, int]]:
-    """Every configuration of ``problem`` trained together (:func:`probe.fit_grid`)."""
+def _fit_torch(problem: _Problem, max_iter: int, seed: int, device: Any, threads: Optional[int],
+               protocol: str) -> list[_Fit]:
+    """Every configuration of ``problem`` trained together (:func:`probe.fit_grid`); with the fast protocol
+    and a grid search, stopped on validation and cut by successive halving."""
     points = [probe_mod.GridPoint(int(c["hidden_layer_sizes"]), float(c["learning_rate_init"]))
               for c in problem.configs]
     n_classes = int(max(problem.y_train.max(initial=0), problem.y_eval.max(initial=0),
                         problem.y_val.max(initial=0))) + 1
     with _thread_limit(threads, device):
+        schedule = {}
+        if protocol == "fast" and problem.search:
+            schedule = dict(validation=(problem.x_val, problem.y_val), stopping="validation", prune_at=FAST_PRUNE_AT)
         grid = probe_mod.fit_grid(problem.x_train, problem.y_train, points, n_classes, max_iter=max_iter, seed=seed,
-                                  device=device)
+                                  device=device, **schedule)
         pred_val, pred_eval = grid.predict(problem.x_val), grid.predict(problem.x_eval)
-    return [(pred_val[i], pred_eval[i], grid.n_iter[i]) for i in range(len(points))]
+    return [_Fit(pred_val[i], pred_eval[i], grid.n_iter[i], grid.kept_epoch[i], grid.stopped_by[i])
+            for i in range(len(points))]
 
 
 def _report(dataset: ClassificationDataset, split: str, problem: _Problem,
-            fitted: Sequence[tuple[np.ndarray, np.ndarray, int]], max_iter: int, seed: int, probe: str,
-            features: str, keep_predictions: bool) -> dict:
+            fitted: Sequence[_Fit], max_iter: int, seed: int, probe: str, features: str, protocol: str,
+            keep_predictions: bool) -> dict:
     """The result dict from every configuration's predictions (selection on validation macro F1)."""
     labels = dataset.labels
-    scores = [classification_metrics(problem.y_val, pv, labels)["f1_macro"] if problem.search else float("nan")
-              for pv, _, _ in fitted]
+    scores = [classification_metrics(problem.y_val, f.pred_val, labels)["f1_macro"] if problem.search else float("nan")
+              for f in fitted]
     best = int(np.flatnonzero(np.array(scores) == max(scores))[0]) if problem.search else 0  # first among ties
-    chosen = np.asarray(fitted[best][1], dtype=np.int64)
+    chosen = np.asarray(fitted[best].pred_eval, dtype=np.int64)
     validation = dataset.splits.get("validation")
     default_reason = None
     if not problem.search:
@@ -237,12 +272,14 @@ def _report(dataset: ClassificationDataset, split: str, problem: _Problem,
         "labels": labels,
         "probe": probe,
         "features": features,
+        "protocol": protocol,
         "selected_on": "validation" if problem.search else None,
         "default_reason": default_reason,
         "config": {**problem.configs[best], "max_iter": max_iter, "random_state": seed},
-        "n_iter": int(fitted[best][2]),
+        "n_iter": int(fitted[best].n_iter),
         "grid": [{**c, "validation_f1_macro": (float(scores[i]) if problem.search else None),
-                  "n_iter": int(fitted[i][2])} for i, c in enumerate(problem.configs)],
+                  "n_iter": int(fitted[i].n_iter), "kept_epoch": int(fitted[i].kept_epoch),
+                  "stopped_by": fitted[i].stopped_by} for i, c in enumerate(problem.configs)],
     }
     out.update(classification_metrics(problem.y_eval, chosen, labels))
     if keep_predictions:
@@ -252,20 +289,20 @@ def _report(dataset: ClassificationDataset, split: str, problem: _Problem,
 
 
 def _gather_sklearn(problem: _Problem, max_iter: int, seed: int, blas_threads: Optional[int],
-                    workers: int) -> list[tuple[np.ndarray, np.ndarray, int]]:
+                    workers: int) -> list[_Fit]:
     """The sklearn grid sharded by configuration over ranks; every rank gets every configuration's results."""
     rank, world = world_info()
     mine = list(range(rank, len(problem.configs), world))
-    rows = [np.concatenate([[index, n_iter], pred_val, pred_eval]).astype(np.float64)
-            for index, (pred_val, pred_eval, n_iter) in zip(mine, _fit_sklearn(problem, mine, max_iter, seed,
-                                                                                blas_threads, workers))]
+    rows = [np.concatenate([[index, fit.n_iter], fit.pred_val, fit.pred_eval]).astype(np.float64)
+            for index, fit in zip(mine, _fit_sklearn(problem, mine, max_iter, seed, blas_threads, workers))]
     width = 2 + len(problem.y_val) + len(problem.y_eval)
     local = torch.from_numpy(np.stack(rows) if rows else np.zeros((0, width))).to(torch.float64)
     table = all_gather_no_grad(local).cpu().numpy()
     table = table[np.argsort(table[:, 0], kind="stable")]
     assert [int(i) for i in table[:, 0]] == list(range(len(problem.configs))), "every configuration fitted once"
     n_val = len(problem.y_val)
-    return [(r[2:2 + n_val].astype(np.int64), r[2 + n_val:].astype(np.int64), int(r[1])) for r in table]
+    return [_sklearn_fit(r[2:2 + n_val].astype(np.int64), r[2 + n_val:].astype(np.int64), int(r[1]), max_iter)
+            for r in table]
 
 
 def owners(costs: Sequence[float], world: int) -> list[int]:
@@ -299,7 +336,8 @@ def _all_gather_json(items: dict[int, dict]) -> dict[int, dict]:
 def run_classifications(items: Sequence[tuple[ClassificationDataset, str]], lookup: Lookup,
                         max_iter: int = DEFAULT_MAX_ITER, seed: int = 0, blas_threads: Optional[int] = 1,
                         search: Optional[bool] = None, keep_predictions: bool = False, workers: int = 1,
-                        probe: str = DEFAULT_PROBE, features: str = DEFAULT_FEATURES, device: Any = None) -> list[dict]:
+                        probe: str = DEFAULT_PROBE, features: str = DEFAULT_FEATURES, device: Any = None,
+                        protocol: Optional[str] = None) -> list[dict]:
     """Fit the probe of every ``(dataset, split)`` and report it (a collective: every rank calls it).
 
     Args:
@@ -314,17 +352,22 @@ def run_classifications(items: Sequence[tuple[ClassificationDataset, str]], look
         probe: ``"torch"`` (batched grid, datasets split over ranks) or ``"sklearn"`` (reference).
         features: ``"mean"`` or ``"sum"``, recorded in the result (the lookup carries it).
         device: where the torch probe trains (default CPU).
+        protocol: ``"paper"`` (every grid point trained to sklearn's training-loss stopping) or
+            ``"fast"`` (torch only: validation stopping and successive halving, ``FAST_PRUNE_AT``);
+            default :func:`default_protocol`. Without a grid search both fit the default point alike.
 
     Returns one JSON-ready dict per item, identical on every rank.
     """
-    check_probe(probe, features)
+    check_probe(probe, features, protocol)
+    protocol = protocol or default_protocol(probe)
     if probe == "sklearn":
         out = []
         for dataset, split in items:
             start = time.perf_counter()
             problem = _problem(dataset, lookup, split, search)
             fitted = _gather_sklearn(problem, max_iter, seed, blas_threads, workers)
-            result = _report(dataset, split, problem, fitted, max_iter, seed, probe, features, keep_predictions)
+            result = _report(dataset, split, problem, fitted, max_iter, seed, probe, features, protocol,
+                             keep_predictions)
             out.append({**result, "time_s": time.perf_counter() - start})
         return out
     rank, world = world_info()
@@ -336,8 +379,8 @@ def run_classifications(items: Sequence[tuple[ClassificationDataset, str]], look
         dataset, split = items[index]
         start = time.perf_counter()
         problem = _problem(dataset, lookup, split, search)
-        fitted = _fit_torch(problem, max_iter, seed, device, blas_threads)
-        result = _report(dataset, split, problem, fitted, max_iter, seed, probe, features, keep_predictions)
+        fitted = _fit_torch(problem, max_iter, seed, device, blas_threads, protocol)
+        result = _report(dataset, split, problem, fitted, max_iter, seed, probe, features, protocol, keep_predictions)
         mine[index] = {**result, "time_s": time.perf_counter() - start, "device": str(torch.device(device or "cpu"))}
     results = _all_gather_json(mine)
     return [results[i] for i in range(len(items))]
@@ -346,11 +389,12 @@ def run_classifications(items: Sequence[tuple[ClassificationDataset, str]], look
 def run_classification(dataset: ClassificationDataset, lookup: Lookup, split: str = "test",
                        max_iter: int = DEFAULT_MAX_ITER, seed: int = 0, blas_threads: Optional[int] = 1,
                        search: Optional[bool] = None, keep_predictions: bool = False, workers: int = 1,
-                       probe: str = DEFAULT_PROBE, features: str = DEFAULT_FEATURES, device: Any = None) -> dict:
+                       probe: str = DEFAULT_PROBE, features: str = DEFAULT_FEATURES, device: Any = None,
+                       protocol: Optional[str] = None) -> dict:
     """Fit the probe on ``train`` and report it on ``split``: :func:`run_classifications` of one dataset."""
     return run_classifications([(dataset, split)], lookup, max_iter=max_iter, seed=seed, blas_threads=blas_threads,
                                search=search, keep_predictions=keep_predictions, workers=workers, probe=probe,
-                               features=features, device=device)[0]
+                               features=features, device=device, protocol=protocol)[0]
 
 
 def scale_by_counts(lookup: Lookup, counts: Callable[[Sequence[Pair]], np.ndarray]) -> Lookup:

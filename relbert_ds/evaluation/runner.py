@@ -281,17 +281,18 @@ def evaluate_tasks(encoder: Any, tasks: TaskSet, batch_size: int = 64,
                    show_progress: bool = False, keep_vectors: bool = False, fit_workers: int = 1,
                    probe: str = classification_mod.DEFAULT_PROBE,
                    probe_features: str = classification_mod.DEFAULT_FEATURES, device: Any = None,
-                   cache_dir: Optional[Union[str, Path]] = None) -> dict:
+                   cache_dir: Optional[Union[str, Path]] = None, probe_protocol: Optional[str] = None) -> dict:
     """Evaluate one encoder on prepared tasks (a collective; see the module docstring).
 
-    ``probe``/``probe_features``/``device``: the classification probe (see
+    ``probe``/``probe_features``/``probe_protocol``/``device``: the classification probe (see
     :func:`classification.run_classifications`); ``sum`` features scale each prompt's vector
     by its pooled token count (:func:`pooled_token_counts`). ``cache_dir``: read and write the
     vector table there (:mod:`relbert_ds.evaluation.cache`). With ``keep_vectors`` the result
     also holds ``vectors``: ``{"pairs": [...], "table": (N, H) float32}``, the one table every
     metric was computed from (not JSON; pop it before saving).
     """
-    classification_mod.check_probe(probe, probe_features)
+    classification_mod.check_probe(probe, probe_features, probe_protocol)
+    probe_protocol = probe_protocol or classification_mod.default_protocol(probe)
     start = time.perf_counter()
     _, world = world_info()
     pairs = tasks.pairs()
@@ -307,7 +308,7 @@ def evaluate_tasks(encoder: Any, tasks: TaskSet, batch_size: int = 64,
                               "batch_size": batch_size, "analogy": {}, "classification": {}, "mapping": {},
                               "missing": list(tasks.missing), **cache_info}
     if tasks.classification:
-        result["probe"] = {"implementation": probe, "features": probe_features,
+        result["probe"] = {"implementation": probe, "features": probe_features, "protocol": probe_protocol,
                            "device": str(torch.device(device)) if device is not None else "cpu"}
 
     t = time.perf_counter()
@@ -341,7 +342,8 @@ def evaluate_tasks(encoder: Any, tasks: TaskSet, batch_size: int = 64,
             lookup, lambda query: np.array([count_of[tuple(p)] for p in query], dtype=np.float32))
     reports = classification_mod.run_classifications(
         tasks.classification, probe_lookup, max_iter=max_iter, seed=seed, blas_threads=blas_threads,
-        keep_predictions=keep_predictions, workers=fit_workers, probe=probe, features=probe_features, device=device)
+        keep_predictions=keep_predictions, workers=fit_workers, probe=probe, features=probe_features, device=device,
+        protocol=probe_protocol)
     for (data, split), report in zip(tasks.classification, reports):
         result["classification"][f"{data.name}/{split}"] = report
     timing["classification_s"] = time.perf_counter() - t
@@ -365,7 +367,7 @@ def evaluate(encoder: Any, analogy: Spec = None, classification: Spec = None, ma
              keep_predictions: bool = False, show_progress: bool = False, fit_workers: int = 1,
              probe: str = classification_mod.DEFAULT_PROBE,
              probe_features: str = classification_mod.DEFAULT_FEATURES, device: Any = None,
-             cache_dir: Optional[Union[str, Path]] = None) -> dict:
+             cache_dir: Optional[Union[str, Path]] = None, probe_protocol: Optional[str] = None) -> dict:
     """Evaluate ``encoder`` on analogy, classification and mapping benchmarks (a collective).
 
     Every rank calls it with the same arguments and gets the same result dict (``metrics``
@@ -376,7 +378,7 @@ def evaluate(encoder: Any, analogy: Spec = None, classification: Spec = None, ma
     return evaluate_tasks(encoder, tasks, batch_size=batch_size, max_iter=max_iter, seed=seed,
                           blas_threads=blas_threads, keep_predictions=keep_predictions, show_progress=show_progress,
                           fit_workers=fit_workers, probe=probe, probe_features=probe_features, device=device,
-                          cache_dir=cache_dir)
+                          cache_dir=cache_dir, probe_protocol=probe_protocol)
 
 
 # --------------------------------------------------------------------------- reporting
@@ -459,8 +461,11 @@ def _probe_note(results: dict[str, dict]) -> str:
         probe = res.get("probe")
         if probe and res.get("classification"):
             pooled = "summed (relbert's)" if probe["features"] == "sum" else "mean"
-            notes.append(f"{label} = {probe['implementation']} probe on {probe['device']}, features concat(emb(h,t), "
-                         f"emb(t,h)) of {pooled} pooled vectors")
+            protocol = probe.get("protocol", "paper")
+            how = ("fast protocol: stopped on validation macro F1, grid cut by successive halving"
+                   if protocol == "fast" else "paper protocol: sklearn's training-loss stopping")
+            notes.append(f"{label} = {probe['implementation']} probe on {probe['device']} ({how}), features "
+                         f"concat(emb(h,t), emb(t,h)) of {pooled} pooled vectors")
     if not notes:
         return ""
     return ("Classification: " + "; ".join(notes) + "; grid hidden {100,150,200} x lr {1e-3,1e-4,1e-5} selected on "

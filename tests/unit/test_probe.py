@@ -166,9 +166,11 @@ def test_torch_and_sklearn_probes_agree_on_a_synthetic_dataset():
     assert len(torch_out["grid"]) == 9 and torch_out["selected_on"] == "validation"
 
 
-def test_selection_is_the_best_validation_macro_f1_and_reports_its_predictions():
+@pytest.mark.parametrize("protocol", ["paper", "fast"])
+def test_selection_is_the_best_validation_macro_f1_and_reports_its_predictions(protocol):
     data, lookup = _dataset()
-    out = classification.run_classification(data, lookup, max_iter=40, keep_predictions=True)
+    out = classification.run_classification(data, lookup, max_iter=40, keep_predictions=True, protocol=protocol)
+    assert out["protocol"] == protocol
     scores = [g["validation_f1_macro"] for g in out["grid"]]
     best = scores.index(max(scores))  # first among ties
     assert out["config"]["hidden_layer_sizes"] == out["grid"][best]["hidden_layer_sizes"]
@@ -176,7 +178,10 @@ def test_selection_is_the_best_validation_macro_f1_and_reports_its_predictions()
     # Recompute independently: the same grid point's validation F1 and its test predictions.
     code = {label: i for i, label in enumerate(data.labels)}
     problem = classification._problem(data, lookup, "test", None)
-    grid = probe.fit_grid(problem.x_train, problem.y_train, GRID, 3, max_iter=40, seed=0)
+    schedule = {} if protocol == "paper" else dict(validation=(problem.x_val, problem.y_val), stopping="validation",
+                                                   prune_at=classification.FAST_PRUNE_AT)
+    grid = probe.fit_grid(problem.x_train, problem.y_train, GRID, 3, max_iter=40, seed=0, **schedule)
+    assert [g["stopped_by"] for g in out["grid"]] == grid.stopped_by
     val = grid.predict(problem.x_val)
     assert [macro_f1(problem.y_val, v) for v in val] == pytest.approx(scores)
     predicted = [code[p["prediction"]] for p in out["predictions"]]
