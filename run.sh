@@ -77,14 +77,12 @@ case "$cmd" in
         log "training with $NPROC local ranks into $OUT"
         deepspeed --num_gpus "$NPROC" --master_port "$(free_port)" launchers/train.py \
             --deepspeed_config ds_configs/zero2.json --output_dir "$OUT" --overwrite "$@"
-        # Analogy sets only by default: the classification probes (BLESS, K&H+N: 138k prompts to encode
-        # per model, then a 3x3 MLP grid each) take about an hour for the two models on 2 CPU cores
-        # (docs/EVALUATION.md). RELBERT_DS_FULL_TABLE=1 evaluates every bundled set.
+        # The whole bundled table: analogy sets and the BLESS / K&H+N probes (torch, fast protocol), for
+        # the chosen model and the untrained backbone; vectors cached so a re-run does not encode again.
         log "evaluating $OUT/best_model (chosen on validation) and the untrained backbone"
         deepspeed --num_gpus "$NPROC" --master_port "$(free_port)" launchers/evaluate.py \
             --model "$OUT/best_model" --baseline all-MiniLM-L6-v2 --split valid test \
             --analogy semeval2012 sat u2 u4 google bats \
-            $([ "${RELBERT_DS_FULL_TABLE:-0}" = 1 ] || echo --classification none) \
             --cache_dir "${RELBERT_DS_CACHE:-runs/vector_cache}" --output "$OUT/results.json" ;;
     test)
         install_apt

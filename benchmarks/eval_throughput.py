@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probe_table", action="store_true",
                    help="measure the full bundled table and the torch vs sklearn probes instead (see above)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="probe seeds (--probe_table)")
+    p.add_argument("--arms", nargs="+", default=["fast", "paper", "sklearn"], choices=("fast", "paper", "sklearn"),
+                   help="probe arms of --probe_table: torch fast protocol, torch paper protocol, sklearn (paper)")
     p.add_argument("--subset", type=int, default=0,
                    help="cut each split of BLESS and K&H+N to this many pairs, stratified (0 = all)")
     p.add_argument("--trained_model", default=None,
@@ -70,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "runs/*/best_model, if any)")
     p.add_argument("--cache_dir", default=None, help="vector cache of --probe_table (default: a temporary folder)")
     p.add_argument("--work_dir", default=None,
-                   help="--probe_table's working folder (kept); an evaluator result already in it is reused")
+                   help="--probe_table's working folder (kept): an evaluator result already in it is reused, a "
+                        "<label>.npz of vectors (arrays pairs, model_vectors) without its <label>.json is taken as "
+                        "given (the probes only), and finished probe runs (probe_runs/) are not run again")
     p.add_argument("--compare_only", action="store_true",
                    help="skip the evaluator: take the vectors of the table from --cache_dir (the entry whose pair "
                         "list matches) and only compare the probes")
@@ -206,15 +210,21 @@ def _table_timing(doc: dict, process_wall_s: Optional[float]) -> dict:
               "metrics": {k: v for k, v in res["metrics"].items() if k.endswith(("accuracy", "f1_macro"))}}
 
 
-def _probe_pair(job: tuple[str, str, int]) -> dict:
-    """torch then sklearn probe on one dataset and seed (test split), same vectors, one thread each."""
+PROBE_ARMS = {"fast": ("torch", "fast"), "paper": ("torch", "paper"), "sklearn": ("sklearn", "paper")}
+
+
+def _probe_run(job: tuple[str, str, int, str, str]) -> dict:
+    """One probe arm on one dataset and seed (test split), one thread; the result is kept in ``out`` so an
+    interrupted table resumes where it stopped."""
     import numpy as np
     import torch
 
     from relbert_ds.data import load_classification_dataset
     from relbert_ds.evaluation.classification import run_classification
 
-    vectors, source, seed = job
+    vectors, source, seed, arm, out = job
+    if Path(out).is_file():
+        return json.loads(Path(out).read_text())
     torch.set_num_threads(1)
     data = np.load(vectors)
     row_of = {tuple(p): i for i, p in enumerate(data["pairs"].tolist())}
@@ -224,43 +234,53 @@ def _probe_pair(job: tuple[str, str, int]) -> dict:
         return table[[row_of[tuple(p)] for p in pairs]]
 
     dataset = load_classification_dataset(source)
-    row: dict[str, Any] = {"dataset": dataset.name, "seed": seed, "n_train": len(dataset.splits["train"]),
-                           "n_test": len(dataset.splits["test"]), "loadavg_before": common.loadavg()}
-    for probe in ("torch", "sklearn"):
-        t, cpu = time.perf_counter(), time.process_time()
-        res = run_classification(dataset, lookup, split="test", seed=seed, probe=probe, blas_threads=1)
-        # CPU seconds as well as wall seconds: on a shared CPU the wall time mostly measures the neighbours.
-        row[probe] = {"time_s": time.perf_counter() - t, "cpu_s": time.process_time() - cpu,
-                      "f1_macro": res["f1_macro"], "f1_micro": res["f1_micro"],
-                      "accuracy": res["accuracy"], "config": res["config"],
-                      "n_iter": [g["n_iter"] for g in res["grid"]]}
-        print(f"{dataset.name} seed {seed} {probe}: macro F1 {100 * res['f1_macro']:.2f} in "
-              f"{row[probe]['time_s']:.1f} s", file=sys.stderr, flush=True)
-    row["loadavg_after"] = common.loadavg()
+    probe, protocol = PROBE_ARMS[arm]
+    load_before = common.loadavg()
+    t, cpu = time.perf_counter(), time.process_time()
+    res = run_classification(dataset, lookup, split="test", seed=seed, probe=probe, protocol=protocol, blas_threads=1)
+    # CPU seconds as well as wall seconds: on a shared CPU the wall time mostly measures the neighbours.
+    row = {"dataset": dataset.name, "seed": seed, "arm": arm, "probe": probe, "protocol": protocol,
+           "n_train": len(dataset.splits["train"]), "n_test": len(dataset.splits["test"]),
+           "time_s": time.perf_counter() - t, "cpu_s": time.process_time() - cpu,
+           "f1_macro": res["f1_macro"], "f1_micro": res["f1_micro"], "accuracy": res["accuracy"],
+           "config": res["config"], "grid": res["grid"], "loadavg_before": load_before,
+           "loadavg_after": common.loadavg()}
+    print(f"{dataset.name} seed {seed} {arm}: macro F1 {100 * res['f1_macro']:.2f} in {row['cpu_s']:.1f} CPU s",
+          file=sys.stderr, flush=True)
+    common.write_json(Path(out), row)
     return row
 
 
-def _compare_probes(vectors: Path, seeds: Sequence[int], classification: Sequence[str], workers: int) -> dict:
-    """torch vs sklearn probe on each classification set and seed, on the same vectors."""
-    jobs = [(str(vectors), source, seed) for source in classification for seed in seeds]
+def _compare_probes(vectors: Path, seeds: Sequence[int], classification: Sequence[str], workers: int,
+                    arms: Sequence[str], runs_dir: Path, label: str) -> dict:
+    """Every probe arm on each classification set and seed, on the same vectors; differences to sklearn."""
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    jobs = [(str(vectors), source, seed, arm, str(runs_dir / f"{label}_{Path(source).name}_{seed}_{arm}.json"))
+            for seed in seeds for source in classification for arm in arms]
     if workers > 1:
         from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(max_workers=workers) as pool:
-            rows = list(pool.map(_probe_pair, jobs))
+            rows = list(pool.map(_probe_run, jobs))
     else:
-        rows = [_probe_pair(job) for job in jobs]
+        rows = [_probe_run(job) for job in jobs]
     out: dict[str, Any] = {}
     for name in dict.fromkeys(r["dataset"] for r in rows):
         runs = [r for r in rows if r["dataset"] == name]
-        diff = [100 * (r["torch"]["f1_macro"] - r["sklearn"]["f1_macro"]) for r in runs]
-        out[name] = {"n_train": runs[0]["n_train"], "n_test": runs[0]["n_test"], "runs": runs,
-                     "torch_f1_macro": common.summary(100 * r["torch"]["f1_macro"] for r in runs),
-                     "sklearn_f1_macro": common.summary(100 * r["sklearn"]["f1_macro"] for r in runs),
-                     "f1_macro_difference_points": common.summary(diff),
-                     "torch_time_s": common.summary(r["torch"]["time_s"] for r in runs),
-                     "sklearn_time_s": common.summary(r["sklearn"]["time_s"] for r in runs),
-                     "speedup": common.summary(r["sklearn"]["time_s"] / r["torch"]["time_s"] for r in runs)}
+        by_arm = {arm: sorted((r for r in runs if r["arm"] == arm), key=lambda r: r["seed"]) for arm in arms}
+        entry: dict[str, Any] = {"n_train": runs[0]["n_train"], "n_test": runs[0]["n_test"], "runs": runs}
+        for arm, rs in by_arm.items():
+            entry[arm] = {"f1_macro": common.summary(100 * r["f1_macro"] for r in rs),
+                          "cpu_s": common.summary(r["cpu_s"] for r in rs),
+                          "time_s": common.summary(r["time_s"] for r in rs),
+                          "epochs": common.summary(sum(g["n_iter"] for g in r["grid"]) for r in rs)}
+        if "sklearn" in by_arm:
+            for arm in arms:
+                if arm != "sklearn":
+                    entry[f"{arm}_minus_sklearn_points"] = (entry[arm]["f1_macro"]["mean"]
+                                                            - entry["sklearn"]["f1_macro"]["mean"])
+                    entry[f"{arm}_speedup_cpu"] = entry["sklearn"]["cpu_s"]["median"] / entry[arm]["cpu_s"]["median"]
+        out[name] = entry
     return out
 
 
@@ -283,7 +303,10 @@ def probe_table(args: argparse.Namespace, argv: Optional[Sequence[str]]) -> int:
                                "trained_model_note": None if trained else "no trained model under runs/*/best_model"}
     rows, agreement = [], []
     for label, model in models.items():
-        if args.compare_only:
+        if (work / f"{label}.npz").is_file() and not (work / f"{label}.json").is_file():
+            vectors = work / f"{label}.npz"  # supplied (pairs, model_vectors): the probes only
+            section[f"{label}_vectors"] = {"supplied": str(vectors)}
+        elif args.compare_only:
             vectors = work / f"{label}.npz"
             section[f"{label}_vectors"] = _vectors_from_cache(classification, cache_dir, vectors)
         else:
@@ -291,27 +314,28 @@ def probe_table(args: argparse.Namespace, argv: Optional[Sequence[str]]) -> int:
             section[f"{label}_full_table"] = timing
             rows.append([label, timing["n_pairs"], f"{timing['encode_s']:.0f}", f"{timing['classification_s']:.0f}",
                          f"{timing['analogy_s']:.1f}", f"{timing['total_s']:.0f}"])
-        compared = _compare_probes(vectors, args.seeds, classification, args.probe_workers)
+        compared = _compare_probes(vectors, args.seeds, classification, args.probe_workers, args.arms,
+                                   work / "probe_runs", label)
         section[f"{label}_probes"] = compared
         for name, c in compared.items():
-            d = c["f1_macro_difference_points"]
-            agreement.append([label, name, c["n_train"], len(args.seeds),
-                              f"{c['torch_f1_macro']['median']:.2f} [{c['torch_f1_macro']['min']:.2f}-"
-                              f"{c['torch_f1_macro']['max']:.2f}]",
-                              f"{c['sklearn_f1_macro']['median']:.2f} [{c['sklearn_f1_macro']['min']:.2f}-"
-                              f"{c['sklearn_f1_macro']['max']:.2f}]",
-                              f"{d['median']:+.2f} [{d['min']:+.2f} to {d['max']:+.2f}]",
-                              f"{c['torch_time_s']['median']:.1f}", f"{c['sklearn_time_s']['median']:.1f}",
-                              f"{c['speedup']['median']:.1f}x"])
+            for arm in args.arms:
+                f1, cpu = c[arm]["f1_macro"], c[arm]["cpu_s"]
+                agreement.append([label, name, c["n_train"], arm, f1["n"],
+                                  f"{f1['mean']:.2f} [{f1['min']:.2f}-{f1['max']:.2f}]",
+                                  "" if arm == "sklearn" or "sklearn" not in c else
+                                  f"{c[f'{arm}_minus_sklearn_points']:+.2f}",
+                                  f"{c[arm]['epochs']['median']:.0f}", f"{cpu['median']:.1f}",
+                                  "" if arm == "sklearn" or "sklearn" not in c else f"{c[f'{arm}_speedup_cpu']:.1f}x"])
     what = "full" if not args.subset else f"BLESS and K&H+N cut to {args.subset} pairs per split"
     table = ((f"Bundled table ({what}; analogy sets whole), 1 process (the evaluator's own timing, s):\n"
               + common.markdown_table(["model", "unique pairs", "encode s", "classification probes s (torch)",
                                        "analogy s", "total s"], rows) + "\n" if rows else
               f"Vectors of the bundled table ({what}) read from the cache (--compare_only).\n")
-             + "Probes on the same vectors (test split, macro F1 in points; median [min-max] over seeds; "
-               "one thread each):\n"
-             + common.markdown_table(["model", "dataset", "train pairs", "seeds", "torch F1", "sklearn F1",
-                                      "torch - sklearn", "torch s", "sklearn s", "speed-up"], agreement)
+             + "Probes on the same vectors (test split, macro F1 in points: mean [min-max] over seeds; "
+               "epochs summed over the 9 grid points; one thread each):\n"
+             + common.markdown_table(["model", "dataset", "train pairs", "arm", "seeds", "macro F1",
+                                      "mean - sklearn's", "epochs", "CPU s", "speed-up vs sklearn (CPU)"],
+                                     agreement)
              + f"\nload average {head['loadavg_start']} -> {common.loadavg()} (shared CPU: times are upper bounds)"
              + ("" if trained else "; no trained model under runs/*/best_model, backbone only") + "\n")
     section["table_markdown"] = table

@@ -87,10 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "the GPU when there is one, datasets split over ranks) or sklearn (MLPClassifier, the "
                         "reference; configurations split over ranks)")
     r.add_argument("--probe_protocol", default=None, choices=("fast", "paper"),
-                   help="fast (the torch probe's default): each grid point stops when its validation macro F1 "
-                        "stops improving and keeps its best epoch, and the grid is cut to its best third after 5 "
-                        "and 15 epochs; paper (sklearn's default, its only one): every grid point trains to "
-                        "MLPClassifier's training-loss stopping (docs/PROBE_AGREEMENT.md compares them)")
+                   help="fast (the torch probe's default): successive halving, the grid cut to its best 3 "
+                        "points by validation macro F1 after 5 epochs and to the best 1 after 15, the points kept "
+                        "trained as in paper; paper (sklearn's only one): every grid point trains to "
+                        "MLPClassifier's stopping rule (docs/PROBE_AGREEMENT.md compares them)")
     r.add_argument("--probe_features", default="mean", choices=("mean", "sum"),
                    help="pooled vectors fed to the probe: mean (relbert-ds's pooling, default) or sum (the public "
                         "relbert code's summed pooling: each vector times its pooled token count)")

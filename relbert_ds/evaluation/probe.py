@@ -50,15 +50,14 @@ class GridPoint:
 
 @dataclass
 class FittedGrid:
-    """The trained grid: per grid point its kept weights, epochs run, curves and why it stopped."""
+    """The trained grid: per grid point its final weights, epochs run, curves and why it stopped."""
 
     points: list[GridPoint]
     weights: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]  # (w1, b1, w2, b2) each
     n_iter: list[int]
     loss_curves: list[list[float]]
     validation_curves: list[list[float]] = field(default_factory=list)  # macro F1 per epoch (with validation)
-    kept_epoch: list[int] = field(default_factory=list)  # the epoch whose weights are kept (1-based)
-    stopped_by: list[str] = field(default_factory=list)  # "loss", "validation", "max_iter" or "pruned"
+    stopped_by: list[str] = field(default_factory=list)  # "loss", "max_iter" or "pruned"
 
     def predict(self, x: np.ndarray, device: Optional[torch.device] = None) -> np.ndarray:
         """(G, n) int64 class indices of each grid point for the rows of ``x``."""
@@ -188,34 +187,25 @@ def macro_f1_columns(y: torch.Tensor, pred: torch.Tensor, k: int) -> list[float]
     return (f1.sum(1) / present.sum(1).clamp_min(1)).tolist()
 
 
-STOPPING = ("loss", "validation")
-
-
 def fit_grid(x: np.ndarray, y: np.ndarray, points: Sequence[GridPoint], n_classes: int, max_iter: int = 200,
              seed: int = 0, device: Optional[torch.device] = None, alpha: float = ALPHA, tol: float = TOL,
              n_iter_no_change: int = N_ITER_NO_CHANGE, batch_size: int = MAX_BATCH,
-             validation: Optional[tuple[np.ndarray, np.ndarray]] = None, stopping: str = "loss",
-             prune_at: Sequence[int] = (), keep_fraction: float = 1 / 3) -> FittedGrid:
+             validation: Optional[tuple[np.ndarray, np.ndarray]] = None, prune_at: Sequence[int] = (),
+             keep_fraction: float = 1 / 3) -> FittedGrid:
     """Train every grid point of ``points`` on ``(x, y)`` at once (see the module docstring).
 
     Args:
         x: (n, D) float32 features. y: (n,) int64 class indices in ``[0, n_classes)``.
         device: where to train (default CPU). Results are deterministic for a device and seed.
         validation: ``(x_val, y_val)``; its macro F1 is recorded after every epoch.
-        stopping: ``"loss"``: sklearn's default rule (the epoch's training loss has not improved by
-            ``tol`` for more than ``n_iter_no_change`` epochs), the last weights kept; ``"validation"``:
-            sklearn's ``early_stopping`` rule on the validation macro F1 instead, the best epoch's
-            weights kept (needs ``validation``).
-        prune_at: epochs after which the grid is cut to its best ``keep_fraction`` by best validation
-            F1 so far (ties: grid order); a cut point stops there and keeps its best weights
-            (successive halving; needs ``stopping="validation"``).
+        prune_at: successive halving: after each of these epochs the grid points still in the running
+            are cut to the best ``keep_fraction`` (at least one) by their best validation macro F1 so far
+            (ties: grid order); a cut point stops there with its weights of that epoch. The points kept
+            train on under the same rule as without pruning, so they end exactly as they would have.
+            Needs ``validation``.
     """
-    if stopping not in STOPPING:
-        raise ValueError(f"stopping must be one of {STOPPING}, not {stopping!r}")
-    if stopping == "validation" and validation is None:
-        raise ValueError("stopping='validation' needs validation data")
-    if prune_at and stopping != "validation":
-        raise ValueError("prune_at needs stopping='validation'")
+    if prune_at and (validation is None or not len(validation[0])):
+        raise ValueError("prune_at needs validation data")
     device = torch.device(device) if device is not None else torch.device("cpu")
     n, dim = x.shape
     k = int(n_classes)
@@ -226,18 +216,15 @@ def fit_grid(x: np.ndarray, y: np.ndarray, points: Sequence[GridPoint], n_classe
     if validation is not None and len(validation[0]):
         xv = torch.as_tensor(np.ascontiguousarray(validation[0], dtype=np.float32), device=device)
         yv = torch.as_tensor(np.asarray(validation[1], dtype=np.int64), device=device)
-    elif stopping == "validation":
-        raise ValueError("stopping='validation' needs validation data")
     count = len(points)
     weights = [[t.to(device) for t in initial_weights(i, p, dim, k, seed)] for i, p in enumerate(points)]
     moments = [[torch.zeros_like(t) for t in w] * 2 for w in weights]
-    n_iter, kept_epoch, stopped_by = [0] * count, [0] * count, [""] * count
+    n_iter, stopped_by = [0] * count, [""] * count
     curves: list[list[float]] = [[] for _ in points]
     val_curves: list[list[float]] = [[] for _ in points]
-    kept: list[Optional[list[torch.Tensor]]] = [None] * count  # best-validation weights ("validation")
-    best = [math.inf] * count  # best training loss ("loss") or minus best validation F1 ("validation")
+    best = [math.inf] * count
     stale = [0] * count
-    contenders = set(range(count))  # not cut by pruning
+    running = set(range(count))  # not cut by pruning
     cuts = sorted({int(e) for e in prune_at if 0 < int(e) < max_iter})
     active = list(range(count))
     order_rng = torch.Generator().manual_seed(int(seed))
@@ -255,43 +242,35 @@ def fit_grid(x: np.ndarray, y: np.ndarray, points: Sequence[GridPoint], n_classe
                 step += 1
                 epoch_loss += _step(packed, xt[rows], yt[rows], alpha, step)
             losses = (epoch_loss / n).tolist()
-            scores = packed.validation_f1(xv, yv) if xv is not None else [math.nan] * len(active)
+            scores = packed.validation_f1(xv, yv) if xv is not None else []
             for slot, i in enumerate(active):
                 n_iter[i] = epoch + 1
                 curves[i].append(losses[slot])
-                if xv is not None:
+                if scores:
                     val_curves[i].append(scores[slot])
                 # sklearn's rule: no improvement by more than tol, more than n_iter_no_change epochs running.
-                metric = losses[slot] if stopping == "loss" else -scores[slot]
-                stale[i] = stale[i] + 1 if metric > best[i] - tol else 0
-                if metric < best[i]:
-                    best[i] = metric
-                    if stopping == "validation":
-                        kept[i], kept_epoch[i] = packed.point_weights(slot), n_iter[i]
+                stale[i] = stale[i] + 1 if losses[slot] > best[i] - tol else 0
+                best[i] = min(best[i], losses[slot])
                 if stale[i] > n_iter_no_change:
                     stopped.append(i)
-                    stopped_by[i] = stopping
+                    stopped_by[i] = "loss"
                 elif n_iter[i] >= max_iter:
                     stopped.append(i)
                     stopped_by[i] = "max_iter"
-            if cuts and n_iter[active[0]] == cuts[0]:
+            if cuts and epoch + 1 == cuts[0]:
                 cuts.pop(0)
-                # Successive halving: everyone not yet cut competes on its best validation F1 so far.
-                ranked = sorted(contenders, key=lambda i: (best[i], i))
+                # Everyone still in the running competes, including points that already stopped on their own.
+                ranked = sorted(running, key=lambda i: (-max(val_curves[i]), i))
                 for i in ranked[max(1, math.ceil(len(ranked) * keep_fraction)):]:
-                    contenders.discard(i)
+                    running.discard(i)
                     if i in active and i not in stopped:
                         stopped.append(i)
                         stopped_by[i] = "pruned"
-        for slot, (i, (w, mo)) in enumerate(zip(active, packed.unpack())):
+        for i, (w, mo) in zip(active, packed.unpack()):
             weights[i], moments[i] = w, mo
         active = [i for i in active if i not in stopped]
-    if stopping == "validation":
-        weights = [w if w is not None else weights[i] for i, w in enumerate(kept)]
-    else:
-        kept_epoch = list(n_iter)
     return FittedGrid(points=list(points), weights=[tuple(w) for w in weights], n_iter=n_iter, loss_curves=curves,
-                      validation_curves=val_curves, kept_epoch=kept_epoch, stopped_by=stopped_by)
+                      validation_curves=val_curves, stopped_by=stopped_by)
 
 
 def _step(packed: _Packed, xb: torch.Tensor, yb: torch.Tensor, alpha: float, step: int) -> torch.Tensor:

@@ -437,7 +437,10 @@ def test_runner_end_to_end_with_fake_encoder(tmp_path):
     assert set(ana) == {"ana/validation", "ana/test", "ana/full"}
     assert ana["ana/validation"]["accuracy"] == 1.0 and ana["ana/test"]["accuracy"] == 1.0  # choice == stem
     assert ana["ana/full"]["n_questions"] == 9 and ana["ana/full"]["n_by_prefix"] == {"p": 7, "q": 2}
-    assert set(res["classification"]) == {"cls/validation", "cls/test"}
+    # Next to test, the classification validation split (the probe selects on it) is listed, not fitted.
+    assert set(res["classification"]) == {"cls/test"}
+    assert {"task": "classification", "dataset": "cls", "split": "validation",
+            "reason": "the probe selects on it; ask for it alone to fit the default grid point"} in res["missing"]
     assert res["classification"]["cls/test"]["selected_on"] == "validation"
     assert res["mapping"]["map"]["n_problems"] == 1
     assert res["metrics"]["analogy/ana/full/accuracy"] == 1.0
