@@ -57,6 +57,7 @@ class FittedGrid:
     n_iter: list[int]
     loss_curves: list[list[float]]
     validation_curves: list[list[float]] = field(default_factory=list)  # macro F1 per epoch (with validation)
+    monitor_curves: dict[str, list[list[float]]] = field(default_factory=dict)  # the same for each monitored set
     stopped_by: list[str] = field(default_factory=list)  # "loss", "max_iter" or "pruned"
 
     def predict(self, x: np.ndarray, device: Optional[torch.device] = None) -> np.ndarray:
@@ -191,7 +192,8 @@ def fit_grid(x: np.ndarray, y: np.ndarray, points: Sequence[GridPoint], n_classe
              seed: int = 0, device: Optional[torch.device] = None, alpha: float = ALPHA, tol: float = TOL,
              n_iter_no_change: int = N_ITER_NO_CHANGE, batch_size: int = MAX_BATCH,
              validation: Optional[tuple[np.ndarray, np.ndarray]] = None, prune_at: Sequence[int] = (),
-             keep_fraction: float = 1 / 3) -> FittedGrid:
+             keep_fraction: float = 1 / 3,
+             monitor: Optional[dict[str, tuple[np.ndarray, np.ndarray]]] = None) -> FittedGrid:
     """Train every grid point of ``points`` on ``(x, y)`` at once (see the module docstring).
 
     Args:
@@ -203,6 +205,8 @@ def fit_grid(x: np.ndarray, y: np.ndarray, points: Sequence[GridPoint], n_classe
             (ties: grid order); a cut point stops there with its weights of that epoch. The points kept
             train on under the same rule as without pruning, so they end exactly as they would have.
             Needs ``validation``.
+        monitor: more ``{name: (x, y)}`` sets whose macro F1 is recorded per epoch, for study only (the
+            test split's curve, say); they never influence training.
     """
     if prune_at and (validation is None or not len(validation[0])):
         raise ValueError("prune_at needs validation data")
@@ -222,6 +226,10 @@ def fit_grid(x: np.ndarray, y: np.ndarray, points: Sequence[GridPoint], n_classe
     n_iter, stopped_by = [0] * count, [""] * count
     curves: list[list[float]] = [[] for _ in points]
     val_curves: list[list[float]] = [[] for _ in points]
+    watched = {name: (torch.as_tensor(np.ascontiguousarray(mx, dtype=np.float32), device=device),
+                      torch.as_tensor(np.asarray(my, dtype=np.int64), device=device))
+               for name, (mx, my) in (monitor or {}).items()}
+    watched_curves: dict[str, list[list[float]]] = {name: [[] for _ in points] for name in watched}
     best = [math.inf] * count
     stale = [0] * count
     running = set(range(count))  # not cut by pruning
@@ -243,6 +251,9 @@ def fit_grid(x: np.ndarray, y: np.ndarray, points: Sequence[GridPoint], n_classe
                 epoch_loss += _step(packed, xt[rows], yt[rows], alpha, step)
             losses = (epoch_loss / n).tolist()
             scores = packed.validation_f1(xv, yv) if xv is not None else []
+            for name, (mx, my) in watched.items():
+                for i, score in zip(active, packed.validation_f1(mx, my)):
+                    watched_curves[name][i].append(score)
             for slot, i in enumerate(active):
                 n_iter[i] = epoch + 1
                 curves[i].append(losses[slot])
@@ -270,7 +281,7 @@ def fit_grid(x: np.ndarray, y: np.ndarray, points: Sequence[GridPoint], n_classe
             weights[i], moments[i] = w, mo
         active = [i for i in active if i not in stopped]
     return FittedGrid(points=list(points), weights=[tuple(w) for w in weights], n_iter=n_iter, loss_curves=curves,
-                      validation_curves=val_curves, stopped_by=stopped_by)
+                      validation_curves=val_curves, monitor_curves=watched_curves, stopped_by=stopped_by)
 
 
 def _step(packed: _Packed, xb: torch.Tensor, yb: torch.Tensor, alpha: float, step: int) -> torch.Tensor:

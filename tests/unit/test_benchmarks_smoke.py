@@ -274,3 +274,26 @@ def test_relbert_venv_reused_by_its_stamp_and_a_foreign_folder_never_deleted(tmp
     with pytest.raises(RuntimeError, match="was not built by relbert-ds"):
         ensure_venv(foreign, log=log.append)
     assert (foreign / "bin").is_dir() and log == []
+
+
+def test_probe_schedule_replay_counts_work_and_selects_like_the_protocols():
+    """benchmarks/probe_schedule.py replays schedules on recorded curves: a hand-checked 9-point case."""
+    from benchmarks.probe_schedule import replay
+
+    widths = [100, 150, 200] * 3
+    # Point 4 leads late only (a slow starter); point 2 leads early and ends second.
+    validation = [[0.1 * (i % 3) + 0.01 * e for e in range(20)] for i in range(9)]
+    validation[2] = [0.5 + 0.01 * e for e in range(20)]
+    validation[4] = [0.0] * 10 + [0.9] * 10
+    test = [[v + 0.05 for v in curve] for curve in validation]
+    run = {"points": [[w, 1e-3] for w in widths], "n_iter": [20] * 9, "validation": validation, "test": test}
+    paper = replay(run)
+    assert paper["chosen"] == [150, 1e-3] and paper["cost"] == 20 * sum(widths)  # point 4: best final F1
+    assert paper["test_f1_macro"] == pytest.approx(95.0)
+    fast = replay(run, halving=(3, 6))
+    # After 3 epochs the best three by F1 so far are 2, 5, 8 (then 1...); point 4 is cut, 2 wins at 6.
+    assert fast["chosen"] == [200, 1e-3] and fast["test_f1_macro"] == pytest.approx(100 * (0.5 + 0.19 + 0.05))
+    assert fast["cost"] == 3 * sum(widths) + (6 - 3) * (200 + 200 + 200) + (20 - 6) * 200
+    stopped = replay(run, patience=2)
+    # Point 4: 3 epochs without improvement (more than 2) end it after its 4th; the others improve every epoch.
+    assert stopped["cost"] == 20 * sum(widths) - (20 - 4) * 150

@@ -248,11 +248,12 @@ def _split(n_train: int = 600, n_val: int = 200):
 def test_validation_curve_is_the_macro_f1_of_each_epochs_weights():
     x, y, val = _split()
     for epochs in (3, 7):
-        grid = probe.fit_grid(x, y, GRID[:3], 4, max_iter=epochs, seed=0, validation=val)
+        grid = probe.fit_grid(x, y, GRID[:3], 4, max_iter=epochs, seed=0, validation=val, monitor={"train": (x, y)})
         for i in range(3):
-            assert len(grid.validation_curves[i]) == epochs
+            assert len(grid.validation_curves[i]) == len(grid.monitor_curves["train"][i]) == epochs
             # The last entry scores the weights the grid ends with (independent F1 on fresh predictions).
             assert grid.validation_curves[i][-1] == pytest.approx(macro_f1(val[1], grid.predict(val[0])[i]))
+            assert grid.monitor_curves["train"][i][-1] == pytest.approx(macro_f1(y, grid.predict(x)[i]))
 
 
 def test_pruning_keeps_the_best_third_and_the_kept_points_end_as_without_pruning():
