@@ -57,7 +57,7 @@ DEFAULT_FEATURES = "mean"
 PROTOCOLS = ("fast", "paper")
 # The fast protocol: successive halving of the grid on validation macro F1, 9 points -> the best 3 after
 # FAST_PRUNE_AT[0] epochs -> the best 1 after FAST_PRUNE_AT[1]; the points kept train on to the paper's
-# stopping rule, so they end exactly as in the paper protocol (docs/PROBE_AGREEMENT.md measures both).
+# stopping rule from the same start on the same batches (docs/PROBE_AGREEMENT.md measures both).
 FAST_PRUNE_AT = (5, 15)
 
 

@@ -13,11 +13,17 @@ torch fit and an sklearn fit with the same seed are two samples of the same proc
 same numbers) and sklearn's single logistic output unit for two classes (here always softmax).
 
 How the grid trains together: the grid points share the features and, per epoch, the order of
-the rows, so the hidden layers of all of them are one matrix ``W1`` of ``(D, sum of hidden
-sizes)`` (one GEMM per mini-batch instead of nine) and the output layers are one block-diagonal
-matrix (each grid point's hidden units only reach its own outputs). Learning rates are
-per-column. Each grid point stops on its own: once converged, its columns are taken out of
-the packed matrices, so it costs nothing after that and its weights stay as they were.
+the rows, so the hidden layers of all of them are one matrix (stored transposed, ``(sum of hidden
+sizes, D)``: one GEMM per mini-batch instead of nine) and the output layers are one block-diagonal
+matrix (each grid point's hidden units only reach its own outputs). Adam runs as one fused kernel
+per grid point over its rows (its own learning rate), one pass over memory instead of eight. Each
+grid point stops on its own: once stopped, its rows are taken out of the packed matrices, so it
+costs nothing after that and its weights stay as they were.
+
+Successive halving (``prune_at``, the evaluator's fast protocol): after the given epochs the
+points still running are ranked by their best validation macro F1 so far and only the best third
+goes on; on this CPU the matrix products set the time, so cutting grid-point epochs is what makes
+the probe faster (benchmarks/probe_schedule.py replays schedules on recorded curves).
 
 Randomness: grid point ``i``'s initial weights come from a generator seeded with
 ``(seed, i)`` and the epoch orders from one seeded with ``seed``, both on the CPU, so a grid
@@ -203,8 +209,9 @@ def fit_grid(x: np.ndarray, y: np.ndarray, points: Sequence[GridPoint], n_classe
         prune_at: successive halving: after each of these epochs the grid points still in the running
             are cut to the best ``keep_fraction`` (at least one) by their best validation macro F1 so far
             (ties: grid order); a cut point stops there with its weights of that epoch. The points kept
-            train on under the same rule as without pruning, so they end exactly as they would have.
-            Needs ``validation``.
+            train on under the same rule, from the same start on the same batches, as without pruning
+            (a smaller pack sums its products in another order: equal to rounding, which the stopping
+            rule can turn into a few epochs' difference over a long run). Needs ``validation``.
         monitor: more ``{name: (x, y)}`` sets whose macro F1 is recorded per epoch, for study only (the
             test split's curve, say); they never influence training.
     """
