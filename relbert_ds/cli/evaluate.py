@@ -233,7 +233,8 @@ def _run(args: argparse.Namespace, info: Any, start: float) -> int:
     from relbert_ds.evaluation import classification as classification_mod
     from relbert_ds.evaluation import runner
 
-    classification_mod.check_probe(args.probe, args.probe_features, args.probe_protocol)  # before any loading
+    # Before any loading, agreed so that one rank reports it.
+    distributed.agree(lambda: classification_mod.check_probe(args.probe, args.probe_features, args.probe_protocol))
     if not args.progress:
         from transformers.utils import logging as hf_logging
 

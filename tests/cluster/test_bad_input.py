@@ -143,6 +143,9 @@ CASES = [
          lambda c: ["--model", str(c.trained / "model"), "--template", "a", "--analogy", "sat",
                     "--classification", "none", "--split", "valid"],
          ("template", "trained"), protect=lambda c: [c.trained]),
+    Case("evaluate_sklearn_probe_fast_protocol", EVALUATE, 2,
+         lambda c: ["--model", c.tiny_bert, "--probe", "sklearn", "--probe_protocol", "fast"],
+         ("sklearn probe runs the paper protocol only", "--probe_protocol paper")),
 ]
 
 
