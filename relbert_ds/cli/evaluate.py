@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "reference; configurations split over ranks)")
     r.add_argument("--probe_protocol", default=None, choices=("fast", "paper"),
                    help="fast (the torch probe's default): successive halving, the grid cut to its best 3 "
-                        "points by validation macro F1 after 5 epochs and to the best 1 after 15, the points kept "
+                        "points by validation macro F1 after 3 epochs and to the best 1 after 10, the points kept "
                         "trained as in paper; paper (sklearn's only one): every grid point trains to "
                         "MLPClassifier's stopping rule (docs/PROBE_AGREEMENT.md compares them)")
     r.add_argument("--probe_features", default="mean", choices=("mean", "sum"),

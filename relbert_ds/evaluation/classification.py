@@ -58,7 +58,7 @@ PROTOCOLS = ("fast", "paper")
 # The fast protocol: successive halving of the grid on validation macro F1, 9 points -> the best 3 after
 # FAST_PRUNE_AT[0] epochs -> the best 1 after FAST_PRUNE_AT[1]; the points kept train on to the paper's
 # stopping rule from the same start on the same batches (docs/PROBE_AGREEMENT.md measures both).
-FAST_PRUNE_AT = (5, 15)
+FAST_PRUNE_AT = (3, 10)
 
 
 def default_protocol(probe: str) -> str:
