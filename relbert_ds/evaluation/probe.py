@@ -44,6 +44,21 @@ MAX_BATCH = 200
 BETA1, BETA2, EPS = 0.9, 0.999, 1e-8
 TOL = 1e-4
 N_ITER_NO_CHANGE = 10
+_FUSED_ADAM: dict[str, bool] = {}  # device type -> whether torch's private fused Adam kernel runs there
+
+
+def fused_adam_works(device: torch.device) -> bool:
+    """Whether ``torch._fused_adam_`` runs on ``device``'s type (tried once on one element, then remembered)."""
+    kind = torch.device(device).type
+    if kind not in _FUSED_ADAM:
+        try:
+            one = [torch.zeros(1, device=device) for _ in range(4)]
+            torch._fused_adam_([one[0]], [one[1]], [one[2]], [one[3]], [], [torch.ones((), device=device)], lr=1e-3,
+                               beta1=BETA1, beta2=BETA2, weight_decay=0.0, eps=EPS, amsgrad=False, maximize=False)
+            _FUSED_ADAM[kind] = True
+        except (AttributeError, RuntimeError, TypeError, NotImplementedError):
+            _FUSED_ADAM[kind] = False
+    return _FUSED_ADAM[kind]
 
 
 @dataclass(frozen=True)
@@ -149,8 +164,12 @@ class _Packed:
         """sklearn's Adam update of every point: ``p -= lr * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)``.
 
         torch's fused kernel computes ``lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps')``, the same
-        update when ``eps' = eps / sqrt(1 - b2^t)``; one pass over the buffers instead of eight.
+        update when ``eps' = eps / sqrt(1 - b2^t)``; one pass over the buffers instead of eight. Where the
+        kernel is missing (it is private to torch) or refuses the device, the same update runs unfused.
         """
+        if not fused_adam_works(self.param[0].device):
+            self.adam_unfused(step)
+            return
         eps = EPS / math.sqrt(1 - BETA2 ** step)
         for counter in self.steps:
             counter.fill_(float(step))
@@ -158,6 +177,15 @@ class _Packed:
             torch._fused_adam_(self._point(self.param, g), self._point(self.grad, g), self._point(self.m, g),
                                self._point(self.v, g), [], self.steps, lr=rate, beta1=BETA1, beta2=BETA2,
                                weight_decay=0.0, eps=eps, amsgrad=False, maximize=False)
+
+    def adam_unfused(self, step: int) -> None:
+        """The update of :meth:`adam` in plain tensor operations (eight passes)."""
+        correction = math.sqrt(1 - BETA2 ** step) / (1 - BETA1 ** step)
+        for g, rate in enumerate(self.rates):
+            for p, grad, m, v in zip(*(self._point(t, g) for t in (self.param, self.grad, self.m, self.v))):
+                m.mul_(BETA1).add_(grad, alpha=1 - BETA1)
+                v.mul_(BETA2).addcmul_(grad, grad, value=1 - BETA2)
+                p.addcdiv_(m, v.sqrt().add_(EPS), value=-rate * correction)
 
     def point_weights(self, g: int) -> list[torch.Tensor]:
         """Grid point ``g``'s (w1, b1, w2, b2), copied out of the buffers."""

@@ -284,3 +284,16 @@ def test_pruning_needs_validation_data():
     x, y, _ = _split(100, 20)
     with pytest.raises(ValueError, match="prune_at needs validation"):
         probe.fit_grid(x, y, GRID[:1], 4, prune_at=(3,))
+
+
+def test_unfused_adam_fallback_gives_the_fused_updates(monkeypatch):
+    """torch._fused_adam_ is private: where it is missing the probe runs the same update unfused."""
+    x, y = blobs(n=400, dim=20)
+    assert probe.fused_adam_works(torch.device("cpu"))
+    fused = probe.fit_grid(x, y, GRID, 4, max_iter=5, seed=0)
+    monkeypatch.setitem(probe._FUSED_ADAM, "cpu", False)
+    unfused = probe.fit_grid(x, y, GRID, 4, max_iter=5, seed=0)
+    for a, b in zip(fused.weights, unfused.weights):
+        for p, q in zip(a, b):
+            assert torch.allclose(p, q, atol=1e-5)
+    assert np.allclose(unfused.loss_curves, fused.loss_curves, rtol=1e-5)
