@@ -651,8 +651,11 @@ def test_sum_features_are_relbert_summed_pooling(minilm):
 def test_probe_and_features_are_reported_in_json_and_table(tmp_path):
     tasks = _runner_case(tmp_path)
     res = runner.evaluate_tasks(FakeEncoder(), tasks, max_iter=5, probe="sklearn")
-    assert res["probe"] == {"implementation": "sklearn", "features": "mean", "device": "cpu"}
-    assert "sklearn probe on cpu" in runner.markdown_table({"model": res})
+    assert res["probe"] == {"implementation": "sklearn", "features": "mean", "protocol": "paper", "device": "cpu"}
+    assert "sklearn probe on cpu (paper protocol)" in runner.markdown_table({"model": res})
+    res = runner.evaluate_tasks(FakeEncoder(), tasks, max_iter=5)  # the torch probe: fast unless told
+    assert res["probe"]["protocol"] == "fast" and res["classification"]["cls/test"]["protocol"] == "fast"
+    assert "torch probe on cpu (fast protocol: grid cut by successive halving" in runner.markdown_table({"model": res})
     with pytest.raises(ConfigError, match="features 'sum' need the encoder's tokenizer"):
         runner.evaluate_tasks(FakeEncoder(), tasks, max_iter=5, probe_features="sum")
 
