@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: both bundled; 'none' skips")
     d.add_argument("--preset", default=None, choices=("paper",),
                    help="paper: every analogy and classification set of the RelBERT paper's table, by hub id "
-                        "(replaces the --analogy/--classification defaults; offline, supply them with --data_dir)")
+                        "(replaces the --analogy/--classification defaults; offline, supply them with --data_dir), "
+                        "with --probe_protocol paper unless another protocol is named")
     d.add_argument("--data_dir", default=None, metavar="DIR",
                    help="where hub datasets are looked for first, laid out as DIR/<owner>/<name>/<config>/"
                         "<split>.jsonl (e.g. DIR/relbert/analogy_questions/sat/test.jsonl); default: "
@@ -247,6 +248,8 @@ def _run(args: argparse.Namespace, info: Any, start: float) -> int:
 
         analogy = analogy if analogy is not None else list(PAPER_ANALOGY)
         classification = classification if classification is not None else list(PAPER_CLASSIFICATION)
+        # The paper's table gets the paper's probe protocol unless another one is named.
+        args.probe_protocol = args.probe_protocol or "paper"
     tasks = runner.prepare_tasks(analogy=analogy, classification=classification, mapping=args.mapping,
                                  split=splits, data_dir=args.data_dir)
     model = distributed.agree(lambda: resolve_model(args.model, args.template, args.pooling, args.max_length,

@@ -6,6 +6,7 @@ import hashlib
 import itertools
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -731,3 +732,20 @@ def test_named_hub_set_missing_offline_is_one_line_naming_the_layout(tmp_path, m
     assert f"{tmp_path}/relbert/analogy_questions/scan/<split>.jsonl" in message
     with pytest.raises(DataError, match=r"\$RELBERT_DS_DATA/relbert/lexical_relation_classification/EVALution"):
         runner.prepare_tasks(analogy="none", classification=["EVALution"])
+
+
+@pytest.mark.parametrize("extra, protocol", [([], "paper"), (["--probe_protocol", "fast"], "fast")])
+def test_preset_paper_runs_the_paper_probe_protocol_unless_told(tiny_bert, tmp_path, extra, protocol):
+    import subprocess
+    import sys
+
+    _hub_copy(tmp_path / "hub")
+    out = tmp_path / "r.json"
+    done = subprocess.run([sys.executable, "launchers/evaluate.py", "--model", tiny_bert, "--preset", "paper",
+                           "--data_dir", str(tmp_path / "hub"), "--max_iter", "3", "--output", str(out), *extra],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert doc["options"]["probe_protocol"] == protocol
+    results = doc["models"]["model"]["classification"]
+    assert len(results) == 5 and {r["protocol"] for r in results.values()} == {protocol}
