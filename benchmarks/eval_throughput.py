@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probe_table", action="store_true",
                    help="measure the full bundled table and the torch vs sklearn probes instead (see above)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="probe seeds (--probe_table)")
+    p.add_argument("--trained_seeds", type=int, nargs="+", default=None,
+                   help="probe seeds of the trained model (default: --seeds)")
     p.add_argument("--arms", nargs="+", default=["fast", "paper", "sklearn"], choices=("fast", "paper", "sklearn"),
                    help="probe arms of --probe_table: torch fast protocol, torch paper protocol, sklearn (paper)")
     p.add_argument("--subset", type=int, default=0,
@@ -298,7 +300,8 @@ def probe_table(args: argparse.Namespace, argv: Optional[Sequence[str]]) -> int:
     trained = args.trained_model or _newest_trained_model()
     models = {"backbone": args.model, **({"trained": trained} if trained else {})}
     classification = _classification_sets(args.subset, work)
-    section: dict[str, Any] = {**head, "config": {"seeds": args.seeds, "subset": args.subset, "models": models,
+    seeds = {"backbone": args.seeds, "trained": args.trained_seeds or args.seeds}
+    section: dict[str, Any] = {**head, "config": {"seeds": seeds, "subset": args.subset, "models": models,
                                                   "classification": classification},
                                "trained_model_note": None if trained else "no trained model under runs/*/best_model"}
     rows, agreement = [], []
@@ -314,7 +317,7 @@ def probe_table(args: argparse.Namespace, argv: Optional[Sequence[str]]) -> int:
             section[f"{label}_full_table"] = timing
             rows.append([label, timing["n_pairs"], f"{timing['encode_s']:.0f}", f"{timing['classification_s']:.0f}",
                          f"{timing['analogy_s']:.1f}", f"{timing['total_s']:.0f}"])
-        compared = _compare_probes(vectors, args.seeds, classification, args.probe_workers, args.arms,
+        compared = _compare_probes(vectors, seeds[label], classification, args.probe_workers, args.arms,
                                    work / "probe_runs", label)
         section[f"{label}_probes"] = compared
         for name, c in compared.items():
