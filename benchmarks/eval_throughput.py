@@ -333,7 +333,7 @@ def probe_table(args: argparse.Namespace, argv: Optional[Sequence[str]]) -> int:
     table = ((f"Bundled table ({what}; analogy sets whole), 1 process (the evaluator's own timing, s):\n"
               + common.markdown_table(["model", "unique pairs", "encode s", "classification probes s (torch)",
                                        "analogy s", "total s"], rows) + "\n" if rows else
-              f"Vectors of the bundled table ({what}) read from the cache (--compare_only).\n")
+              f"Vectors of the bundled table ({what}) supplied in --work_dir or read from the cache.\n")
              + "Probes on the same vectors (test split, macro F1 in points: mean [min-max] over seeds; "
                "epochs summed over the 9 grid points; one thread each):\n"
              + common.markdown_table(["model", "dataset", "train pairs", "arm", "seeds", "macro F1",
