@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -96,6 +96,17 @@ def header(benchmark: str, argv: Optional[Sequence[str]] = None) -> dict[str, An
 
 
 # --------------------------------------------------------------------------- statistics
+
+
+def vectors_lookup(path: Path | str) -> Callable[[Sequence[Any]], Any]:
+    """pairs -> rows of the vector table in ``path`` (arrays ``pairs`` and ``model_vectors``, as
+    ``relbert-ds-evaluate --vectors`` and ``eval_throughput.py --probe_table`` write it)."""
+    import numpy as np
+
+    data = np.load(path)
+    row_of = {tuple(p): i for i, p in enumerate(data["pairs"].tolist())}
+    table = data["model_vectors"]
+    return lambda pairs: table[[row_of[tuple(p)] for p in pairs]]
 
 
 def summary(values: Iterable[float]) -> dict[str, float]:

@@ -218,7 +218,6 @@ PROBE_ARMS = {"fast": ("torch", "fast"), "paper": ("torch", "paper"), "sklearn":
 def _probe_run(job: tuple[str, str, int, str, str]) -> dict:
     """One probe arm on one dataset and seed (test split), one thread; the result is kept in ``out`` so an
     interrupted table resumes where it stopped."""
-    import numpy as np
     import torch
 
     from relbert_ds.data import load_classification_dataset
@@ -228,13 +227,7 @@ def _probe_run(job: tuple[str, str, int, str, str]) -> dict:
     if Path(out).is_file():
         return json.loads(Path(out).read_text())
     torch.set_num_threads(1)
-    data = np.load(vectors)
-    row_of = {tuple(p): i for i, p in enumerate(data["pairs"].tolist())}
-    table = data["model_vectors"]
-
-    def lookup(pairs: Sequence[Any]) -> Any:
-        return table[[row_of[tuple(p)] for p in pairs]]
-
+    lookup = common.vectors_lookup(vectors)
     dataset = load_classification_dataset(source)
     probe, protocol = PROBE_ARMS[arm]
     load_before = common.loadavg()

@@ -44,15 +44,13 @@ def curves(vectors: str, source: str, seed: int) -> dict:
     from relbert_ds.evaluation import classification, probe
 
     torch.set_num_threads(1)
-    data = np.load(vectors)
-    row_of = {tuple(p): i for i, p in enumerate(data["pairs"].tolist())}
-    table = data["model_vectors"]
+    lookup = common.vectors_lookup(vectors)
     dataset = load_classification_dataset(source)
     code = {label: i for i, label in enumerate(dataset.labels)}
 
     def split(name: str) -> tuple[Any, Any]:
         pairs = dataset.splits[name]
-        features = classification.pair_features(pairs, lambda q: table[[row_of[tuple(p)] for p in q]])
+        features = classification.pair_features(pairs, lookup)
         return features, np.array([code[p.relation] for p in pairs], dtype=np.int64)
 
     (x, y), val, test = split("train"), split("validation"), split("test")

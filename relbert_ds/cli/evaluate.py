@@ -234,8 +234,10 @@ def _run(args: argparse.Namespace, info: Any, start: float) -> int:
     from relbert_ds.evaluation import classification as classification_mod
     from relbert_ds.evaluation import runner
 
-    # Before any loading, agreed so that one rank reports it.
-    distributed.agree(lambda: classification_mod.check_probe(args.probe, args.probe_features, args.probe_protocol))
+    # The paper's table gets the paper's probe protocol unless another one is named. Checked before any
+    # loading, agreed so that one rank reports it.
+    protocol = args.probe_protocol or ("paper" if args.preset == "paper" else None)
+    protocol = distributed.agree(lambda: classification_mod.check_probe(args.probe, args.probe_features, protocol))
     if not args.progress:
         from transformers.utils import logging as hf_logging
 
@@ -248,8 +250,6 @@ def _run(args: argparse.Namespace, info: Any, start: float) -> int:
 
         analogy = analogy if analogy is not None else list(PAPER_ANALOGY)
         classification = classification if classification is not None else list(PAPER_CLASSIFICATION)
-        # The paper's table gets the paper's probe protocol unless another one is named.
-        args.probe_protocol = args.probe_protocol or "paper"
     tasks = runner.prepare_tasks(analogy=analogy, classification=classification, mapping=args.mapping,
                                  split=splits, data_dir=args.data_dir)
     model = distributed.agree(lambda: resolve_model(args.model, args.template, args.pooling, args.max_length,
@@ -266,7 +266,7 @@ def _run(args: argparse.Namespace, info: Any, start: float) -> int:
                   # results do not depend on them: tests/unit/test_probe.py checks it).
                   blas_threads=threads if args.probe == "torch" else 1,
                   probe_features=args.probe_features, device=device, cache_dir=args.cache_dir,
-                  probe_protocol=args.probe_protocol)
+                  probe_protocol=protocol)
     results: dict[str, dict] = {}
     load_s: dict[str, float] = {}
     t = time.perf_counter()
@@ -299,7 +299,7 @@ def _run(args: argparse.Namespace, info: Any, start: float) -> int:
         "splits": list(tasks.splits),
         "options": {"batch_size": args.batch_size, "max_iter": args.max_iter, "seed": args.seed,
                     "probe": args.probe, "probe_features": args.probe_features,
-                    "probe_protocol": args.probe_protocol or classification_mod.default_protocol(args.probe),
+                    "probe_protocol": protocol,
                     "preset": args.preset,
                     "cache_dir": args.cache_dir},
         "datasets": tasks.identities(),

@@ -61,9 +61,6 @@ PROTOCOLS = ("fast", "paper")
 FAST_PRUNE_AT = (3, 10)
 
 
-def default_protocol(probe: str) -> str:
-    """The protocol a probe runs when none is named: torch ``fast``, sklearn ``paper`` (its only one)."""
-    return "fast" if probe == "torch" else "paper"
 
 
 def search_grid() -> list[dict]:
@@ -140,8 +137,10 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, labels: Seque
     }
 
 
-def check_probe(probe: str, features: str = DEFAULT_FEATURES, protocol: Optional[str] = None) -> None:
-    """Refuse an unknown probe, feature or protocol name, or sklearn with the fast protocol (a ConfigError)."""
+def check_probe(probe: str, features: str = DEFAULT_FEATURES, protocol: Optional[str] = None) -> str:
+    """The protocol to run: ``protocol``, or when None the probe's default (torch ``fast``, sklearn ``paper``,
+    its only one). Refuses an unknown probe, feature or protocol name, or sklearn with the fast protocol (a
+    ConfigError)."""
     if probe not in PROBES:
         raise ConfigError(f"unknown probe {probe!r}; fix: use one of {', '.join(PROBES)}")
     if features not in FEATURES:
@@ -151,6 +150,7 @@ def check_probe(probe: str, features: str = DEFAULT_FEATURES, protocol: Optional
     if probe == "sklearn" and protocol == "fast":
         raise ConfigError("the sklearn probe runs the paper protocol only; fix: --probe torch for the fast protocol, "
                           "or --probe_protocol paper")
+    return protocol or ("fast" if probe == "torch" else "paper")
 
 
 @dataclass
@@ -354,12 +354,11 @@ def run_classifications(items: Sequence[tuple[ClassificationDataset, str]], look
         protocol: ``"paper"`` (every grid point trained to sklearn's training-loss stopping) or
             ``"fast"`` (torch only: the grid cut by successive halving on validation macro F1,
             ``FAST_PRUNE_AT``, the points kept trained as in ``"paper"``); default
-            :func:`default_protocol`. Without a grid search both fit the default point alike.
+            :func:`check_probe`. Without a grid search both fit the default point alike.
 
     Returns one JSON-ready dict per item, identical on every rank.
     """
-    check_probe(probe, features, protocol)
-    protocol = protocol or default_protocol(probe)
+    protocol = check_probe(probe, features, protocol)
     if probe == "sklearn":
         out = []
         for dataset, split in items:

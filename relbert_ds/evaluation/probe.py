@@ -143,16 +143,14 @@ class _Packed:
                     dst.copy_(src)
         self.mask = torch.zeros(shapes[2], device=device)
         for g in range(self.groups):
-            self._slices([None, None, self.mask, None], g)[2].fill_(1.0)
+            self.mask[self.rows[g], g * self.k:(g + 1) * self.k] = 1.0
         self.group_of_row = torch.repeat_interleave(torch.arange(self.groups), torch.tensor(self.widths)).to(device)
         self.steps = [torch.zeros((), device=device) for _ in range(4)]  # the fused kernel's step counters
 
-    def _slices(self, tensors: Sequence[Optional[torch.Tensor]], g: int) -> list[Optional[torch.Tensor]]:
+    def _slices(self, tensors: Sequence[torch.Tensor], g: int) -> list[torch.Tensor]:
         """Grid point ``g``'s parts of (w1t, b1, w2, b2)-shaped ``tensors`` (contiguous but for w2's columns)."""
-        rows, cols = self.rows[g], slice(g * self.k, (g + 1) * self.k)
-        w1t, b1, w2, b2 = tensors
-        return [None if w1t is None else w1t[rows], None if b1 is None else b1[rows],
-                None if w2 is None else w2[rows, cols], None if b2 is None else b2[cols]]
+        w1t, b1, w2, b2 = self._point(tensors, g)
+        return [w1t, b1, w2[:, g * self.k:(g + 1) * self.k], b2]
 
     def _point(self, tensors: Sequence[torch.Tensor], g: int) -> list[torch.Tensor]:
         """Grid point ``g``'s rows of (w1t, b1, w2, b2)-shaped ``tensors``: contiguous views for Adam (its w2
@@ -187,21 +185,17 @@ class _Packed:
                 v.mul_(BETA2).addcmul_(grad, grad, value=1 - BETA2)
                 p.addcdiv_(m, v.sqrt().add_(EPS), value=-rate * correction)
 
-    def point_weights(self, g: int) -> list[torch.Tensor]:
-        """Grid point ``g``'s (w1, b1, w2, b2), copied out of the buffers."""
-        w1t, b1, w2, b2 = self._slices(self.param, g)
+    def _copy_out(self, tensors: Sequence[torch.Tensor], g: int) -> list[torch.Tensor]:
+        """Grid point ``g``'s part of (w1t, b1, w2, b2)-shaped ``tensors`` as its own (w1, b1, w2, b2) copies."""
+        w1t, b1, w2, b2 = self._slices(tensors, g)
         return [w1t.t().contiguous(), b1.clone(), w2.clone(), b2.clone()]
 
     def unpack(self) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
         """Per point ([w1, b1, w2, b2], its 8 Adam moment tensors), copied out of the buffers."""
-        out = []
-        for g in range(self.groups):
-            moments = [t.t().contiguous() if i == 0 else t.clone()
-                       for buffer in (self.m, self.v) for i, t in enumerate(self._slices(buffer, g))]
-            out.append((self.point_weights(g), moments))
-        return out
+        return [(self._copy_out(self.param, g), self._copy_out(self.m, g) + self._copy_out(self.v, g))
+                for g in range(self.groups)]
 
-    def validation_f1(self, x: torch.Tensor, y: torch.Tensor) -> list[float]:
+    def macro_f1(self, x: torch.Tensor, y: torch.Tensor) -> list[float]:
         """Macro F1 of every packed point on ``(x, y)`` (sklearn's: over the labels in gold or predictions)."""
         w1t, b1, w2, b2 = self.param
         with torch.no_grad():
@@ -243,27 +237,26 @@ def fit_grid(x: np.ndarray, y: np.ndarray, points: Sequence[GridPoint], n_classe
         monitor: more ``{name: (x, y)}`` sets whose macro F1 is recorded per epoch, for study only (the
             test split's curve, say); they never influence training.
     """
-    if prune_at and (validation is None or not len(validation[0])):
-        raise ValueError("prune_at needs validation data")
     device = torch.device(device) if device is not None else torch.device("cpu")
+
+    def on_device(features: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.as_tensor(np.ascontiguousarray(features, dtype=np.float32), device=device),
+                torch.as_tensor(np.asarray(labels, dtype=np.int64), device=device))
+
+    xv, yv = on_device(*validation) if validation is not None and len(validation[0]) else (None, None)
+    if prune_at and xv is None:
+        raise ValueError("prune_at needs validation data")
     n, dim = x.shape
     k = int(n_classes)
     batch = min(batch_size, n)
-    xt = torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32), device=device)
-    yt = torch.as_tensor(np.asarray(y, dtype=np.int64), device=device)
-    xv = yv = None
-    if validation is not None and len(validation[0]):
-        xv = torch.as_tensor(np.ascontiguousarray(validation[0], dtype=np.float32), device=device)
-        yv = torch.as_tensor(np.asarray(validation[1], dtype=np.int64), device=device)
+    xt, yt = on_device(x, y)
     count = len(points)
     weights = [[t.to(device) for t in initial_weights(i, p, dim, k, seed)] for i, p in enumerate(points)]
     moments = [[torch.zeros_like(t) for t in w] * 2 for w in weights]
     n_iter, stopped_by = [0] * count, [""] * count
     curves: list[list[float]] = [[] for _ in points]
     val_curves: list[list[float]] = [[] for _ in points]
-    watched = {name: (torch.as_tensor(np.ascontiguousarray(mx, dtype=np.float32), device=device),
-                      torch.as_tensor(np.asarray(my, dtype=np.int64), device=device))
-               for name, (mx, my) in (monitor or {}).items()}
+    watched = {name: on_device(mx, my) for name, (mx, my) in (monitor or {}).items()}
     watched_curves: dict[str, list[list[float]]] = {name: [[] for _ in points] for name in watched}
     best = [math.inf] * count
     stale = [0] * count
@@ -285,9 +278,9 @@ def fit_grid(x: np.ndarray, y: np.ndarray, points: Sequence[GridPoint], n_classe
                 step += 1
                 epoch_loss += _step(packed, xt[rows], yt[rows], alpha, step)
             losses = (epoch_loss / n).tolist()
-            scores = packed.validation_f1(xv, yv) if xv is not None else []
+            scores = packed.macro_f1(xv, yv) if xv is not None else []
             for name, (mx, my) in watched.items():
-                for i, score in zip(active, packed.validation_f1(mx, my)):
+                for i, score in zip(active, packed.macro_f1(mx, my)):
                     watched_curves[name][i].append(score)
             for slot, i in enumerate(active):
                 n_iter[i] = epoch + 1

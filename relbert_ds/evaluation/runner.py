@@ -298,8 +298,7 @@ def evaluate_tasks(encoder: Any, tasks: TaskSet, batch_size: int = 64,
     also holds ``vectors``: ``{"pairs": [...], "table": (N, H) float32}``, the one table every
     metric was computed from (not JSON; pop it before saving).
     """
-    classification_mod.check_probe(probe, probe_features, probe_protocol)
-    probe_protocol = probe_protocol or classification_mod.default_protocol(probe)
+    probe_protocol = classification_mod.check_probe(probe, probe_features, probe_protocol)
     start = time.perf_counter()
     _, world = world_info()
     pairs = tasks.pairs()
