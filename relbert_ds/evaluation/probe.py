@@ -146,6 +146,7 @@ class _Packed:
             self.mask[self.rows[g], g * self.k:(g + 1) * self.k] = 1.0
         self.group_of_row = torch.repeat_interleave(torch.arange(self.groups), torch.tensor(self.widths)).to(device)
         self.steps = [torch.zeros((), device=device) for _ in range(4)]  # the fused kernel's step counters
+        self.minus_one = torch.full((), -1.0, device=device)  # the target's -1 in softmax's gradient
 
     def _slices(self, tensors: Sequence[torch.Tensor], g: int) -> list[torch.Tensor]:
         """Grid point ``g``'s parts of (w1t, b1, w2, b2)-shaped ``tensors`` (contiguous but for w2's columns)."""
@@ -249,7 +250,9 @@ def fit_grid(x: np.ndarray, y: np.ndarray, points: Sequence[GridPoint], n_classe
     n, dim = x.shape
     k = int(n_classes)
     batch = min(batch_size, n)
+    n_batches = -(-n // batch)
     xt, yt = on_device(x, y)
+    xe, ye = torch.empty_like(xt), torch.empty_like(yt)  # each epoch's rows in that epoch's order
     count = len(points)
     weights = [[t.to(device) for t in initial_weights(i, p, dim, k, seed)] for i, p in enumerate(points)]
     moments = [[torch.zeros_like(t) for t in w] * 2 for w in weights]
@@ -272,12 +275,18 @@ def fit_grid(x: np.ndarray, y: np.ndarray, points: Sequence[GridPoint], n_classe
         while not stopped:
             epoch = n_iter[active[0]]  # every active point has run the same number of epochs
             order = torch.randperm(n, generator=order_rng).to(device)
-            epoch_loss = torch.zeros(len(active), dtype=torch.float64, device=device)
-            for start in range(0, n, batch):
-                rows = order[start:start + batch]
+            # The epoch's rows in their order, gathered once into the same buffers (a fresh allocation of
+            # the whole set every epoch costs more in page faults than the copy): mini-batches are slices.
+            torch.index_select(xt, 0, order, out=xe)
+            torch.index_select(yt, 0, order, out=ye)
+            # Per mini-batch (rows): each point's summed cross-entropy and squared weights, in float32 as
+            # computed; the epoch's loss adds them up in float64.
+            parts = torch.zeros(2, n_batches, len(active), device=device)
+            for b, start in enumerate(range(0, n, batch)):
                 step += 1
-                epoch_loss += _step(packed, xt[rows], yt[rows], alpha, step)
-            losses = (epoch_loss / n).tolist()
+                _step(packed, xe[start:start + batch], ye[start:start + batch], alpha, step, parts[0, b], parts[1, b])
+            sums = parts.double().sum(dim=1)
+            losses = ((-sums[0] + 0.5 * alpha * sums[1]) / n).tolist()
             scores = packed.macro_f1(xv, yv) if xv is not None else []
             for name, (mx, my) in watched.items():
                 for i, score in zip(active, packed.macro_f1(mx, my)):
@@ -312,8 +321,12 @@ def fit_grid(x: np.ndarray, y: np.ndarray, points: Sequence[GridPoint], n_classe
                       validation_curves=val_curves, monitor_curves=watched_curves, stopped_by=stopped_by)
 
 
-def _step(packed: _Packed, xb: torch.Tensor, yb: torch.Tensor, alpha: float, step: int) -> torch.Tensor:
-    """One mini-batch of every packed grid point; returns each point's batch loss times the batch size."""
+def _step(packed: _Packed, xb: torch.Tensor, yb: torch.Tensor, alpha: float, step: int,
+          cross_entropy: torch.Tensor, squares: torch.Tensor) -> None:
+    """One mini-batch of every packed grid point. Writes each point's summed log-likelihood of the batch
+    into ``cross_entropy`` and its squared weight norm (``||W1||^2 + ||W2||^2``) into ``squares``
+    (both (G,), zero on entry): sklearn's batch loss times the batch size is
+    ``-cross_entropy + 0.5 * alpha * squares``."""
     nb, groups, k = xb.shape[0], packed.groups, packed.k
     w1t, b1, w2, b2 = packed.param
     g_w1t, g_b1, g_w2, g_b2 = packed.grad
@@ -322,21 +335,17 @@ def _step(packed: _Packed, xb: torch.Tensor, yb: torch.Tensor, alpha: float, ste
     logits = torch.addmm(b2, a, w2).view(nb, groups, k)
     logp = torch.log_softmax(logits, dim=2)
     target = yb.view(nb, 1, 1).expand(nb, groups, 1)
-    picked = logp.gather(2, target).squeeze(2)  # (nb, G)
-    # sklearn's batch loss: mean cross-entropy + 0.5 * alpha * (||W1||^2 + ||W2||^2) / nb, weighed by nb.
-    squares = torch.zeros(groups, dtype=torch.float32, device=xb.device)
+    torch.sum(logp.gather(2, target).squeeze(2), dim=0, out=cross_entropy)
     squares.index_add_(0, packed.group_of_row, torch.linalg.vector_norm(w1t, dim=1).square())
     squares += torch.linalg.vector_norm(w2, dim=0).square().view(groups, k).sum(dim=1)
-    batch_loss = -picked.sum(dim=0).double() + 0.5 * alpha * squares.double()
     # Gradients of the mean loss (sklearn divides every gradient by the batch size).
     delta = logp.exp_()
-    delta.scatter_add_(2, target, torch.full((nb, groups, 1), -1.0, device=xb.device))
+    delta.scatter_add_(2, target, packed.minus_one.expand(nb, groups, 1))
     delta = delta.view(nb, groups * k).div_(nb)
     torch.addmm(w2, a.t(), delta, beta=alpha / nb, out=g_w2)
     g_w2.mul_(packed.mask)
     torch.sum(delta, dim=0, out=g_b2)
-    dz = (delta @ w2.t()).mul_(z > 0)
+    dz = torch.ops.aten.threshold_backward(delta @ w2.t(), z, 0.0)  # relu's gradient in one pass
     torch.addmm(w1t, dz.t(), xb, beta=alpha / nb, out=g_w1t)
     torch.sum(dz, dim=0, out=g_b1)
     packed.adam(step)
-    return batch_loss
