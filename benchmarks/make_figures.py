@@ -2,7 +2,8 @@
 
     python benchmarks/make_figures.py            # reads benchmarks/results/*.json
 
-- time_to_quality.json -> time_to_quality.png: accuracy against each arm's clock, both arms;
+- time_to_quality.json -> time_to_quality.png: accuracy against each arm's clock, every arm (the real
+  relbert 2.0.2 trainer, relbert-ds, the re-implemented public scheme);
 - memory.json -> memory.png: model-state memory per GPU by ZeRO scheme, and the measured CPU runs;
 - train_throughput.json -> throughput.png: tokens/s, MFU and epoch time per arm, negatives per
   encoded prompt by ranks.

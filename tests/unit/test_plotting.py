@@ -182,8 +182,9 @@ def test_benchmark_figures_from_the_committed_results(tmp_path):
     finally:
         matplotlib.figure.Figure.savefig = original
     drawn = [line for line in captured["axes"][0].get_lines() if line.get_label().startswith(("relbert-ds", "public"))]
-    assert len(drawn) == 2
-    for line, arm in zip(drawn, ("ours", "public")):
+    assert list(doc["arms"]) == ["real", "ours", "public"] and len(drawn) == 3
+    assert drawn[0].get_label().startswith("public relbert 2.0.2")  # the real trainer, drawn and named first
+    for line, arm in zip(drawn, ("real", "ours", "public")):
         np.testing.assert_allclose(line.get_ydata(), [100 * c["accuracy"] for c in doc["arms"][arm]["curve"]])
 
 
