@@ -310,31 +310,34 @@ def plot_memory(results: Union[str, Path], out_path: Union[str, Path]) -> Path:
     return _save(fig, Path(out_path))
 
 
-_ARM_LABELS = {"ours": "relbert-ds", "bare": "bare PyTorch\n(same tokens)", "public": "public scheme\n(pad to 64)",
-               "public_longest": "public scheme\n(pad to longest)"}
+_ARM_LABELS = {"real": "public relbert\n2.0.2 (real)", "ours": "relbert-ds", "bare": "bare PyTorch\n(same tokens)",
+               "public": "public scheme\n(pad to 64)", "public_longest": "public scheme\n(pad to longest)"}
 
 
 def plot_throughput(results: Union[str, Path], out_path: Union[str, Path]) -> Path:
     """Training throughput per arm (real tokens/s, MFU), the epoch time it implies, and how many
     negatives each encoded prompt serves as the number of ranks grows."""
     doc = _load(results, "train_throughput")
-    arms = [k for k in ("ours", "bare", "public", "public_longest") if k in doc["arms"]]
-    colours = {"ours": "tab:blue", "bare": "0.6", "public": "tab:orange", "public_longest": "tab:red"}
-    fig, axes = _figure(17, 4.6, ncols=4)
+    arms = [k for k in ("real", "ours", "bare", "public", "public_longest") if k in doc["arms"]]
+    colours = {"real": "tab:purple", "ours": "tab:blue", "bare": "0.6", "public": "tab:orange",
+               "public_longest": "tab:red"}
+    fig, axes = _figure(19, 4.6, ncols=4)
     ax = axes[0][0]
     ax.bar(range(len(arms)), [doc["arms"][a]["tokens_per_s"] for a in arms], color=[colours[a] for a in arms])
-    ax.set_xticks(range(len(arms)), [_ARM_LABELS[a] for a in arms], fontsize=8)
+    ax.set_xticks(range(len(arms)), [_ARM_LABELS[a] for a in arms], fontsize=7)
     ax.set(ylabel="real (unpadded) tokens per second", title="Training throughput")
     ax = axes[0][1]
     ax.bar(range(len(arms)), [100 * doc["arms"][a]["mfu"] for a in arms], color=[colours[a] for a in arms])
-    ax.set_xticks(range(len(arms)), [_ARM_LABELS[a] for a in arms], fontsize=8)
+    ax.set_xticks(range(len(arms)), [_ARM_LABELS[a] for a in arms], fontsize=7)
     peak = doc.get("peak_flops")
     peak_text = f" of {peak['tflops']:.3f} TFLOP/s" if isinstance(peak, dict) and "tflops" in peak else ""
     ax.set(ylabel=f"MFU %{peak_text}", title="Model FLOPs utilisation")
     ax = axes[0][2]
     epochs = doc.get("epoch_seconds") or {}
-    keys = [k for k in ("ours", "public_extrapolated", "public_longest_extrapolated") if k in epochs]
-    labels = {"ours": "relbert-ds", "public_extrapolated": "public scheme\n(pad to 64)",
+    keys = [k for k in ("real_extrapolated", "ours", "public_extrapolated", "public_longest_extrapolated")
+            if k in epochs]
+    labels = {"real_extrapolated": "public relbert\n2.0.2 (real)", "ours": "relbert-ds",
+              "public_extrapolated": "public scheme\n(pad to 64)",
               "public_longest_extrapolated": "public scheme\n(pad to longest)"}
     bars = ax.bar(range(len(keys)), [epochs[k]["median"] for k in keys],
                   color=[colours.get(k.replace("_extrapolated", ""), "0.5") for k in keys])

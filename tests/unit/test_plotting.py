@@ -191,3 +191,29 @@ def test_benchmark_figures_from_the_committed_results(tmp_path):
 def test_wrong_benchmark_file_is_a_plot_error(tmp_path):
     with pytest.raises(plotting.PlotError, match="is not a memory result"):
         plotting.plot_memory(ROOT / "benchmarks" / "results" / "time_to_quality.json", tmp_path / "m.png")
+
+
+def test_throughput_figure_draws_every_arm_of_the_results_real_trainer_first(tmp_path):
+    doc = json.loads((ROOT / "benchmarks" / "results" / "train_throughput.json").read_text())
+    import matplotlib.figure
+
+    captured = {}
+    original = matplotlib.figure.Figure.savefig
+
+    def keep(self, *args, **kwargs):
+        captured["axes"] = self.axes
+        return original(self, *args, **kwargs)
+
+    matplotlib.figure.Figure.savefig = keep
+    try:
+        plotting.plot_throughput(ROOT / "benchmarks" / "results" / "train_throughput.json", tmp_path / "t.png")
+    finally:
+        matplotlib.figure.Figure.savefig = original
+    tokens = captured["axes"][0]
+    arms = [a for a in ("real", "ours", "bare", "public", "public_longest") if a in doc["arms"]]
+    assert arms[0] == "real"
+    assert [t.get_text() for t in tokens.get_xticklabels()][0].startswith("public relbert")
+    np.testing.assert_allclose([bar.get_height() for bar in tokens.patches],
+                               [doc["arms"][a]["tokens_per_s"] for a in arms])
+    epochs = captured["axes"][2]
+    np.testing.assert_allclose(epochs.patches[0].get_height(), doc["epoch_seconds"]["real_extrapolated"]["median"])
