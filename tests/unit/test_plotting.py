@@ -166,22 +166,8 @@ def test_benchmark_figures_from_the_committed_results(tmp_path):
         assert width >= 800 and height >= 400 and 0.02 < _drawn_fraction(tmp_path / name) < 0.6
     # the curves drawn are the arms' curves of the results file
     doc = json.loads((ROOT / "benchmarks" / "results" / "time_to_quality.json").read_text())
-    fig, _ = plotting._figure()
-    import matplotlib.figure
-
-    captured = {}
-    original = matplotlib.figure.Figure.savefig
-
-    def keep(self, *args, **kwargs):
-        captured["axes"] = self.axes
-        return original(self, *args, **kwargs)
-
-    matplotlib.figure.Figure.savefig = keep
-    try:
-        plotting.plot_time_to_quality(ROOT / "benchmarks" / "results" / "time_to_quality.json", tmp_path / "t.png")
-    finally:
-        matplotlib.figure.Figure.savefig = original
-    drawn = [line for line in captured["axes"][0].get_lines() if line.get_label().startswith(("relbert-ds", "public"))]
+    axes = _axes_drawn(plotting.plot_time_to_quality, "time_to_quality.json", tmp_path)
+    drawn = [line for line in axes[0].get_lines() if line.get_label().startswith(("relbert-ds", "public"))]
     assert list(doc["arms"]) == ["real", "ours", "public"] and len(drawn) == 3
     assert drawn[0].get_label().startswith("public relbert 2.0.2")  # the real trainer, drawn and named first
     for line, arm in zip(drawn, ("real", "ours", "public")):
@@ -195,6 +181,19 @@ def test_wrong_benchmark_file_is_a_plot_error(tmp_path):
 
 def test_throughput_figure_draws_every_arm_of_the_results_real_trainer_first(tmp_path):
     doc = json.loads((ROOT / "benchmarks" / "results" / "train_throughput.json").read_text())
+    axes = _axes_drawn(plotting.plot_throughput, "train_throughput.json", tmp_path)
+    tokens = axes[0]
+    arms = [a for a in ("real", "ours", "bare", "public", "public_longest") if a in doc["arms"]]
+    assert arms[0] == "real"
+    assert [t.get_text() for t in tokens.get_xticklabels()][0].startswith("public relbert")
+    np.testing.assert_allclose([bar.get_height() for bar in tokens.patches],
+                               [doc["arms"][a]["tokens_per_s"] for a in arms])
+    epochs = axes[2]
+    np.testing.assert_allclose(epochs.patches[0].get_height(), doc["epoch_seconds"]["real_extrapolated"]["median"])
+
+
+def _axes_drawn(plot, results_name: str, tmp_path):
+    """The axes of the figure ``plot`` draws from the committed ``benchmarks/results/<results_name>``."""
     import matplotlib.figure
 
     captured = {}
@@ -206,14 +205,7 @@ def test_throughput_figure_draws_every_arm_of_the_results_real_trainer_first(tmp
 
     matplotlib.figure.Figure.savefig = keep
     try:
-        plotting.plot_throughput(ROOT / "benchmarks" / "results" / "train_throughput.json", tmp_path / "t.png")
+        plot(ROOT / "benchmarks" / "results" / results_name, tmp_path / "figure.png")
     finally:
         matplotlib.figure.Figure.savefig = original
-    tokens = captured["axes"][0]
-    arms = [a for a in ("real", "ours", "bare", "public", "public_longest") if a in doc["arms"]]
-    assert arms[0] == "real"
-    assert [t.get_text() for t in tokens.get_xticklabels()][0].startswith("public relbert")
-    np.testing.assert_allclose([bar.get_height() for bar in tokens.patches],
-                               [doc["arms"][a]["tokens_per_s"] for a in arms])
-    epochs = captured["axes"][2]
-    np.testing.assert_allclose(epochs.patches[0].get_height(), doc["epoch_seconds"]["real_extrapolated"]["median"])
+    return captured["axes"]
