@@ -247,9 +247,11 @@ def plot_time_to_quality(results: Union[str, Path], out_path: Union[str, Path]) 
         if target["target"] <= zero_shot + 1e-3:  # the zero-shot level itself says nothing about training
             continue
         ours = target.get("ours", {})
+        if not ours.get("reached"):
+            continue
         for other in ("real", "public"):  # the real trainer's ratio first, as every table quotes it
             theirs, ratio = target.get(other, {}), target.get(f"wall_ratio_{other}_over_ours")
-            if ours.get("reached") and theirs.get("reached") and ratio:
+            if theirs.get("reached") and ratio:
                 y = 100 * target["target"]
                 ax.annotate("", xy=(ours["wall_s"] / 60, y), xytext=(theirs["wall_s"] / 60, y),
                             arrowprops={"arrowstyle": "<->", "color": colours[other], "linewidth": 0.8})
@@ -336,16 +338,14 @@ def plot_throughput(results: Union[str, Path], out_path: Union[str, Path]) -> Pa
     epochs = doc.get("epoch_seconds") or {}
     keys = [k for k in ("real_extrapolated", "ours", "public_extrapolated", "public_longest_extrapolated")
             if k in epochs]
-    labels = {"real_extrapolated": "public relbert\n2.0.2 (real)", "ours": "relbert-ds",
-              "public_extrapolated": "public scheme\n(pad to 64)",
-              "public_longest_extrapolated": "public scheme\n(pad to longest)"}
+    arm_of = {k: k.removesuffix("_extrapolated") for k in keys}  # the epoch keys name the arms they time
     bars = ax.bar(range(len(keys)), [epochs[k]["median"] for k in keys],
-                  color=[colours.get(k.replace("_extrapolated", ""), "0.5") for k in keys])
+                  color=[colours.get(arm_of[k], "0.5") for k in keys])
     for bar, k in zip(bars, keys):
         ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), f"{epochs[k]['median']:.0f} s", ha="center",
                 va="bottom", fontsize=8)
     ax.set_yscale("log")
-    ax.set_xticks(range(len(keys)), [labels[k] for k in keys], fontsize=8)
+    ax.set_xticks(range(len(keys)), [_ARM_LABELS[arm_of[k]] for k in keys], fontsize=8)
     ax.set(ylabel="seconds per epoch (log)", title="One epoch over SemEval-2012 (public: extrapolated)")
     ax = axes[0][3]
     by_world = (doc.get("negatives") or {}).get("ours_by_world_size") or []

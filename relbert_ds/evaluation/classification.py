@@ -61,8 +61,6 @@ PROTOCOLS = ("fast", "paper")
 FAST_PRUNE_AT = (3, 10)
 
 
-
-
 def search_grid() -> list[dict]:
     """The nine configurations, learning rate outer, hidden size inner (the tie-break order)."""
     return [{"learning_rate_init": lr, "hidden_layer_sizes": h} for lr in LEARNING_RATES for h in HIDDEN_SIZES]
