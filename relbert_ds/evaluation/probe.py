@@ -15,8 +15,9 @@ same numbers) and sklearn's single logistic output unit for two classes (here al
 How the grid trains together: the grid points share the features and, per epoch, the order of
 the rows, so the hidden layers of all of them are one matrix (stored transposed, ``(sum of hidden
 sizes, D)``: one GEMM per mini-batch instead of nine) and the output layers are one block-diagonal
-matrix (each grid point's hidden units only reach its own outputs). Adam runs as one fused kernel
-per grid point over its rows (its own learning rate), one pass over memory instead of eight. Each
+matrix (each grid point's hidden units only reach its own outputs). Adam runs as fused kernels per
+grid point over its rows (its own learning rate; the L2 penalty's gradient added as the kernel's
+weight decay), one pass over memory instead of nine. Each
 grid point stops on its own: once stopped, its rows are taken out of the packed matrices, so it
 costs nothing after that and its weights stay as they were.
 
@@ -145,8 +146,14 @@ class _Packed:
         for g in range(self.groups):
             self.mask[self.rows[g], g * self.k:(g + 1) * self.k] = 1.0
         self.group_of_row = torch.repeat_interleave(torch.arange(self.groups), torch.tensor(self.widths)).to(device)
-        self.steps = [torch.zeros((), device=device) for _ in range(4)]  # the fused kernel's step counters
+        self.steps = [torch.zeros((), device=device) for _ in range(2)]  # the fused kernel's step counters
         self.minus_one = torch.full((), -1.0, device=device)  # the target's -1 in softmax's gradient
+        # Each point's views, made once (slicing them per mini-batch cost more than their Adam): per point,
+        # per buffer (param, grad, m, v), its weights (w1t rows, w2 rows) and its biases (b1 rows, b2 columns).
+        self.views = []
+        for g in range(self.groups):
+            parts = [self._point(t, g) for t in (self.param, self.grad, self.m, self.v)]
+            self.views.append(([[w1t, w2] for w1t, _, w2, _ in parts], [[b1, b2] for _, b1, _, b2 in parts]))
 
     def _slices(self, tensors: Sequence[torch.Tensor], g: int) -> list[torch.Tensor]:
         """Grid point ``g``'s parts of (w1t, b1, w2, b2)-shaped ``tensors`` (contiguous but for w2's columns)."""
@@ -159,32 +166,38 @@ class _Packed:
         rows, cols = self.rows[g], slice(g * self.k, (g + 1) * self.k)
         return [tensors[0][rows], tensors[1][rows], tensors[2][rows], tensors[3][cols]]
 
-    def adam(self, step: int) -> None:
-        """sklearn's Adam update of every point: ``p -= lr * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)``.
+    def adam(self, step: int, decay: float) -> None:
+        """sklearn's Adam update of every point: ``p -= lr * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)``,
+        after the L2 penalty's gradient ``decay * W`` (``alpha / batch rows``) is added to the weights' gradients
+        (not the biases').
 
         torch's fused kernel computes ``lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps')``, the same
-        update when ``eps' = eps / sqrt(1 - b2^t)``; one pass over the buffers instead of eight. Where the
-        kernel is missing (it is private to torch) or refuses the device, the same update runs unfused.
+        update when ``eps' = eps / sqrt(1 - b2^t)``, and adds the penalty as its (non-decoupled) weight decay:
+        one pass over the buffers instead of nine. Where the kernel is missing (it is private to torch) or
+        refuses the device, the same update runs unfused.
         """
         if not fused_adam_works(self.param[0].device):
-            self.adam_unfused(step)
+            self.adam_unfused(step, decay)
             return
         eps = EPS / math.sqrt(1 - BETA2 ** step)
         for counter in self.steps:
             counter.fill_(float(step))
-        for g, rate in enumerate(self.rates):
-            torch._fused_adam_(self._point(self.param, g), self._point(self.grad, g), self._point(self.m, g),
-                               self._point(self.v, g), [], self.steps, lr=rate, beta1=BETA1, beta2=BETA2,
-                               weight_decay=0.0, eps=eps, amsgrad=False, maximize=False)
+        for rate, (weights, biases) in zip(self.rates, self.views):
+            for tensors, weight_decay in ((weights, decay), (biases, 0.0)):
+                torch._fused_adam_(*tensors, [], self.steps, lr=rate, beta1=BETA1, beta2=BETA2,
+                                   weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=False)
 
-    def adam_unfused(self, step: int) -> None:
-        """The update of :meth:`adam` in plain tensor operations (eight passes)."""
+    def adam_unfused(self, step: int, decay: float) -> None:
+        """The update of :meth:`adam` in plain tensor operations."""
         correction = math.sqrt(1 - BETA2 ** step) / (1 - BETA1 ** step)
-        for g, rate in enumerate(self.rates):
-            for p, grad, m, v in zip(*(self._point(t, g) for t in (self.param, self.grad, self.m, self.v))):
-                m.mul_(BETA1).add_(grad, alpha=1 - BETA1)
-                v.mul_(BETA2).addcmul_(grad, grad, value=1 - BETA2)
-                p.addcdiv_(m, v.sqrt().add_(EPS), value=-rate * correction)
+        for rate, (weights, biases) in zip(self.rates, self.views):
+            for (params, grads, ms, vs), weight_decay in ((weights, decay), (biases, 0.0)):
+                for p, grad, m, v in zip(params, grads, ms, vs):
+                    if weight_decay:
+                        grad = grad.add(p, alpha=weight_decay)
+                    m.mul_(BETA1).add_(grad, alpha=1 - BETA1)
+                    v.mul_(BETA2).addcmul_(grad, grad, value=1 - BETA2)
+                    p.addcdiv_(m, v.sqrt().add_(EPS), value=-rate * correction)
 
     def _copy_out(self, tensors: Sequence[torch.Tensor], g: int) -> list[torch.Tensor]:
         """Grid point ``g``'s part of (w1t, b1, w2, b2)-shaped ``tensors`` as its own (w1, b1, w2, b2) copies."""
@@ -228,7 +241,8 @@ def fit_grid(x: np.ndarray, y: np.ndarray, points: Sequence[GridPoint], n_classe
     Args:
         x: (n, D) float32 features. y: (n,) int64 class indices in ``[0, n_classes)``.
         device: where to train (default CPU). Results are deterministic for a device and seed.
-        validation: ``(x_val, y_val)``; its macro F1 is recorded after every epoch.
+        validation: ``(x_val, y_val)``; its macro F1 is recorded after every epoch (with ``prune_at``, after
+            every epoch up to the last cut).
         prune_at: successive halving: after each of these epochs the grid points still in the running
             are cut to the best ``keep_fraction`` (at least one) by their best validation macro F1 so far
             (ties: grid order); a cut point stops there with its weights of that epoch. The points kept
@@ -252,7 +266,7 @@ def fit_grid(x: np.ndarray, y: np.ndarray, points: Sequence[GridPoint], n_classe
     batch = min(batch_size, n)
     n_batches = -(-n // batch)
     xt, yt = on_device(x, y)
-    xe, ye = torch.empty_like(xt), torch.empty_like(yt)  # each epoch's rows in that epoch's order
+    xb, ye = xt.new_empty(batch, dim), torch.empty_like(yt)  # one mini-batch's rows; the epoch's labels in order
     count = len(points)
     weights = [[t.to(device) for t in initial_weights(i, p, dim, k, seed)] for i, p in enumerate(points)]
     moments = [[torch.zeros_like(t) for t in w] * 2 for w in weights]
@@ -275,19 +289,22 @@ def fit_grid(x: np.ndarray, y: np.ndarray, points: Sequence[GridPoint], n_classe
         while not stopped:
             epoch = n_iter[active[0]]  # every active point has run the same number of epochs
             order = torch.randperm(n, generator=order_rng).to(device)
-            # The epoch's rows in their order, gathered once into the same buffers (a fresh allocation of
-            # the whole set every epoch costs more in page faults than the copy): mini-batches are slices.
-            torch.index_select(xt, 0, order, out=xe)
             torch.index_select(yt, 0, order, out=ye)
             # Per mini-batch (rows): each point's summed cross-entropy and squared weights, in float32 as
             # computed; the epoch's loss adds them up in float64.
             parts = torch.zeros(2, n_batches, len(active), device=device)
             for b, start in enumerate(range(0, n, batch)):
                 step += 1
-                _step(packed, xe[start:start + batch], ye[start:start + batch], alpha, step, parts[0, b], parts[1, b])
+                # The batch's rows gathered into one reused buffer that both products then read from cache
+                # (cheaper than gathering the whole epoch at once, which streams it through memory twice).
+                rows = order[start:start + batch]
+                xs = xb[:len(rows)]
+                torch.index_select(xt, 0, rows, out=xs)
+                _step(packed, xs, ye[start:start + batch], alpha, step, parts[0, b], parts[1, b])
             sums = parts.double().sum(dim=1)
             losses = ((-sums[0] + 0.5 * alpha * sums[1]) / n).tolist()
-            scores = packed.macro_f1(xv, yv) if xv is not None else []
+            # With pruning, validation is scored until the last cut (nothing reads it after that).
+            scores = packed.macro_f1(xv, yv) if xv is not None and (cuts or not prune_at) else []
             for name, (mx, my) in watched.items():
                 for i, score in zip(active, packed.macro_f1(mx, my)):
                     watched_curves[name][i].append(score)
@@ -342,10 +359,12 @@ def _step(packed: _Packed, xb: torch.Tensor, yb: torch.Tensor, alpha: float, ste
     delta = logp.exp_()
     delta.scatter_add_(2, target, packed.minus_one.expand(nb, groups, 1))
     delta = delta.view(nb, groups * k).div_(nb)
-    torch.addmm(w2, a.t(), delta, beta=alpha / nb, out=g_w2)
+    # The L2 penalty's part of the weights' gradients, alpha * W / nb, is added by Adam (plain products here:
+    # a product that also scales and adds W costs an extra pass over it).
+    torch.mm(a.t(), delta, out=g_w2)
     g_w2.mul_(packed.mask)
     torch.sum(delta, dim=0, out=g_b2)
     dz = torch.ops.aten.threshold_backward(delta @ w2.t(), z, 0.0)  # relu's gradient in one pass
-    torch.addmm(w1t, dz.t(), xb, beta=alpha / nb, out=g_w1t)
+    torch.mm(dz.t(), xb, out=g_w1t)
     torch.sum(dz, dim=0, out=g_b1)
-    packed.adam(step)
+    packed.adam(step, alpha / nb)
