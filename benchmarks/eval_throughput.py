@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="probe seeds of the trained model (default: --seeds)")
     p.add_argument("--arms", nargs="+", default=["fast", "paper", "sklearn"], choices=("fast", "paper", "sklearn"),
                    help="probe arms of --probe_table: torch fast protocol, torch paper protocol, sklearn (paper)")
+    p.add_argument("--probe_datasets", nargs="+", default=["BLESS", "KHN"], choices=("BLESS", "KHN"),
+                   help="classification sets of --probe_table (default both)")
     p.add_argument("--subset", type=int, default=0,
                    help="cut each split of BLESS and K&H+N to this many pairs, stratified (0 = all)")
     p.add_argument("--trained_model", default=None,
@@ -146,15 +148,15 @@ def naive_worker(spec: str) -> int:
 # --------------------------------------------------------------------------- probe table
 
 
-def _classification_sets(n: int, work: Path) -> list[str]:
-    """BLESS and K&H+N: their bundled names, or folders of their splits cut to ``n`` pairs each
-    (the first pairs of each label, every label keeping its share)."""
+def _classification_sets(n: int, work: Path, names: Sequence[str] = ("BLESS", "KHN")) -> list[str]:
+    """``names`` (of BLESS and K&H+N): their bundled names, or folders of their splits cut to ``n`` pairs
+    each (the first pairs of each label, every label keeping its share)."""
     from relbert_ds.data import load_classification_dataset
 
     if not n:
-        return ["BLESS", "KHN"]
+        return list(names)
     out = []
-    for name in ("BLESS", "KHN"):
+    for name in names:
         folder = work / f"{name}_subset{n}"
         folder.mkdir(parents=True, exist_ok=True)
         for split, pairs in load_classification_dataset(name).splits.items():
@@ -292,7 +294,7 @@ def probe_table(args: argparse.Namespace, argv: Optional[Sequence[str]]) -> int:
     cache_dir = Path(args.cache_dir) if args.cache_dir else work / "cache"
     trained = args.trained_model or _newest_trained_model()
     models = {"backbone": args.model, **({"trained": trained} if trained else {})}
-    classification = _classification_sets(args.subset, work)
+    classification = _classification_sets(args.subset, work, args.probe_datasets)
     seeds = {"backbone": args.seeds, "trained": args.trained_seeds or args.seeds}
     section: dict[str, Any] = {**head, "config": {"seeds": seeds, "subset": args.subset, "models": models,
                                                   "classification": classification},
@@ -322,7 +324,8 @@ def probe_table(args: argparse.Namespace, argv: Optional[Sequence[str]]) -> int:
                                   f"{c[f'{arm}_minus_sklearn_points']:+.2f}",
                                   f"{c[arm]['epochs']['median']:.0f}", f"{cpu['median']:.1f}",
                                   "" if arm == "sklearn" or "sklearn" not in c else f"{c[f'{arm}_speedup_cpu']:.1f}x"])
-    what = "full" if not args.subset else f"BLESS and K&H+N cut to {args.subset} pairs per split"
+    sets = " and ".join("K&H+N" if n == "KHN" else n for n in args.probe_datasets)
+    what = f"{sets} full" if not args.subset else f"{sets} cut to {args.subset} pairs per split"
     table = ((f"Bundled table ({what}; analogy sets whole), 1 process (the evaluator's own timing, s):\n"
               + common.markdown_table(["model", "unique pairs", "encode s", "classification probes s (torch)",
                                        "analogy s", "total s"], rows) + "\n" if rows else

@@ -150,3 +150,36 @@ def test_launch_paths(tiny_bert, tmp_path):
         # the runs really trained through that path: their config says so
         resolved = json.loads((tmp_path / "runs" / path / "config.json").read_text())["resolved"]
         assert resolved["launcher"] == {"python": "single", "srun-env": "slurm"}[path]
+
+
+def test_eval_throughput_probe_table_on_supplied_vectors(tmp_path):
+    """--probe_table on vectors given in --work_dir (the probes only): both arms run on the same subset, the
+    table and JSON report each arm's F1 and CPU seconds, and the ratio is computed from them."""
+    import numpy as np
+
+    from relbert_ds.data import load_classification_dataset
+    from relbert_ds.evaluation.classification import classification_pairs
+
+    work = tmp_path / "work"
+    work.mkdir()
+    pairs = sorted(set(classification_pairs(load_classification_dataset("BLESS"))))
+    rng = np.random.default_rng(0)
+    for label in ("backbone", "trained"):
+        np.savez(work / f"{label}.npz", pairs=np.array(pairs, dtype=str),
+                 model_vectors=rng.normal(size=(len(pairs), 8)).astype(np.float32))
+    out = tmp_path / "pt.json"
+    result = bench("eval_throughput", "--probe_table", "--probe_datasets", "BLESS", "--subset", "60", "--seeds", "0",
+                   "--arms", "fast", "sklearn", "--trained_model", "given-by-its-vectors", "--work_dir", str(work),
+                   "--output", str(out))
+    section = json.loads(out.read_text())["probe_table"]
+    assert section["config"]["classification"] == [str(work / "BLESS_subset60")]
+    for label in ("backbone", "trained"):
+        assert section[f"{label}_vectors"] == {"supplied": str(work / f"{label}.npz")}
+        entry = section[f"{label}_probes"]["BLESS_subset60"]
+        assert [r["arm"] for r in entry["runs"]] == ["fast", "sklearn"]
+        assert all(0 <= r["f1_macro"] <= 1 and positive(r["cpu_s"]) for r in entry["runs"])
+        assert entry["fast_speedup_cpu"] == pytest.approx(entry["sklearn"]["cpu_s"]["median"]
+                                                          / entry["fast"]["cpu_s"]["median"])
+        assert len(list((work / "probe_runs").glob(f"{label}_BLESS_subset60_0_*.json"))) == 2
+    assert section["table_markdown"] in result.stdout and "KHN" not in section["table_markdown"]
+    assert "BLESS cut to 60 pairs per split" in section["table_markdown"]
