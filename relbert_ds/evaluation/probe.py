@@ -146,15 +146,28 @@ class _Packed:
         self.mask = torch.zeros(shapes[2], device=device)
         for g in range(self.groups):
             self.mask[g * self.k:(g + 1) * self.k, self.rows[g]] = 1.0
-        self.group_of_row = torch.repeat_interleave(torch.arange(self.groups), torch.tensor(self.widths)).to(device)
         self.steps = [torch.zeros((), device=device) for _ in range(2)]  # the fused kernel's step counters
         self.minus_one = torch.full((), -1.0, device=device)  # the target's -1 in softmax's gradient
+        # Each point's weights flattened (its w1t rows, its w2t rows), for its squared norm in the loss.
+        self.weight_rows = [(w1t.reshape(-1), w2t.reshape(-1))
+                            for w1t, _, w2t, _ in (self._point(self.param, g) for g in range(self.groups))]
+        self._activations: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         # Each point's views, made once (slicing them per mini-batch cost more than their Adam): per point,
         # per buffer (param, grad, m, v), its weights (w1t rows, w2t rows) and its biases (b1, b2 entries).
         self.views = []
         for g in range(self.groups):
             parts = [self._point(t, g) for t in (self.param, self.grad, self.m, self.v)]
             self.views.append(([[w1t, w2t] for w1t, _, w2t, _ in parts], [[b1, b2] for _, b1, _, b2 in parts]))
+
+    def activations(self, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Reused (hidden, logits, hidden gradient) buffers for a mini-batch of ``rows`` rows: fresh ones each
+        mini-batch cost more than the elementwise work on them (the allocator hands out new pages)."""
+        if rows not in self._activations:
+            total, device = sum(self.widths), self.param[0].device
+            self._activations[rows] = (torch.empty(rows, total, device=device),
+                                       torch.empty(rows, self.groups * self.k, device=device),
+                                       torch.empty(rows, total, device=device))
+        return self._activations[rows]
 
     def _slices(self, tensors: Sequence[torch.Tensor], g: int) -> list[torch.Tensor]:
         """Grid point ``g``'s parts of (w1t, b1, w2t, b2)-shaped ``tensors`` (its block of w2t is strided)."""
@@ -349,14 +362,15 @@ def _step(packed: _Packed, xb: torch.Tensor, yb: torch.Tensor, alpha: float, ste
     nb, groups, k = xb.shape[0], packed.groups, packed.k
     w1t, b1, w2t, b2 = packed.param
     g_w1t, g_b1, g_w2t, g_b2 = packed.grad
-    z = torch.addmm(b1, xb, w1t.t())
-    a = torch.relu(z)
-    logits = torch.addmm(b2, a, w2t.t()).view(nb, groups, k)
-    logp = torch.log_softmax(logits, dim=2)
+    a, logits, da = packed.activations(nb)
+    torch.addmm(b1, xb, w1t.t(), out=a)
+    a.clamp_min_(0.0)  # relu in place: a > 0 exactly where its input was, which is all its gradient needs
+    torch.addmm(b2, a, w2t.t(), out=logits)
+    logp = torch.log_softmax(logits.view(nb, groups, k), dim=2)
     target = yb.view(nb, 1, 1).expand(nb, groups, 1)
     torch.sum(logp.gather(2, target).squeeze(2), dim=0, out=cross_entropy)
-    squares.index_add_(0, packed.group_of_row, torch.linalg.vector_norm(w1t, dim=1).square())
-    squares += torch.linalg.vector_norm(w2t, dim=1).square().view(groups, k).sum(dim=1)
+    for g, (w1_rows, w2_rows) in enumerate(packed.weight_rows):
+        squares[g] = torch.dot(w1_rows, w1_rows) + torch.dot(w2_rows, w2_rows)
     # Gradients of the mean loss (sklearn divides every gradient by the batch size).
     delta = logp.exp_()
     delta.scatter_add_(2, target, packed.minus_one.expand(nb, groups, 1))
@@ -364,9 +378,11 @@ def _step(packed: _Packed, xb: torch.Tensor, yb: torch.Tensor, alpha: float, ste
     # The L2 penalty's part of the weights' gradients, alpha * W / nb, is added by Adam (plain products here:
     # a product that also scales and adds W costs an extra pass over it).
     torch.mm(delta.t(), a, out=g_w2t)
-    g_w2t.mul_(packed.mask)
+    if groups > 1:  # one point's block is all of w2t
+        g_w2t.mul_(packed.mask)
     torch.sum(delta, dim=0, out=g_b2)
-    dz = torch.ops.aten.threshold_backward(delta @ w2t, z, 0.0)  # relu's gradient in one pass
-    torch.mm(dz.t(), xb, out=g_w1t)
-    torch.sum(dz, dim=0, out=g_b1)
+    torch.mm(delta, w2t, out=da)
+    torch.ops.aten.threshold_backward.grad_input(da, a, 0.0, grad_input=da)  # relu's gradient, in place
+    torch.mm(da.t(), xb, out=g_w1t)
+    torch.sum(da, dim=0, out=g_b1)
     packed.adam(step, alpha / nb)
