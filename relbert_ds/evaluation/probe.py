@@ -151,7 +151,8 @@ class _Packed:
         # Each point's weights flattened (its w1t rows, its w2t rows), for its squared norm in the loss.
         self.weight_rows = [(w1t.reshape(-1), w2t.reshape(-1))
                             for w1t, _, w2t, _ in (self._point(self.param, g) for g in range(self.groups))]
-        self._activations: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.param_t = [self.param[0].t(), self.param[1], self.param[2].t(), self.param[3]]  # (D, H) and (H, G*k)
+        self._activations: dict[int, tuple[torch.Tensor, ...]] = {}
         # Each point's views, made once (slicing them per mini-batch cost more than their Adam): per point,
         # per buffer (param, grad, m, v), its weights (w1t rows, w2t rows) and its biases (b1, b2 entries).
         self.views = []
@@ -159,14 +160,15 @@ class _Packed:
             parts = [self._point(t, g) for t in (self.param, self.grad, self.m, self.v)]
             self.views.append(([[w1t, w2t] for w1t, _, w2t, _ in parts], [[b1, b2] for _, b1, _, b2 in parts]))
 
-    def activations(self, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Reused (hidden, logits, hidden gradient) buffers for a mini-batch of ``rows`` rows: fresh ones each
-        mini-batch cost more than the elementwise work on them (the allocator hands out new pages)."""
+    def activations(self, rows: int) -> tuple[torch.Tensor, ...]:
+        """Reused buffers for a mini-batch of ``rows`` rows: hidden units and their transposed view, logits,
+        the hidden gradient and its transposed view, and softmax's -1 at the target per point. Fresh ones
+        each mini-batch cost more than the elementwise work on them (the allocator hands out new pages)."""
         if rows not in self._activations:
             total, device = sum(self.widths), self.param[0].device
-            self._activations[rows] = (torch.empty(rows, total, device=device),
-                                       torch.empty(rows, self.groups * self.k, device=device),
-                                       torch.empty(rows, total, device=device))
+            hidden, grad = torch.empty(rows, total, device=device), torch.empty(rows, total, device=device)
+            self._activations[rows] = (hidden, hidden.t(), torch.empty(rows, self.groups * self.k, device=device),
+                                       grad, grad.t(), self.minus_one.expand(rows, self.groups, 1))
         return self._activations[rows]
 
     def _slices(self, tensors: Sequence[torch.Tensor], g: int) -> list[torch.Tensor]:
@@ -300,6 +302,10 @@ def fit_grid(x: np.ndarray, y: np.ndarray, points: Sequence[GridPoint], n_classe
     while active:
         packed = _Packed([weights[i] for i in active], [moments[i] for i in active], [points[i] for i in active], k)
         stopped: list[int] = []
+        # Views made once per packing, not per mini-batch (each costs as much as a small kernel): every
+        # mini-batch's labels, spread over the points, in the epoch's order (``ye`` is refilled each epoch).
+        targets = ye.view(n, 1, 1).expand(n, len(active), 1).split(batch)
+        rows_in = {len(t): xb[:len(t)] for t in targets}
         # Train epochs with this packing until one of its points stops.
         while not stopped:
             epoch = n_iter[active[0]]  # every active point has run the same number of epochs
@@ -308,14 +314,14 @@ def fit_grid(x: np.ndarray, y: np.ndarray, points: Sequence[GridPoint], n_classe
             # Per mini-batch (rows): each point's summed cross-entropy and squared weights, in float32 as
             # computed; the epoch's loss adds them up in float64.
             parts = torch.zeros(2, n_batches, len(active), device=device)
-            for b, start in enumerate(range(0, n, batch)):
+            for rows, target, cross_entropy, squares in zip(order.split(batch), targets, parts[0].unbind(0),
+                                                            parts[1].unbind(0)):
                 step += 1
                 # The batch's rows gathered into one reused buffer that both products then read from cache
                 # (cheaper than gathering the whole epoch at once, which streams it through memory twice).
-                rows = order[start:start + batch]
-                xs = xb[:len(rows)]
+                xs = rows_in[len(rows)]
                 torch.index_select(xt, 0, rows, out=xs)
-                _step(packed, xs, ye[start:start + batch], alpha, step, parts[0, b], parts[1, b])
+                _step(packed, xs, target, alpha, step, cross_entropy, squares)
             sums = parts.double().sum(dim=1)
             losses = ((-sums[0] + 0.5 * alpha * sums[1]) / n).tolist()
             # With pruning, validation is scored until the last cut (nothing reads it after that).
@@ -353,27 +359,26 @@ def fit_grid(x: np.ndarray, y: np.ndarray, points: Sequence[GridPoint], n_classe
                       validation_curves=val_curves, monitor_curves=watched_curves, stopped_by=stopped_by)
 
 
-def _step(packed: _Packed, xb: torch.Tensor, yb: torch.Tensor, alpha: float, step: int,
+def _step(packed: _Packed, xb: torch.Tensor, target: torch.Tensor, alpha: float, step: int,
           cross_entropy: torch.Tensor, squares: torch.Tensor) -> None:
-    """One mini-batch of every packed grid point. Writes each point's summed log-likelihood of the batch
-    into ``cross_entropy`` and its squared weight norm (``||W1||^2 + ||W2||^2``) into ``squares``
-    (both (G,), zero on entry): sklearn's batch loss times the batch size is
-    ``-cross_entropy + 0.5 * alpha * squares``."""
+    """One mini-batch of every packed grid point (``target``: its (nb, G, 1) class indices, the labels
+    repeated for each point). Writes each point's summed log-likelihood of the batch into ``cross_entropy``
+    and its squared weight norm (``||W1||^2 + ||W2||^2``) into ``squares`` (both (G,), zero on entry):
+    sklearn's batch loss times the batch size is ``-cross_entropy + 0.5 * alpha * squares``."""
     nb, groups, k = xb.shape[0], packed.groups, packed.k
-    w1t, b1, w2t, b2 = packed.param
+    w1, b1, w2, b2 = packed.param_t
     g_w1t, g_b1, g_w2t, g_b2 = packed.grad
-    a, logits, da = packed.activations(nb)
-    torch.addmm(b1, xb, w1t.t(), out=a)
+    a, a_t, logits, da, da_t, minus_one = packed.activations(nb)
+    torch.addmm(b1, xb, w1, out=a)
     a.clamp_min_(0.0)  # relu in place: a > 0 exactly where its input was, which is all its gradient needs
-    torch.addmm(b2, a, w2t.t(), out=logits)
+    torch.addmm(b2, a, w2, out=logits)
     logp = torch.log_softmax(logits.view(nb, groups, k), dim=2)
-    target = yb.view(nb, 1, 1).expand(nb, groups, 1)
     torch.sum(logp.gather(2, target).squeeze(2), dim=0, out=cross_entropy)
     for g, (w1_rows, w2_rows) in enumerate(packed.weight_rows):
         squares[g] = torch.dot(w1_rows, w1_rows) + torch.dot(w2_rows, w2_rows)
     # Gradients of the mean loss (sklearn divides every gradient by the batch size).
     delta = logp.exp_()
-    delta.scatter_add_(2, target, packed.minus_one.expand(nb, groups, 1))
+    delta.scatter_add_(2, target, minus_one)
     delta = delta.view(nb, groups * k).div_(nb)
     # The L2 penalty's part of the weights' gradients, alpha * W / nb, is added by Adam (plain products here:
     # a product that also scales and adds W costs an extra pass over it).
@@ -381,8 +386,8 @@ def _step(packed: _Packed, xb: torch.Tensor, yb: torch.Tensor, alpha: float, ste
     if groups > 1:  # one point's block is all of w2t
         g_w2t.mul_(packed.mask)
     torch.sum(delta, dim=0, out=g_b2)
-    torch.mm(delta, w2t, out=da)
+    torch.mm(delta, packed.param[2], out=da)
     torch.ops.aten.threshold_backward.grad_input(da, a, 0.0, grad_input=da)  # relu's gradient, in place
-    torch.mm(da.t(), xb, out=g_w1t)
+    torch.mm(da_t, xb, out=g_w1t)
     torch.sum(da, dim=0, out=g_b1)
     packed.adam(step, alpha / nb)
