@@ -183,3 +183,34 @@ def test_eval_throughput_probe_table_on_supplied_vectors(tmp_path):
         assert len(list((work / "probe_runs").glob(f"{label}_BLESS_subset60_0_*.json"))) == 2
     assert section["table_markdown"] in result.stdout and "KHN" not in section["table_markdown"]
     assert "BLESS cut to 60 pairs per split" in section["table_markdown"]
+
+
+def test_probe_kernel_ab_tells_equal_kernels_from_different_ones(tmp_path):
+    """probe_kernel_ab on supplied vectors: a copy of the current kernel gives the same epochs and predictions
+    ("yes"), a kernel with another mini-batch size does not ("NO"); the ratios come from the recorded CPU s."""
+    import numpy as np
+
+    from relbert_ds.data import load_classification_dataset
+    from relbert_ds.evaluation.classification import classification_pairs
+
+    pairs = sorted(set(classification_pairs(load_classification_dataset("BLESS"))))
+    vectors = tmp_path / "v.npz"
+    np.savez(vectors, pairs=np.array(pairs, dtype=str),
+             model_vectors=np.random.default_rng(0).normal(size=(len(pairs), 8)).astype(np.float32))
+    source = Path("relbert_ds/evaluation/probe.py").read_text()
+    assert "\nMAX_BATCH = 200\n" in source
+    same, other = tmp_path / "same.py", tmp_path / "other.py"
+    same.write_text(source)
+    other.write_text(source.replace("\nMAX_BATCH = 200\n", "\nMAX_BATCH = 100\n"))
+    out = tmp_path / "ab.json"
+    result = bench("probe_kernel_ab", "--vectors", str(vectors), "--dataset", "BLESS", "--seeds", "0",
+                   "--kernels", "current", str(same), str(other), "--max_iter", "3", "--output", str(out))
+    doc = load(out)
+    runs = doc["runs"]
+    assert [r["kernel"] for r in runs] == ["current", str(same), str(other)]
+    assert runs[0]["predictions_sha1"] == runs[1]["predictions_sha1"] != runs[2]["predictions_sha1"]
+    assert all(positive(r["cpu_s"]) for r in runs)
+    rows = [line for line in doc["table_markdown"].splitlines() if line.startswith("| 0 |")]
+    assert [row.rstrip(" |").rsplit("| ", 1)[1] for row in rows] == ["yes", "yes", "NO"]
+    assert doc["speedup_vs_first"][str(other)]["median"] == pytest.approx(runs[0]["cpu_s"] / runs[2]["cpu_s"])
+    assert doc["table_markdown"] in result.stdout
