@@ -161,14 +161,14 @@ class _Packed:
             self.views.append(([[w1t, w2t] for w1t, _, w2t, _ in parts], [[b1, b2] for _, b1, _, b2 in parts]))
 
     def activations(self, rows: int) -> tuple[torch.Tensor, ...]:
-        """Reused buffers for a mini-batch of ``rows`` rows: hidden units and their transposed view, logits,
-        the hidden gradient and its transposed view, and softmax's -1 at the target per point. Fresh ones
+        """Reused buffers for a mini-batch of ``rows`` rows: hidden units, logits, the hidden gradient and its
+        transposed view, and softmax's -1 at the target per point. Fresh ones
         each mini-batch cost more than the elementwise work on them (the allocator hands out new pages)."""
         if rows not in self._activations:
             total, device = sum(self.widths), self.param[0].device
             hidden, grad = torch.empty(rows, total, device=device), torch.empty(rows, total, device=device)
-            self._activations[rows] = (hidden, hidden.t(), torch.empty(rows, self.groups * self.k, device=device),
-                                       grad, grad.t(), self.minus_one.expand(rows, self.groups, 1))
+            self._activations[rows] = (hidden, torch.empty(rows, self.groups * self.k, device=device), grad,
+                                       grad.t(), self.minus_one.expand(rows, self.groups, 1))
         return self._activations[rows]
 
     def _slices(self, tensors: Sequence[torch.Tensor], g: int) -> list[torch.Tensor]:
@@ -368,7 +368,7 @@ def _step(packed: _Packed, xb: torch.Tensor, target: torch.Tensor, alpha: float,
     nb, groups, k = xb.shape[0], packed.groups, packed.k
     w1, b1, w2, b2 = packed.param_t
     g_w1t, g_b1, g_w2t, g_b2 = packed.grad
-    a, a_t, logits, da, da_t, minus_one = packed.activations(nb)
+    a, logits, da, da_t, minus_one = packed.activations(nb)
     torch.addmm(b1, xb, w1, out=a)
     a.clamp_min_(0.0)  # relu in place: a > 0 exactly where its input was, which is all its gradient needs
     torch.addmm(b2, a, w2, out=logits)
