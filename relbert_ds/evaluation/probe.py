@@ -148,17 +148,17 @@ class _Packed:
             self.mask[g * self.k:(g + 1) * self.k, self.rows[g]] = 1.0
         self.steps = [torch.zeros((), device=device) for _ in range(2)]  # the fused kernel's step counters
         self.minus_one = torch.full((), -1.0, device=device)  # the target's -1 in softmax's gradient
-        # Each point's weights flattened (its w1t rows, its w2t rows), for its squared norm in the loss.
-        self.weight_rows = [(w1t.reshape(-1), w2t.reshape(-1))
-                            for w1t, _, w2t, _ in (self._point(self.param, g) for g in range(self.groups))]
         self.param_t = [self.param[0].t(), self.param[1], self.param[2].t(), self.param[3]]  # (D, H) and (H, G*k)
         self._activations: dict[int, tuple[torch.Tensor, ...]] = {}
         # Each point's views, made once (slicing them per mini-batch cost more than their Adam): per point,
-        # per buffer (param, grad, m, v), its weights (w1t rows, w2t rows) and its biases (b1, b2 entries).
+        # per buffer (param, grad, m, v), its weights (w1t rows, w2t rows, flattened: Adam is elementwise and
+        # the loss's squared norm takes them as vectors) and its biases (b1, b2 entries).
         self.views = []
         for g in range(self.groups):
             parts = [self._point(t, g) for t in (self.param, self.grad, self.m, self.v)]
-            self.views.append(([[w1t, w2t] for w1t, _, w2t, _ in parts], [[b1, b2] for _, b1, _, b2 in parts]))
+            self.views.append(([[w1t.reshape(-1), w2t.reshape(-1)] for w1t, _, w2t, _ in parts],
+                               [[b1, b2] for _, b1, _, b2 in parts]))
+        self.weight_rows = [weights[0] for weights, _ in self.views]  # each point's (w1t rows, w2t rows) of param
 
     def activations(self, rows: int) -> tuple[torch.Tensor, ...]:
         """Reused buffers for a mini-batch of ``rows`` rows: hidden units, logits, the hidden gradient and its
