@@ -34,7 +34,7 @@ import time
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -153,12 +153,18 @@ def check_probe(probe: str, features: str = DEFAULT_FEATURES, protocol: Optional
 
 @dataclass
 class _Fit:
-    """One fitted configuration: its predictions, epochs run and why it stopped."""
+    """One fitted configuration: its predictions, epochs run and why it stopped.
+
+    ``pred_eval`` is the evaluated split's predictions, or (torch) a function computing them: only the
+    chosen configuration's are read, so the others' are never computed."""
 
     pred_val: np.ndarray
-    pred_eval: np.ndarray
+    pred_eval: Union[np.ndarray, Callable[[], np.ndarray]]
     n_iter: int
     stopped_by: str  # "loss", "max_iter" or "pruned"
+
+    def eval_predictions(self) -> np.ndarray:
+        return self.pred_eval() if callable(self.pred_eval) else self.pred_eval
 
 
 def _sklearn_fit(pred_val: np.ndarray, pred_eval: np.ndarray, n_iter: int, max_iter: int) -> _Fit:
@@ -240,9 +246,15 @@ def _fit_torch(problem: _Problem, max_iter: int, seed: int, device: Any, threads
             schedule = dict(validation=(problem.x_val, problem.y_val), prune_at=FAST_PRUNE_AT)
         grid = probe_mod.fit_grid(problem.x_train, problem.y_train, points, n_classes, max_iter=max_iter, seed=seed,
                                   device=device, **schedule)
-        pred_val, pred_eval = grid.predict(problem.x_val), grid.predict(problem.x_eval)
-    return [_Fit(pred_val[i], pred_eval[i], grid.n_iter[i], grid.stopped_by[i])
-            for i in range(len(points))]
+        pred_val = grid.predict(problem.x_val)
+
+    def eval_of(i: int) -> Callable[[], np.ndarray]:
+        def predict() -> np.ndarray:
+            with _thread_limit(threads, device):
+                return grid.predict(problem.x_eval, points=[i])[0]
+        return predict
+
+    return [_Fit(pred_val[i], eval_of(i), grid.n_iter[i], grid.stopped_by[i]) for i in range(len(points))]
 
 
 def _report(dataset: ClassificationDataset, split: str, problem: _Problem,
@@ -253,7 +265,7 @@ def _report(dataset: ClassificationDataset, split: str, problem: _Problem,
     scores = [classification_metrics(problem.y_val, f.pred_val, labels)["f1_macro"] if problem.search else float("nan")
               for f in fitted]
     best = int(np.flatnonzero(np.array(scores) == max(scores))[0]) if problem.search else 0  # first among ties
-    chosen = np.asarray(fitted[best].pred_eval, dtype=np.int64)
+    chosen = np.asarray(fitted[best].eval_predictions(), dtype=np.int64)
     validation = dataset.splits.get("validation")
     default_reason = None
     if not problem.search:

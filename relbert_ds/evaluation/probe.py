@@ -82,15 +82,18 @@ class FittedGrid:
     monitor_curves: dict[str, list[list[float]]] = field(default_factory=dict)  # the same for each monitored set
     stopped_by: list[str] = field(default_factory=list)  # "loss", "max_iter" or "pruned"
 
-    def predict(self, x: np.ndarray, device: Optional[torch.device] = None) -> np.ndarray:
-        """(G, n) int64 class indices of each grid point for the rows of ``x``."""
+    def predict(self, x: np.ndarray, device: Optional[torch.device] = None,
+                points: Optional[Sequence[int]] = None) -> np.ndarray:
+        """(G, n) int64 class indices of each grid point (or of those of ``points``, in that order) for the
+        rows of ``x``."""
+        chosen = list(range(len(self.points))) if points is None else list(points)
         if len(x) == 0:
-            return np.zeros((len(self.points), 0), dtype=np.int64)
+            return np.zeros((len(chosen), 0), dtype=np.int64)
         device = device or self.weights[0][0].device
         xt = torch.as_tensor(x, dtype=torch.float32, device=device)
         out = []
         with torch.no_grad():
-            for w1, b1, w2, b2 in self.weights:
+            for w1, b1, w2, b2 in (self.weights[i] for i in chosen):
                 logits = torch.relu(xt @ w1 + b1) @ w2 + b2
                 out.append(logits.argmax(dim=1).cpu().numpy())
         return np.stack(out).astype(np.int64)
@@ -146,7 +149,7 @@ class _Packed:
         self.mask = torch.zeros(shapes[2], device=device)
         for g in range(self.groups):
             self.mask[g * self.k:(g + 1) * self.k, self.rows[g]] = 1.0
-        self.steps = [torch.zeros((), device=device) for _ in range(2)]  # the fused kernel's step counters
+        self.step = torch.zeros((), device=device)  # the fused kernel's step count (it only reads it)
         self.minus_one = torch.full((), -1.0, device=device)  # the target's -1 in softmax's gradient
         self.param_t = [self.param[0].t(), self.param[1], self.param[2].t(), self.param[3]]  # (D, H) and (H, G*k)
         self._activations: dict[int, tuple[torch.Tensor, ...]] = {}
@@ -159,16 +162,26 @@ class _Packed:
             self.views.append(([[w1t.reshape(-1), w2t.reshape(-1)] for w1t, _, w2t, _ in parts],
                                [[b1, b2] for _, b1, _, b2 in parts]))
         self.weight_rows = [weights[0] for weights, _ in self.views]  # each point's (w1t rows, w2t rows) of param
+        # Points sharing a learning rate share one fused call for their weights and one for their biases (the
+        # kernel is elementwise, tensor by tensor: grouping changes no number; 6 calls instead of 18 for the
+        # whole grid, ~50 us each).
+        self.adam_groups: list[tuple[float, list[list[torch.Tensor]], list[list[torch.Tensor]]]] = []
+        for rate in dict.fromkeys(self.rates):
+            members = [self.views[g] for g in range(self.groups) if self.rates[g] == rate]
+            self.adam_groups.append((rate, [sum((w[b] for w, _ in members), []) for b in range(4)],
+                                     [sum((bias[b] for _, bias in members), []) for b in range(4)]))
 
     def activations(self, rows: int) -> tuple[torch.Tensor, ...]:
         """Reused buffers for a mini-batch of ``rows`` rows: hidden units, logits, the hidden gradient and its
-        transposed view, and softmax's -1 at the target per point. Fresh ones
+        transposed view, softmax's -1 at the target per point, and ``rows`` as a tensor (dividing by a
+        tensor skips wrapping a Python number; the same division). Fresh ones
         each mini-batch cost more than the elementwise work on them (the allocator hands out new pages)."""
         if rows not in self._activations:
             total, device = sum(self.widths), self.param[0].device
             hidden, grad = torch.empty(rows, total, device=device), torch.empty(rows, total, device=device)
             self._activations[rows] = (hidden, torch.empty(rows, self.groups * self.k, device=device), grad,
-                                       grad.t(), self.minus_one.expand(rows, self.groups, 1))
+                                       grad.t(), self.minus_one.expand(rows, self.groups, 1),
+                                       torch.full((), float(rows), device=device))
         return self._activations[rows]
 
     def _slices(self, tensors: Sequence[torch.Tensor], g: int) -> list[torch.Tensor]:
@@ -196,11 +209,10 @@ class _Packed:
             self.adam_unfused(step, decay)
             return
         eps = EPS / math.sqrt(1 - BETA2 ** step)
-        for counter in self.steps:
-            counter.fill_(float(step))
-        for rate, (weights, biases) in zip(self.rates, self.views):
+        self.step.fill_(float(step))
+        for rate, weights, biases in self.adam_groups:
             for tensors, weight_decay in ((weights, decay), (biases, 0.0)):
-                torch._fused_adam_(*tensors, [], self.steps, lr=rate, beta1=BETA1, beta2=BETA2,
+                torch._fused_adam_(*tensors, [], [self.step] * len(tensors[0]), lr=rate, beta1=BETA1, beta2=BETA2,
                                    weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=False)
 
     def adam_unfused(self, step: int, decay: float) -> None:
@@ -306,23 +318,25 @@ def fit_grid(x: np.ndarray, y: np.ndarray, points: Sequence[GridPoint], n_classe
         # mini-batch's labels, spread over the points, in the epoch's order (``ye`` is refilled each epoch).
         targets = ye.view(n, 1, 1).expand(n, len(active), 1).split(batch)
         rows_in = {len(t): xb[:len(t)] for t in targets}
+        # Per mini-batch, where its step writes: each point's summed log-likelihood, and its two squared weight
+        # norms (||W1||^2, ||W2||^2), float32 as computed; every slot is overwritten each epoch.
+        parts = torch.empty(3, n_batches, len(active), device=device)
+        slots = [(parts[0, b], [(parts[1, b, g], parts[2, b, g]) for g in range(len(active))])
+                 for b in range(n_batches)]
         # Train epochs with this packing until one of its points stops.
         while not stopped:
             epoch = n_iter[active[0]]  # every active point has run the same number of epochs
             order = torch.randperm(n, generator=order_rng).to(device)
             torch.index_select(yt, 0, order, out=ye)
-            # Per mini-batch (rows): each point's summed cross-entropy and squared weights, in float32 as
-            # computed; the epoch's loss adds them up in float64.
-            parts = torch.zeros(2, n_batches, len(active), device=device)
-            for rows, target, cross_entropy, squares in zip(order.split(batch), targets, parts[0].unbind(0),
-                                                            parts[1].unbind(0)):
+            for rows, target, (cross_entropy, squares) in zip(order.split(batch), targets, slots):
                 step += 1
                 # The batch's rows gathered into one reused buffer that both products then read from cache
                 # (cheaper than gathering the whole epoch at once, which streams it through memory twice).
                 xs = rows_in[len(rows)]
                 torch.index_select(xt, 0, rows, out=xs)
                 _step(packed, xs, target, alpha, step, cross_entropy, squares)
-            sums = parts.double().sum(dim=1)
+            # The epoch's loss adds the batches' float32 terms up in float64.
+            sums = torch.stack((parts[0], parts[1] + parts[2])).double().sum(dim=1)
             losses = ((-sums[0] + 0.5 * alpha * sums[1]) / n).tolist()
             # With pruning, validation is scored until the last cut (nothing reads it after that).
             scores = packed.macro_f1(xv, yv) if xv is not None and (cuts or not prune_at) else []
@@ -360,26 +374,27 @@ def fit_grid(x: np.ndarray, y: np.ndarray, points: Sequence[GridPoint], n_classe
 
 
 def _step(packed: _Packed, xb: torch.Tensor, target: torch.Tensor, alpha: float, step: int,
-          cross_entropy: torch.Tensor, squares: torch.Tensor) -> None:
+          cross_entropy: torch.Tensor, squares: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
     """One mini-batch of every packed grid point (``target``: its (nb, G, 1) class indices, the labels
     repeated for each point). Writes each point's summed log-likelihood of the batch into ``cross_entropy``
-    and its squared weight norm (``||W1||^2 + ||W2||^2``) into ``squares`` (both (G,), zero on entry):
-    sklearn's batch loss times the batch size is ``-cross_entropy + 0.5 * alpha * squares``."""
+    ((G,)) and its squared weight norms ``||W1||^2``, ``||W2||^2`` into the 0-d tensors ``squares[g]``:
+    sklearn's batch loss times the batch size is ``-cross_entropy + 0.5 * alpha * (||W1||^2 + ||W2||^2)``."""
     nb, groups, k = xb.shape[0], packed.groups, packed.k
     w1, b1, w2, b2 = packed.param_t
     g_w1t, g_b1, g_w2t, g_b2 = packed.grad
-    a, logits, da, da_t, minus_one = packed.activations(nb)
+    a, logits, da, da_t, minus_one, rows = packed.activations(nb)
     torch.addmm(b1, xb, w1, out=a)
     a.clamp_min_(0.0)  # relu in place: a > 0 exactly where its input was, which is all its gradient needs
     torch.addmm(b2, a, w2, out=logits)
     logp = torch.log_softmax(logits.view(nb, groups, k), dim=2)
     torch.sum(logp.gather(2, target).squeeze(2), dim=0, out=cross_entropy)
-    for g, (w1_rows, w2_rows) in enumerate(packed.weight_rows):
-        squares[g] = torch.dot(w1_rows, w1_rows) + torch.dot(w2_rows, w2_rows)
+    for (w1_rows, w2_rows), (square1, square2) in zip(packed.weight_rows, squares):
+        torch.dot(w1_rows, w1_rows, out=square1)
+        torch.dot(w2_rows, w2_rows, out=square2)
     # Gradients of the mean loss (sklearn divides every gradient by the batch size).
     delta = logp.exp_()
     delta.scatter_add_(2, target, minus_one)
-    delta = delta.view(nb, groups * k).div_(nb)
+    delta = delta.view(nb, groups * k).div_(rows)
     # The L2 penalty's part of the weights' gradients, alpha * W / nb, is added by Adam (plain products here:
     # a product that also scales and adds W costs an extra pass over it).
     torch.mm(delta.t(), a, out=g_w2t)
