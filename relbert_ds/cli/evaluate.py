@@ -262,9 +262,9 @@ def _run(args: argparse.Namespace, info: Any, start: float) -> int:
     kwargs = dict(batch_size=args.batch_size, max_iter=args.max_iter, seed=args.seed,
                   keep_predictions=bool(args.predictions), show_progress=args.progress,
                   keep_vectors=bool(args.vectors), fit_workers=threads, probe=args.probe,
-                  # sklearn: one thread per fit (workers run several); torch: the rank's threads (its
-                  # results do not depend on them: tests/unit/test_probe.py checks it).
-                  blas_threads=threads if args.probe == "torch" else 1,
+                  # sklearn: one thread per fit (workers run several); the torch probe always trains on
+                  # one CPU thread (classification.TORCH_PROBE_THREADS: more would change its numbers).
+                  blas_threads=1,
                   probe_features=args.probe_features, device=device, cache_dir=args.cache_dir,
                   probe_protocol=protocol)
     results: dict[str, dict] = {}

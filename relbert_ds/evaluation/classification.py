@@ -14,9 +14,10 @@ alone and the result says so (``selected_on`` is None, ``default_reason`` why).
 Two implementations of the same protocol (``probe``):
 
 - ``"torch"`` (default): :mod:`relbert_ds.evaluation.probe` trains the nine grid points
-  together as one batched model, on ``device`` (a GPU when the caller has one). Ranks split the
-  *datasets* (each dataset is trained whole on one rank, so its arithmetic, hence its
-  predictions, are the same for any number of ranks) and all-gather the finished results.
+  together as one batched model, on ``device`` (a GPU when the caller has one; on the CPU on
+  one thread, ``TORCH_PROBE_THREADS``). Ranks split the *datasets* (each dataset is trained
+  whole on one rank, so its arithmetic, hence its predictions, are the same for any number of
+  ranks) and all-gather the finished results.
 - ``"sklearn"`` (the reference): nine ``MLPClassifier`` fits, sharded over ranks by
   configuration (rank ``r`` fits ``r, r + W, ...``), each with BLAS limited to ``blas_threads``
   so that its result is the same whatever the number of ranks; ``workers`` runs several fits
@@ -59,6 +60,13 @@ PROTOCOLS = ("fast", "paper")
 # FAST_PRUNE_AT[0] epochs -> the best 1 after FAST_PRUNE_AT[1]; the points kept train on to the paper's
 # stopping rule from the same start on the same batches (docs/PROBE_AGREEMENT.md measures both).
 FAST_PRUNE_AT = (3, 10)
+# CPU threads of the torch probe, whatever the rank has: its arithmetic depends on the thread count at
+# real sizes (MKL splits a long dot product, or a thin product such as one point's (5 x 200) x (200 x 150)
+# output-layer gradient, differently on 2 threads than on 1), so a rank's threads, which depend on how
+# many ranks share the machine, would make the predictions depend on the number of ranks. Measured on
+# the bundled BLESS (trained model): 1 rank with 2 threads picked the same point but stopped it after
+# 159 epochs instead of 177 (test macro F1 88.45 vs 89.09).
+TORCH_PROBE_THREADS = 1
 
 
 def search_grid() -> list[dict]:
@@ -232,10 +240,11 @@ def _thread_limit(threads: Optional[int], device: Any):
     return _Limit()
 
 
-def _fit_torch(problem: _Problem, max_iter: int, seed: int, device: Any, threads: Optional[int],
-               protocol: str) -> list[_Fit]:
+def _fit_torch(problem: _Problem, max_iter: int, seed: int, device: Any, protocol: str) -> list[_Fit]:
     """Every configuration of ``problem`` trained together (:func:`probe.fit_grid`); with the fast protocol
-    and a grid search, cut by successive halving on validation (``FAST_PRUNE_AT``)."""
+    and a grid search, cut by successive halving on validation (``FAST_PRUNE_AT``). On the CPU on
+    ``TORCH_PROBE_THREADS`` threads."""
+    threads = TORCH_PROBE_THREADS
     points = [probe_mod.GridPoint(int(c["hidden_layer_sizes"]), float(c["learning_rate_init"]))
               for c in problem.configs]
     n_classes = int(max(problem.y_train.max(initial=0), problem.y_eval.max(initial=0),
@@ -355,8 +364,8 @@ def run_classifications(items: Sequence[tuple[ClassificationDataset, str]], look
             already scaled by the pooled token counts).
         search: force the grid search on or off; default: on iff a validation split exists and
             the split is not it.
-        blas_threads: CPU threads of one fit (sklearn) or of the batched grid (torch on the CPU);
-            fixed so that results do not depend on the number of ranks.
+        blas_threads: sklearn only: BLAS threads of one fit, fixed so that results do not depend on the
+            number of ranks (the torch probe always trains on ``TORCH_PROBE_THREADS`` CPU threads).
         workers: sklearn only: fit that many configurations of a rank at once.
         probe: ``"torch"`` (batched grid, datasets split over ranks) or ``"sklearn"`` (reference).
         features: ``"mean"`` or ``"sum"``, recorded in the result (the lookup carries it).
@@ -388,7 +397,7 @@ def run_classifications(items: Sequence[tuple[ClassificationDataset, str]], look
         dataset, split = items[index]
         start = time.perf_counter()
         problem = _problem(dataset, lookup, split, search)
-        fitted = _fit_torch(problem, max_iter, seed, device, blas_threads, protocol)
+        fitted = _fit_torch(problem, max_iter, seed, device, protocol)
         result = _report(dataset, split, problem, fitted, max_iter, seed, probe, features, protocol, keep_predictions)
         mine[index] = {**result, "time_s": time.perf_counter() - start, "device": str(torch.device(device or "cpu"))}
     results = _all_gather_json(mine)
