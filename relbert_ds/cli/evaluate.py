@@ -99,8 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cache the relation vectors here, keyed by model weights, prompt, pooling, max_length and "
                         "pair list: a re-run that changes only the probe does not encode again")
     r.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads per rank, and parallel classifier fits per rank (default: CPU cores "
-                        "/ ranks on this node)")
+                   help="torch CPU threads per rank (encoding), and parallel sklearn classifier fits per rank "
+                        "(default: CPU cores / ranks on this node); the torch probe always trains on one thread "
+                        "(more would change its numbers with the number of ranks)")
     r.add_argument("--progress", action="store_true", help="show a progress bar of the encoding (rank 0)")
     o = p.add_argument_group("outputs")
     o.add_argument("--output", default=None, metavar="FILE.json", help="results JSON")

@@ -15,9 +15,9 @@ same numbers) and sklearn's single logistic output unit for two classes (here al
 How the grid trains together: the grid points share the features and, per epoch, the order of
 the rows, so the hidden layers of all of them are one matrix (stored transposed, ``(sum of hidden
 sizes, D)``: one GEMM per mini-batch instead of nine) and the output layers are one block-diagonal
-matrix (each grid point's hidden units only reach its own outputs). Adam runs as fused kernels per
-grid point over its rows (its own learning rate; the L2 penalty's gradient added as the kernel's
-weight decay), one pass over memory instead of nine. Each
+matrix (each grid point's hidden units only reach its own outputs). Adam runs as fused kernels over
+each grid point's rows, one call per learning rate (the points sharing it together; the L2 penalty's
+gradient added as the kernel's weight decay), one pass over memory instead of nine. Each
 grid point stops on its own: once stopped, its rows are taken out of the packed matrices, so it
 costs nothing after that and its weights stay as they were.
 
@@ -120,8 +120,8 @@ class _Packed:
     """The trainable tensors of the active grid points side by side, with Adam's state and gradients.
 
     ``w1t`` is the transposed hidden layer ``(sum of hidden sizes, D)``: grid point ``g`` owns the
-    rows ``rows[g]``, so each point's tensors are contiguous slices that one fused Adam call per
-    point updates with its own learning rate. The output layer is stored transposed too, ``w2t``
+    rows ``rows[g]``, so each point's tensors are contiguous slices that the fused Adam call of its
+    learning rate updates. The output layer is stored transposed too, ``w2t``
     ``(G * k, sum of hidden sizes)``, block diagonal (``mask``): each point's outputs only see its own
     hidden units. Transposed, the three thin products with it run 2-4x faster on this CPU's BLAS than
     with ``(hidden, G * k)``, and each point's rows of it are contiguous for Adam.
