@@ -388,20 +388,46 @@ def run_classifications(items: Sequence[tuple[ClassificationDataset, str]], look
                              keep_predictions)
             out.append({**result, "time_s": time.perf_counter() - start})
         return out
+    jobs = torch_probe_jobs(items, lookup, max_iter=max_iter, seed=seed, search=search,
+                            keep_predictions=keep_predictions, features=features, device=device, protocol=protocol)
     rank, world = world_info()
-    costs = [len(d.splits["train"]) * (9 if will_search(d, s, search) else 1) for d, s in items]
-    mine: dict[int, dict] = {}
-    for index, owner in enumerate(owners(costs, world)):
-        if owner != rank:
-            continue
-        dataset, split = items[index]
+    mine = {index: jobs[index]() for index, owner in enumerate(owners(probe_costs(items, search), world))
+            if owner == rank}
+    return gather_probe_reports(mine, len(items))
+
+
+def probe_costs(items: Sequence[tuple[ClassificationDataset, str]], search: Optional[bool] = None) -> list[int]:
+    """A relative cost of each item's torch probe, to put the longest first: training rows x grid points."""
+    return [len(d.splits["train"]) * (9 if will_search(d, s, search) else 1) for d, s in items]
+
+
+def torch_probe_jobs(items: Sequence[tuple[ClassificationDataset, str]], lookup: Lookup,
+                     max_iter: int = DEFAULT_MAX_ITER, seed: int = 0, search: Optional[bool] = None,
+                     keep_predictions: bool = False, features: str = DEFAULT_FEATURES, device: Any = None,
+                     protocol: Optional[str] = None) -> list[Callable[[], dict]]:
+    """One job per item: fit the torch probe of that ``(dataset, split)`` and return its report (with
+    ``time_s`` and ``device``). A job runs on any one rank and gives the same report on every rank (its
+    arithmetic is fixed: ``TORCH_PROBE_THREADS`` CPU threads, or the device). Collect the reports with
+    :func:`gather_probe_reports`. Arguments as :func:`run_classifications`."""
+    protocol = check_probe("torch", features, protocol)
+
+    def job(dataset: ClassificationDataset, split: str) -> dict:
         start = time.perf_counter()
         problem = _problem(dataset, lookup, split, search)
         fitted = _fit_torch(problem, max_iter, seed, device, protocol)
-        result = _report(dataset, split, problem, fitted, max_iter, seed, probe, features, protocol, keep_predictions)
-        mine[index] = {**result, "time_s": time.perf_counter() - start, "device": str(torch.device(device or "cpu"))}
+        result = _report(dataset, split, problem, fitted, max_iter, seed, "torch", features, protocol,
+                         keep_predictions)
+        return {**result, "time_s": time.perf_counter() - start, "device": str(torch.device(device or "cpu"))}
+
+    return [lambda dataset=dataset, split=split: job(dataset, split) for dataset, split in items]
+
+
+def gather_probe_reports(mine: dict[int, dict], n_items: int) -> list[dict]:
+    """Every rank's ``{item index: report}`` joined (a collective): the ``n_items`` reports in item order."""
     results = _all_gather_json(mine)
-    return [results[i] for i in range(len(items))]
+    missing = sorted(set(range(n_items)) - set(results))
+    assert not missing, f"probe reports of items {missing} were computed by no rank"
+    return [results[i] for i in range(n_items)]
 
 
 def run_classification(dataset: ClassificationDataset, lookup: Lookup, split: str = "test",

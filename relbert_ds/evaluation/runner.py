@@ -31,7 +31,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence, TypeVar, Union
+from typing import Any, Callable, Optional, Sequence, TypeVar, Union
 
 import numpy as np
 import torch
@@ -50,7 +50,8 @@ from relbert_ds.errors import ConfigError, DataError
 from relbert_ds.evaluation import analogy as analogy_mod
 from relbert_ds.evaluation import classification as classification_mod
 from relbert_ds.evaluation import mapping as mapping_mod
-from relbert_ds.evaluation.sharding import encode_sharded
+from relbert_ds.evaluation.sharding import encode_sharded, encode_sharing_ranks, forwards_are_collective
+from relbert_ds.evaluation.work_queue import shared_queue_available
 
 T = TypeVar("T")
 DERIVED_ANALOGY = "semeval2012"  # the trainer's validation questions (relbert_ds.evaluation.validation)
@@ -259,26 +260,99 @@ def _all_ranks_true(flag: bool) -> bool:
     return bool(all_gather_no_grad(torch.tensor([int(flag)], dtype=torch.int64)).min().item())
 
 
+Lookup = Callable[[Sequence[Pair]], np.ndarray]
+
+
+def table_lookup(pairs: Sequence[Pair], table: np.ndarray) -> Lookup:
+    """query pairs -> their rows of ``table`` (row ``i`` is ``pairs[i]``'s vector)."""
+    row_of = {tuple(p): i for i, p in enumerate(pairs)}
+
+    def lookup(query: Sequence[Pair]) -> np.ndarray:
+        return table[[row_of[tuple(p)] for p in query]]
+
+    return lookup
+
+
+@dataclass
+class EncodedTable:
+    """:func:`encode_table`'s result: the table, what the cache did, how the time went, and the results of
+    the jobs run while encoding (None when they were not run)."""
+
+    table: np.ndarray
+    info: dict
+    timing: dict
+    job_results: Optional[dict[int, Any]] = None
+
+
 def encode_table(encoder: Any, pairs: Sequence[Pair], batch_size: int = 64, show_progress: bool = False,
-                 cache_dir: Optional[Union[str, Path]] = None) -> tuple[np.ndarray, dict]:
+                 cache_dir: Optional[Union[str, Path]] = None, first: Sequence[Pair] = (),
+                 make_jobs: Optional[Callable[[Lookup], Sequence[Callable[[], Any]]]] = None) -> EncodedTable:
     """The (N, H) vector table of ``pairs`` (a collective), read from ``cache_dir`` when it holds it.
 
-    Every rank reads the cache; unless every rank found the table, all of them encode (one
-    ``encode_sharded``) and rank 0 writes it. Returns the table and what the cache did.
+    Every rank reads the cache; unless every rank found the table, all of them encode and rank 0 writes
+    it. ``first`` (a subset of ``pairs``) is encoded on its own before the other pairs, so work that only
+    needs its vectors can start early: ``make_jobs(lookup of first)`` gives jobs that the ranks run while
+    they encode the rest (:func:`encode_sharing_ranks`, when the forwards need no lockstep and a work
+    queue can be shared; else they are not run and ``job_results`` is None). Which pairs are encoded
+    together depends on ``pairs`` and ``first`` only, so the table is the same for any number of ranks,
+    with or without jobs.
     """
-    if cache_dir is None:
-        return encode_sharded(encoder, pairs, batch_size=batch_size, show_progress=show_progress), {}
     from relbert_ds.evaluation.cache import VectorCache, cache_key
 
-    cache = VectorCache(cache_dir)
-    key = cache_key(encoder, pairs)
-    table = cache.load(key, int(encoder.hidden_size))
-    info = {"cache_file": str(cache.path(key)), "cache_hit": _all_ranks_true(table is not None)}
-    if not info["cache_hit"]:
-        table = encode_sharded(encoder, pairs, batch_size=batch_size, show_progress=show_progress)
-        if world_info()[0] == 0:
-            cache.save(key, table)
-    return table, info
+    cache = VectorCache(cache_dir) if cache_dir is not None else None
+    info: dict[str, Any] = {}
+    if cache is not None:
+        key = cache_key(encoder, pairs)
+        table = cache.load(key, int(encoder.hidden_size))
+        info = {"cache_file": str(cache.path(key)), "cache_hit": _all_ranks_true(table is not None)}
+        if info["cache_hit"]:
+            return EncodedTable(table, info, {"encoding_alone_s": 0.0})
+    start = time.perf_counter()
+    first = list(dict.fromkeys(tuple(p) for p in first))
+    if not first:
+        encoded = EncodedTable(encode_sharded(encoder, pairs, batch_size=batch_size, show_progress=show_progress),
+                               info, {})
+    else:
+        first_table = encode_sharded(encoder, first, batch_size=batch_size, show_progress=show_progress)
+        timing: dict[str, Any] = {"first_pairs": len(first), "first_s": time.perf_counter() - start}
+        in_first = set(first)
+        rest = [p for p in dict.fromkeys(tuple(p) for p in pairs) if p not in in_first]
+        job_results = None
+        if make_jobs is not None and not forwards_are_collective(encoder) and shared_queue_available():
+            run = encode_sharing_ranks(encoder, rest, make_jobs(table_lookup(first, first_table)),
+                                       batch_size=batch_size, show_progress=show_progress)
+            rest_table, job_results = run.table, run.job_results
+            timing["shared_queue"] = run.ranks
+        else:
+            rest_table = encode_sharded(encoder, rest, batch_size=batch_size, show_progress=show_progress)
+        lookup = table_lookup(first + rest, np.concatenate([first_table, rest_table]))
+        encoded = EncodedTable(lookup(pairs), info, timing, job_results)
+    # What the encoding alone took: with jobs sharing the ranks, the forwards' time summed over ranks and
+    # shared out evenly (the batches are small and go to whichever rank is free).
+    shared = encoded.timing.get("shared_queue")
+    elapsed = time.perf_counter() - start
+    encoded.timing["encoding_alone_s"] = elapsed if shared is None else (
+        encoded.timing["first_s"] + sum(r["encode_s"] for r in shared) / len(shared))
+    if cache is not None and world_info()[0] == 0:
+        cache.save(key, encoded.table)
+    return encoded
+
+
+def classification_pairs(tasks: TaskSet) -> list[Pair]:
+    """The unique pairs the classification probes read (both directions of every split they use)."""
+    return list(dict.fromkeys(
+        p for data, split in tasks.classification
+        for p in classification_mod.classification_pairs(data, classification_mod.needed_splits(data, split))))
+
+
+def _probe_lookup(encoder: Any, tasks: TaskSet, lookup: Lookup, probe_features: str) -> Lookup:
+    """The probes' features: the vectors, or with ``sum`` features each scaled by its pooled token count."""
+    if probe_features != "sum" or not tasks.classification:
+        return lookup
+    counted = classification_pairs(tasks)
+    count_of = dict(zip(counted, pooled_token_counts(encoder, counted).tolist()))
+    return classification_mod.scale_by_counts(
+        lookup, lambda query: np.array([count_of[tuple(p)] for p in query], dtype=np.float32))
 
 
 def evaluate_tasks(encoder: Any, tasks: TaskSet, batch_size: int = 64,
@@ -302,17 +376,26 @@ def evaluate_tasks(encoder: Any, tasks: TaskSet, batch_size: int = 64,
     start = time.perf_counter()
     _, world = world_info()
     pairs = tasks.pairs()
-    table, cache_info = encode_table(encoder, pairs, batch_size=batch_size, show_progress=show_progress,
-                                     cache_dir=cache_dir)
-    row_of = {p: i for i, p in enumerate(pairs)}
+    probe_args = dict(max_iter=max_iter, seed=seed, keep_predictions=keep_predictions, features=probe_features,
+                      device=device, protocol=probe_protocol)
 
-    def lookup(query: Sequence[Pair]) -> np.ndarray:
-        return table[[row_of[tuple(p)] for p in query]]
+    def probe_jobs(first_lookup: Lookup) -> list[Callable[[], dict]]:
+        # The longest probes first: they start at once and the ranks free earlier encode the rest.
+        jobs = classification_mod.torch_probe_jobs(tasks.classification,
+                                                   _probe_lookup(encoder, tasks, first_lookup, probe_features),
+                                                   **probe_args)
+        return [jobs[i] for i in _longest_first(tasks)]
 
-    timing = {"encode_s": time.perf_counter() - start}
+    encoded = encode_table(encoder, pairs, batch_size=batch_size, show_progress=show_progress, cache_dir=cache_dir,
+                           first=classification_pairs(tasks) if tasks.classification else (),
+                           make_jobs=probe_jobs if tasks.classification and probe == "torch" else None)
+    table = encoded.table
+    lookup = table_lookup(pairs, table)
+
+    timing = {"encode_s": time.perf_counter() - start, **encoded.timing}
     result: dict[str, Any] = {"model": model_identity(encoder), "world_size": world, "n_pairs": len(pairs),
                               "batch_size": batch_size, "analogy": {}, "classification": {}, "mapping": {},
-                              "missing": list(tasks.missing), **cache_info}
+                              "missing": list(tasks.missing), **encoded.info}
     if tasks.classification:
         result["probe"] = {"implementation": probe, "features": probe_features, "protocol": probe_protocol,
                            "device": str(torch.device(device)) if device is not None else "cpu"}
@@ -338,18 +421,14 @@ def evaluate_tasks(encoder: Any, tasks: TaskSet, batch_size: int = 64,
     timing["analogy_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    probe_lookup = lookup
-    if probe_features == "sum" and tasks.classification:
-        counted = list(dict.fromkeys(p for data, split in tasks.classification for p in
-                                     classification_mod.classification_pairs(
-                                         data, classification_mod.needed_splits(data, split))))
-        count_of = dict(zip(counted, pooled_token_counts(encoder, counted).tolist()))
-        probe_lookup = classification_mod.scale_by_counts(
-            lookup, lambda query: np.array([count_of[tuple(p)] for p in query], dtype=np.float32))
-    reports = classification_mod.run_classifications(
-        tasks.classification, probe_lookup, max_iter=max_iter, seed=seed, blas_threads=blas_threads,
-        keep_predictions=keep_predictions, workers=fit_workers, probe=probe, features=probe_features, device=device,
-        protocol=probe_protocol)
+    if encoded.job_results is not None:  # the probes ran while the rest was encoded
+        order = _longest_first(tasks)
+        reports = classification_mod.gather_probe_reports(
+            {order[job]: report for job, report in encoded.job_results.items()}, len(tasks.classification))
+    else:
+        reports = classification_mod.run_classifications(
+            tasks.classification, _probe_lookup(encoder, tasks, lookup, probe_features), blas_threads=blas_threads,
+            workers=fit_workers, probe=probe, **probe_args)
     for (data, split), report in zip(tasks.classification, reports):
         result["classification"][f"{data.name}/{split}"] = report
     timing["classification_s"] = time.perf_counter() - t
@@ -365,6 +444,12 @@ def evaluate_tasks(encoder: Any, tasks: TaskSet, batch_size: int = 64,
     if keep_vectors:
         result["vectors"] = {"pairs": pairs, "table": table}
     return result
+
+
+def _longest_first(tasks: TaskSet) -> list[int]:
+    """Indices of ``tasks.classification``, the costliest probe first (ties: task order)."""
+    costs = classification_mod.probe_costs(tasks.classification)
+    return sorted(range(len(costs)), key=lambda i: (-costs[i], i))
 
 
 def evaluate(encoder: Any, analogy: Spec = None, classification: Spec = None, mapping: Spec = None,

@@ -19,8 +19,9 @@ same metrics (and shard the classification grid search over the same features).
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -83,32 +84,130 @@ def encode_sharded(encoder: torch.nn.Module, pairs: Sequence[Sequence[str]], bat
     pairs = validate_pairs(pairs)
     rank, world = world_info()
     unique = list(dict.fromkeys(pairs))
-    row_of = {pair: i for i, pair in enumerate(unique)}
     lengths = encoder.prompt_lengths(unique) if unique else []
     plan = plan_shards(length_order(unique, lengths), batch_size, world)
-    hidden = int(encoder.hidden_size)
     mine: list[torch.Tensor] = []
-    was_training = encoder.training
-    encoder.eval()
-    try:
-        with torch.no_grad():
-            steps = plan.steps[rank] if plan.steps else ()
-            if show_progress and rank == 0:
-                from tqdm.auto import tqdm
-                steps = tqdm(steps, desc=f"encode ({world} rank{'s' if world > 1 else ''})", unit="batch")
-            for batch in steps:
-                if batch is None:
-                    encoder.embed([unique[0]])  # lockstep dummy; its output is discarded
-                    continue
-                mine.append(encoder.embed([unique[i] for i in batch]).float().cpu())
-    finally:
-        encoder.train(was_training)
-    local = torch.cat(mine) if mine else torch.zeros(0, hidden, dtype=torch.float32)
+    with _eval_mode(encoder):
+        steps = plan.steps[rank] if plan.steps else ()
+        if show_progress and rank == 0:
+            from tqdm.auto import tqdm
+            steps = tqdm(steps, desc=f"encode ({world} rank{'s' if world > 1 else ''})", unit="batch")
+        for batch in steps:
+            if batch is None:
+                _embed(encoder, [unique[0]])  # lockstep dummy; its output is discarded
+                continue
+            mine.append(_embed(encoder, [unique[i] for i in batch]))
+    local = torch.cat(mine) if mine else torch.zeros(0, int(encoder.hidden_size), dtype=torch.float32)
     # Send the vectors from the compute device when there is one (nccl moves CUDA tensors).
     gathered = all_gather_no_grad(local).cpu()
     rows = [i for r in range(world) for i in plan.rows_of_rank(r)]
+    return _table(pairs, unique, rows, gathered, int(encoder.hidden_size))
+
+
+def forwards_are_collective(encoder: torch.nn.Module) -> bool:
+    """Whether every rank must run the encoder's forwards in lockstep: ZeRO-3 (its partitioned parameters
+    carry ``ds_id``) gathers each layer's parameters from all ranks inside the forward."""
+    return any(hasattr(p, "ds_id") for p in encoder.parameters()) if isinstance(encoder, torch.nn.Module) else False
+
+
+@dataclass
+class SharedRun:
+    """What :func:`encode_sharing_ranks` did: the table, this rank's job results and every rank's share."""
+
+    table: np.ndarray
+    job_results: dict[int, Any]  # job index -> its return value, for the jobs this rank ran
+    ranks: list[dict[str, float]]  # per rank: encode_s, jobs_s, batches, jobs (how the queue split the work)
+
+
+def encode_sharing_ranks(encoder: torch.nn.Module, pairs: Sequence[Sequence[str]], jobs: Sequence[Callable[[], Any]],
+                         batch_size: int = 64, show_progress: bool = False) -> SharedRun:
+    """Encode ``pairs`` as :func:`encode_sharded` does while the ranks also run ``jobs`` (a collective).
+
+    The jobs (first, in the given order: put the longest first) and the batches of the plan go into one
+    :class:`WorkQueue`; every rank takes the next item when it is free, so a rank busy with a long job
+    encodes less and all finish together. The batches are the plan's for one rank (the same for any
+    world size), so every vector is bit-identical to :func:`encode_sharded`'s; a job's result must not
+    depend on the rank that runs it. Not for an encoder whose forwards are collective
+    (:func:`forwards_are_collective`: the ranks would run different numbers of them). An exception on
+    any rank, in a job or a forward, is raised on every rank once the queue is empty
+    (:func:`relbert_ds.distributed.agree`), so no rank waits for a peer that gave up.
+    """
+    from relbert_ds.distributed import agree
+    from relbert_ds.evaluation.work_queue import WorkQueue
+
+    pairs = validate_pairs(pairs)
+    rank, world = world_info()
+    unique = list(dict.fromkeys(pairs))
+    lengths = encoder.prompt_lengths(unique) if unique else []
+    batches = plan_shards(length_order(unique, lengths), batch_size, 1).batches
+    queue = WorkQueue(len(jobs) + len(batches))
+    done: dict[int, Any] = {}
+    encoded: list[tuple[int, torch.Tensor]] = []
+    share = {"encode_s": 0.0, "jobs_s": 0.0, "batches": 0.0, "jobs": 0.0}
+
+    def work() -> None:
+        progress = None
+        if show_progress and rank == 0:
+            from tqdm.auto import tqdm
+            progress = tqdm(total=queue.n_items, desc=f"encode + probes ({world} rank{'s' if world > 1 else ''})",
+                            unit="item")
+        with _eval_mode(encoder):
+            for item in queue:
+                start = time.perf_counter()
+                if item < len(jobs):
+                    done[item] = jobs[item]()
+                    share["jobs_s"] += time.perf_counter() - start
+                    share["jobs"] += 1
+                else:
+                    batch = item - len(jobs)
+                    encoded.append((batch, _embed(encoder, [unique[i] for i in batches[batch]])))
+                    share["encode_s"] += time.perf_counter() - start
+                    share["batches"] += 1
+                if progress is not None:
+                    progress.update(item + 1 - progress.n)  # the queue's position: every rank's progress
+        if progress is not None:
+            progress.close()
+
+    agree(work)
+    hidden = int(encoder.hidden_size)
+    local = torch.cat([v for _, v in encoded]) if encoded else torch.zeros(0, hidden, dtype=torch.float32)
+    gathered = all_gather_no_grad(local).cpu()
+    ids = all_gather_no_grad(torch.tensor([b for b, _ in encoded], dtype=torch.int64)).tolist()
+    rows = [i for b in ids for i in batches[b]]  # rank by rank, each in its claim order: as gathered
+    keys = ("encode_s", "jobs_s", "batches", "jobs")
+    shares = all_gather_no_grad(torch.tensor([[share[k] for k in keys]], dtype=torch.float64)).tolist()
+    return SharedRun(_table(pairs, unique, rows, gathered, hidden), done,
+                     [{k: (int(v) if k in ("batches", "jobs") else v) for k, v in zip(keys, r)} for r in shares])
+
+
+class _eval_mode:
+    """``encoder.eval()`` and ``torch.no_grad()`` for a block; the encoder's train/eval mode restored after."""
+
+    def __init__(self, encoder: torch.nn.Module) -> None:
+        self.encoder = encoder
+
+    def __enter__(self) -> None:
+        self.was_training = self.encoder.training
+        self.encoder.eval()
+        self.no_grad = torch.no_grad()
+        self.no_grad.__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.no_grad.__exit__(*exc)
+        self.encoder.train(self.was_training)
+
+
+def _embed(encoder: torch.nn.Module, batch: Sequence[Pair]) -> torch.Tensor:
+    """One batch's vectors, float32 on the CPU."""
+    return encoder.embed(list(batch)).float().cpu()
+
+
+def _table(pairs: Sequence[Pair], unique: Sequence[Pair], rows: Sequence[int], gathered: torch.Tensor,
+           hidden: int) -> np.ndarray:
+    """The (len(pairs), hidden) table in input order from ``gathered``, whose row ``j`` is unique pair ``rows[j]``."""
     table = torch.zeros(len(unique), hidden, dtype=torch.float32)
     if rows:
         table[torch.tensor(rows)] = gathered
+    row_of = {pair: i for i, pair in enumerate(unique)}
     out = table[[row_of[p] for p in pairs]] if pairs else table
     return out.numpy()

@@ -118,6 +118,21 @@ def test_one_and_two_ranks_give_identical_results(small_data, tmp_path, probe):
     for entry in entries.values():
         assert entry["selected_on"] == "validation" and len(entry["grid"]) == 9 and entry["probe"] == probe
     assert d2["models"]["model"]["probe"]["implementation"] == probe
+    # The torch probes ran from the ranks' shared queue while the analogy-only pairs were encoded (each probe
+    # and each batch taken by one rank); the sklearn grid is sharded by configuration after the encoding.
+    timings = [d["models"]["model"]["timing"] for d in (d1, d2)]
+    if probe == "torch":
+        one, two = (t["shared_queue"] for t in timings)
+        assert len(one) == 1 and len(two) == 2
+        assert one[0]["jobs"] == sum(s["jobs"] for s in two) == 2
+        assert one[0]["batches"] == sum(s["batches"] for s in two) > 0
+    else:
+        assert not any("shared_queue" in t for t in timings)
+    # The classification pairs (both directions, every split) were encoded first, on their own.
+    rows = [json.loads(line) for folder in small_data["classification"] for split in ("train", "validation", "test")
+            for line in (Path(folder) / f"{split}.jsonl").read_text().splitlines()]
+    first = {q for r in rows for q in ((r["head"], r["tail"]), (r["tail"], r["head"]))}
+    assert [t["first_pairs"] for t in timings] == [len(first)] * 2
     assert {d["dataset"] for d in d1["datasets"]} == {"sat_valid", "bless_small", "bless_other", "mapping"}
     # The table is printed once (rank 0), the other rank stays quiet.
     assert r2.stdout.count("| task | dataset |") == 1
