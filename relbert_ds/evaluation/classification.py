@@ -17,7 +17,9 @@ Two implementations of the same protocol (``probe``):
   together as one batched model, on ``device`` (a GPU when the caller has one; on the CPU on
   one thread, ``TORCH_PROBE_THREADS``). Ranks split the *datasets* (each dataset is trained
   whole on one rank, so its arithmetic, hence its predictions, are the same for any number of
-  ranks) and all-gather the finished results.
+  ranks) and all-gather the finished results: here the costliest first to the least-loaded
+  rank; the evaluator instead runs the same jobs (:func:`torch_probe_jobs`) from a queue the
+  ranks share with part of the encoding (``runner``).
 - ``"sklearn"`` (the reference): nine ``MLPClassifier`` fits, sharded over ranks by
   configuration (rank ``r`` fits ``r, r + W, ...``), each with BLAS limited to ``blas_threads``
   so that its result is the same whatever the number of ranks; ``workers`` runs several fits

@@ -15,10 +15,16 @@ Contract:
 - Data are loaded and validated on every rank *before* anything is encoded; a problem on any
   rank is raised on every rank as the same :class:`UserError` (the lowest failing rank's
   message), so no rank waits for a peer that already gave up.
-- The pairs of all datasets are collected first and encoded by one ``encode_sharded`` call;
-  every rank gets the full vector table and computes the same metrics (the classification
-  grid is sharded over ranks and its results all-gathered). The returned dict is therefore
-  the same on every rank (except the ``timing`` numbers): every rank can take the same
+- The pairs of all datasets are collected first and encoded once (``encode_sharded``); every
+  rank gets the full vector table and computes the same metrics. With classification sets,
+  their pairs are encoded first, on their own; then the torch probes (one dataset each, longest
+  first) and the batches of the remaining pairs go into one queue that the ranks share
+  (``encode_sharing_ranks``): a rank busy with a long probe encodes less, so the probes cost
+  about their CPU time shared by the ranks instead of the longest probe's time. The batches are
+  fixed by the pair lists, not by the ranks, so the vectors are the same for any number of
+  ranks. Under ZeRO-3 (lockstep forwards) the rest is encoded in lockstep and the probes run
+  after it; the sklearn probe shards its grid over ranks after the encoding. The returned dict
+  is therefore the same on every rank (except the ``timing`` numbers): every rank can take the same
   decision (best epoch, early stop) without a broadcast. Files, the markdown table and
   TensorBoard are written by the caller on rank 0 (:func:`write_outputs` does that).
 
@@ -319,22 +325,24 @@ def encode_table(encoder: Any, pairs: Sequence[Pair], batch_size: int = 64, show
         rest = [p for p in dict.fromkeys(tuple(p) for p in pairs) if p not in in_first]
         job_results = None
         if make_jobs is not None and not forwards_are_collective(encoder) and shared_queue_available():
+            shared_start = time.perf_counter()
             run = encode_sharing_ranks(encoder, rest, make_jobs(table_lookup(first, first_table)),
                                        batch_size=batch_size, show_progress=show_progress)
             rest_table, job_results = run.table, run.job_results
-            timing["shared_queue"] = run.ranks
+            timing.update(shared_queue=run.ranks, shared_s=time.perf_counter() - shared_start)
         else:
             rest_table = encode_sharded(encoder, rest, batch_size=batch_size, show_progress=show_progress)
         lookup = table_lookup(first + rest, np.concatenate([first_table, rest_table]))
         encoded = EncodedTable(lookup(pairs), info, timing, job_results)
-    # What the encoding alone took: with jobs sharing the ranks, the forwards' time summed over ranks and
-    # shared out evenly (the batches are small and go to whichever rank is free).
-    shared = encoded.timing.get("shared_queue")
-    elapsed = time.perf_counter() - start
-    encoded.timing["encoding_alone_s"] = elapsed if shared is None else (
-        encoded.timing["first_s"] + sum(r["encode_s"] for r in shared) / len(shared))
     if cache is not None and world_info()[0] == 0:
         cache.save(key, encoded.table)
+    # What the encoding alone took: all of it but the phase shared with jobs, whose forwards count with their
+    # time summed over the ranks and shared out evenly (the batches are small and go to whichever rank is free).
+    alone = time.perf_counter() - start
+    if "shared_queue" in encoded.timing:
+        shares = encoded.timing["shared_queue"]
+        alone += sum(r["encode_s"] for r in shares) / len(shares) - encoded.timing["shared_s"]
+    encoded.timing["encoding_alone_s"] = alone
     return encoded
 
 

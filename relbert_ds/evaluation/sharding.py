@@ -16,6 +16,12 @@ size; every rank computes the same plan without talking):
 Every rank gets the full (N, H) table in input order (one all-gather at the end). That costs
 no more than gathering on rank 0 alone with an all-gather, and lets every rank compute the
 same metrics (and shard the classification grid search over the same features).
+
+When the forwards need no lockstep (anything but ZeRO-3), :func:`encode_sharing_ranks` deals the
+same batches dynamically instead, from a :class:`~relbert_ds.evaluation.work_queue.WorkQueue`
+that also holds other jobs (the evaluator's classification probes): each rank takes the next
+item when it is free. A pair is still encoded with the same other pairs, so its vector is the
+same as with the lockstep plan.
 """
 from __future__ import annotations
 

@@ -7,6 +7,7 @@ import itertools
 import json
 import math
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -749,3 +750,68 @@ def test_preset_paper_runs_the_paper_probe_protocol_unless_told(tiny_bert, tmp_p
     assert doc["options"]["probe_protocol"] == protocol
     results = doc["models"]["model"]["classification"]
     assert len(results) == 5 and {r["protocol"] for r in results.values()} == {protocol}
+
+
+# --------------------------------------------------------------------------- encoding first, jobs alongside
+
+
+class BatchSensitiveEncoder(FakeEncoder):
+    """A vector that depends on the batch the pair is encoded in (as real padding does, to rounding): the
+    pair's hash vector plus the batch's size, so a change of batch partners shows."""
+
+    def embed(self, pairs):
+        return super().embed(pairs) + len(pairs)
+
+
+def _pairs_first_rest():
+    words = ["cat", "dog", "electroencephalography", "ox", "tree", "ant", "sun", "moon", "ab"]
+    pairs = [(a, b) for a in words for b in words if a != b]
+    return pairs + pairs[:5], pairs[::3]  # the list (duplicates kept), and the pairs to encode first
+
+
+def test_encode_table_encodes_first_pairs_in_batches_of_their_own_and_runs_jobs_alongside():
+    pairs, first = _pairs_first_rest()
+    enc = BatchSensitiveEncoder()
+    calls = []
+
+    def make_jobs(lookup):
+        calls.append(lookup)
+        return [lambda: {"first_vector": lookup([first[0]])[0].tolist()}, lambda: time.sleep(0.3) or "second"]
+
+    start = time.perf_counter()
+    encoded = runner.encode_table(enc, pairs, batch_size=5, first=first, make_jobs=make_jobs)
+    wall = time.perf_counter() - start
+    # The first pairs' batches hold first pairs only; the rest's, the others only; each batch of 5 or fewer.
+    in_first = set(first)
+    batches = [set(c) for c in enc.calls]
+    assert all(b <= in_first or not (b & in_first) for b in batches)
+    assert sum(len(b) for b in batches) == len(set(pairs))
+    # The table equals encoding the two groups on their own, in input order.
+    want = {}
+    for group in (first, [p for p in dict.fromkeys(pairs) if p not in in_first]):
+        want.update(zip(group, encode_sharded(BatchSensitiveEncoder(), group, batch_size=5)))
+    assert np.array_equal(encoded.table, np.stack([want[p] for p in pairs]))
+    # The jobs got the first pairs' vectors (before the rest was encoded) and their results came back.
+    assert len(calls) == 1
+    assert encoded.job_results == {0: {"first_vector": want[first[0]].tolist()}, 1: "second"}
+    shares = encoded.timing["shared_queue"]
+    assert len(shares) == 1 and shares[0]["jobs"] == 2 and shares[0]["batches"] == math.ceil(
+        (len(set(pairs)) - len(first)) / 5)
+    assert encoded.timing["first_pairs"] == len(first)
+    # The encoding's own time leaves the jobs' out (one rank here: the wall minus the jobs).
+    assert 0 < encoded.timing["encoding_alone_s"] <= wall - shares[0]["jobs_s"] + 1e-3
+    assert shares[0]["jobs_s"] >= 0.3
+
+
+def test_encode_table_under_lockstep_forwards_runs_no_jobs_and_gives_the_same_table():
+    pairs, first = _pairs_first_rest()
+    free = runner.encode_table(BatchSensitiveEncoder(), pairs, batch_size=5, first=first,
+                               make_jobs=lambda lookup: [lambda: 1])
+    zero3 = BatchSensitiveEncoder()
+    zero3.weight = torch.nn.Parameter(torch.zeros(1))
+    zero3.weight.ds_id = 0  # what a ZeRO-3 partitioned parameter carries
+    assert sharding.forwards_are_collective(zero3) and not sharding.forwards_are_collective(BatchSensitiveEncoder())
+    lockstep = runner.encode_table(zero3, pairs, batch_size=5, first=first, make_jobs=lambda lookup: [lambda: 1])
+    assert lockstep.job_results is None and "shared_queue" not in lockstep.timing
+    assert free.job_results == {0: 1}
+    assert np.array_equal(free.table, lockstep.table)
