@@ -10,6 +10,8 @@ import pytest
 
 from tests.launch import check, rank_env, run
 
+BLESS = Path(__file__).resolve().parents[2] / "relbert_ds" / "resources" / "data" / "classification" / "BLESS"
+
 pytestmark = pytest.mark.slow  # each starts real processes (launchers, ranks): 20-45 s on a 2-core machine
 
 
@@ -214,3 +216,26 @@ def test_probe_kernel_ab_tells_equal_kernels_from_different_ones(tmp_path):
     assert [row.rstrip(" |").rsplit("| ", 1)[1] for row in rows] == ["yes", "yes", "NO"]
     assert doc["speedup_vs_first"][str(other)]["median"] == pytest.approx(runs[0]["cpu_s"] / runs[2]["cpu_s"])
     assert doc["table_markdown"] in result.stdout
+
+
+def test_eval_overlap_arms_give_the_same_reports_and_vectors(tiny_bert, tmp_path):
+    """benchmarks/eval_overlap.py on 2 real ranks: both arms ran each repetition, each probe once, and their
+    reports and vectors are identical (the benchmark exits non-zero otherwise)."""
+    out = tmp_path / "eo.json"
+    small = tmp_path / "bless_small"
+    small.mkdir()
+    for split, per_label in (("train", 8), ("validation", 2), ("test", 2)):
+        rows = [json.loads(line) for line in (BLESS / f"{split}.jsonl").read_text().splitlines()]
+        keep: list = []
+        for label in sorted({r["relation"] for r in rows}):
+            keep += [r for r in rows if r["relation"] == label][:per_label]
+        (small / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in keep))
+    bench("eval_overlap", "--model", tiny_bert, "--classification", str(small), "--analogy", "sat", "--repeats", "1",
+          "--max_iter", "5", "--batch_size", "8", "--output", str(out))
+    doc = load(out)
+    assert doc["identical"] is True and doc["n_first"] > 0 and doc["n_rest"] > 0
+    assert sorted(r["arm"] for r in doc["runs"]) == ["after", "queue"]
+    queue = next(r for r in doc["runs"] if r["arm"] == "queue")
+    assert sum(s["jobs"] for s in queue["ranks"]) == 1 and len(queue["ranks"]) == 2
+    assert sum(s["batches"] for s in queue["ranks"]) == -(-doc["n_rest"] // 8)
+    assert all(positive(r["wall_s"]) for r in doc["runs"]) and positive(doc["after_over_queue"]["median"])
