@@ -69,6 +69,10 @@ def main() -> int:
         lockstep = encode_sharded(encoder, pairs() + pairs()[:10], batch_size=8)
         record["same_table"] = bool((run.table == lockstep).all()) and run.table.shape == lockstep.shape
         record["table_digest"] = hashlib.sha256(run.table.tobytes()).hexdigest()
+        # Nothing left to encode (every pair was in the first group): the jobs still run, the table is empty.
+        empty = encode_sharing_ranks(encoder, [], [job(7, 0.0)], batch_size=8)
+        record["empty"] = {"shape": list(empty.table.shape), "jobs": {str(k): v for k, v in empty.job_results.items()},
+                           "shares": empty.ranks}
     except Exception as exc:  # noqa: BLE001 - the test reads what each rank got
         record["error"] = f"{type(exc).__name__}: {exc}"
     (out / f"rank{rank}.json").write_text(json.dumps(record))

@@ -41,6 +41,10 @@ def test_ranks_claim_each_item_once_and_share_encoding_with_jobs(tmp_path):
     slow = ran[0][0]
     assert all(shares[slow]["batches"] < s["batches"] for i, s in enumerate(shares) if i != slow)
     assert shares[slow]["jobs_s"] >= 1.5
+    # With no pairs to encode the job still ran once, and every rank got the empty (0, H) table.
+    assert all(r["empty"]["shape"] == [0, 8] for r in ranks)
+    assert [v["job"] for r in ranks for v in r["empty"]["jobs"].values()] == [7]
+    assert sum(s["batches"] for s in ranks[0]["empty"]["shares"]) == 0
 
 
 def test_a_failing_job_stops_every_rank(tmp_path):
