@@ -103,10 +103,10 @@ def vectors_lookup(path: Path | str) -> Callable[[Sequence[Any]], Any]:
     ``relbert-ds-evaluate --vectors`` and ``eval_throughput.py --probe_table`` write it)."""
     import numpy as np
 
+    from relbert_ds.evaluation.runner import table_lookup
+
     data = np.load(path)
-    row_of = {tuple(p): i for i, p in enumerate(data["pairs"].tolist())}
-    table = data["model_vectors"]
-    return lambda pairs: table[[row_of[tuple(p)] for p in pairs]]
+    return table_lookup(data["pairs"].tolist(), data["model_vectors"])
 
 
 def summary(values: Iterable[float]) -> dict[str, float]:

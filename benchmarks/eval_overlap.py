@@ -72,7 +72,7 @@ def worker(args: argparse.Namespace) -> int:
     rest = [p for p in dict.fromkeys(tasks.pairs()) if p not in in_first]
     lookup = (common.vectors_lookup(args.vectors) if args.vectors else
               runner.table_lookup(first, encode_sharded(encoder, first, batch_size=args.batch_size)))
-    order = runner._longest_first(tasks)
+    order = runner.probe_order(tasks)
 
     def comparable(reports: Sequence[dict]) -> str:
         return json.dumps([{k: v for k, v in r.items() if k not in ("time_s", "device")} for r in reports],

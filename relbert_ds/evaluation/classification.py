@@ -325,11 +325,16 @@ def _gather_sklearn(problem: _Problem, max_iter: int, seed: int, blas_threads: O
             for r in table]
 
 
+def costliest_first(costs: Sequence[float]) -> list[int]:
+    """Indices of ``costs``, the largest first (ties: lower index first)."""
+    return sorted(range(len(costs)), key=lambda i: (-costs[i], i))
+
+
 def owners(costs: Sequence[float], world: int) -> list[int]:
     """Rank of each item: largest cost first to the least-loaded rank (ties: lowest rank); deterministic."""
     load = [0.0] * world
     out = [0] * len(costs)
-    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+    for i in costliest_first(costs):
         r = min(range(world), key=lambda r: (load[r], r))
         out[i] = r
         load[r] += costs[i]

@@ -392,7 +392,7 @@ def evaluate_tasks(encoder: Any, tasks: TaskSet, batch_size: int = 64,
         jobs = classification_mod.torch_probe_jobs(tasks.classification,
                                                    _probe_lookup(encoder, tasks, first_lookup, probe_features),
                                                    **probe_args)
-        return [jobs[i] for i in _longest_first(tasks)]
+        return [jobs[i] for i in probe_order(tasks)]
 
     encoded = encode_table(encoder, pairs, batch_size=batch_size, show_progress=show_progress, cache_dir=cache_dir,
                            first=classification_pairs(tasks) if tasks.classification else (),
@@ -430,7 +430,7 @@ def evaluate_tasks(encoder: Any, tasks: TaskSet, batch_size: int = 64,
 
     t = time.perf_counter()
     if encoded.job_results is not None:  # the probes ran while the rest was encoded
-        order = _longest_first(tasks)
+        order = probe_order(tasks)
         reports = classification_mod.gather_probe_reports(
             {order[job]: report for job, report in encoded.job_results.items()}, len(tasks.classification))
     else:
@@ -454,10 +454,9 @@ def evaluate_tasks(encoder: Any, tasks: TaskSet, batch_size: int = 64,
     return result
 
 
-def _longest_first(tasks: TaskSet) -> list[int]:
+def probe_order(tasks: TaskSet) -> list[int]:
     """Indices of ``tasks.classification``, the costliest probe first (ties: task order)."""
-    costs = classification_mod.probe_costs(tasks.classification)
-    return sorted(range(len(costs)), key=lambda i: (-costs[i], i))
+    return classification_mod.costliest_first(classification_mod.probe_costs(tasks.classification))
 
 
 def evaluate(encoder: Any, analogy: Spec = None, classification: Spec = None, mapping: Spec = None,

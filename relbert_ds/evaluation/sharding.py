@@ -26,8 +26,9 @@ same as with the lockstep plan.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -186,21 +187,16 @@ def encode_sharing_ranks(encoder: torch.nn.Module, pairs: Sequence[Sequence[str]
                      [{k: (int(v) if k in ("batches", "jobs") else v) for k, v in zip(keys, r)} for r in shares])
 
 
-class _eval_mode:
+@contextmanager
+def _eval_mode(encoder: torch.nn.Module) -> Iterator[None]:
     """``encoder.eval()`` and ``torch.no_grad()`` for a block; the encoder's train/eval mode restored after."""
-
-    def __init__(self, encoder: torch.nn.Module) -> None:
-        self.encoder = encoder
-
-    def __enter__(self) -> None:
-        self.was_training = self.encoder.training
-        self.encoder.eval()
-        self.no_grad = torch.no_grad()
-        self.no_grad.__enter__()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.no_grad.__exit__(*exc)
-        self.encoder.train(self.was_training)
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        encoder.train(was_training)
 
 
 def _embed(encoder: torch.nn.Module, batch: Sequence[Pair]) -> torch.Tensor:
