@@ -19,11 +19,13 @@ import numpy as np
 import torch
 
 from relbert_ds import backbones
+from relbert_ds.batching import plan_batches
+from relbert_ds.data.schemas import Pair
 from relbert_ds.errors import ConfigError, ModelError
 from relbert_ds.pooling import DEFAULT_POOLING, POOLING_MODES, pool
 from relbert_ds.prompts import DEFAULT_TEMPLATE, MASK, check_template_for_tokenizer, fill_template, resolve_template
+from relbert_ds.similarity import cosine
 
-Pair = tuple[str, str]
 PairOrPairs = Union[Sequence[str], Iterable[Sequence[str]]]  # one (head, tail) or many
 RELBERT_CONFIG_KEY = "relbert_config"
 DEFAULT_MAX_LENGTH = 64  # as in the public relbert code
@@ -112,6 +114,9 @@ class RelationEncoder(torch.nn.Module):
         self.max_length = max_length
         # The mask token only matters when the template puts one into the prompt.
         self.mask_token_id: int | None = tokenizer.mask_token_id if MASK in self.template else None
+        # Take the backbone's mode (eval after from_pretrained) instead of nn.Module's default, train:
+        # encode() restores the mode it found, and a train-mode wrapper would switch dropout on after it.
+        self.train(bool(getattr(backbone, "training", True)))
 
     # ---------------------------------------------------------------- construction / saving
     @classmethod
@@ -250,17 +255,11 @@ class RelationEncoder(torch.nn.Module):
         if is_single_pair(pairs):
             return self.encode([pairs], batch_size=batch_size, as_tensor=as_tensor, show_progress=show_progress)[0]
         pairs = validate_pairs(pairs)
-        if batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-        # The evaluator's batch plan at world size 1: the same batches (and padding) as a sharded
+        # The evaluator's batch plan (relbert_ds.batching): the same batches (and padding) as a sharded
         # encoding, so encode() and relbert-ds-evaluate give bit-identical vectors.
-        from relbert_ds.evaluation.sharding import length_order, plan_shards
-
-        unique = list(dict.fromkeys(pairs))
-        row_of = {pair: i for i, pair in enumerate(unique)}
-        batches = plan_shards(length_order(unique, self.prompt_lengths(unique) if unique else []), batch_size,
-                              1).batches
-        vectors = torch.zeros(len(unique), self.hidden_size, dtype=torch.float32)
+        plan = plan_batches(pairs, self.prompt_lengths, batch_size)
+        batches = plan.batches
+        vectors = torch.zeros(len(plan.unique), self.hidden_size, dtype=torch.float32)
         was_training = self.training
         self.eval()
         try:
@@ -269,10 +268,10 @@ class RelationEncoder(torch.nn.Module):
                     from tqdm.auto import tqdm
                     batches = tqdm(batches, desc="encode", unit="batch")
                 for idx in batches:
-                    vectors[list(idx)] = self.embed([unique[i] for i in idx]).float().cpu()
+                    vectors[list(idx)] = self.embed([plan.unique[i] for i in idx]).float().cpu()
         finally:
             self.train(was_training)
-        out = vectors[[row_of[p] for p in pairs]] if pairs else vectors
+        out = plan.rows().take(vectors, pairs)
         return out if as_tensor else out.numpy()
 
     def similarity(self, a: PairOrPairs, b: PairOrPairs, batch_size: int = 64) -> float | np.ndarray:
@@ -280,10 +279,9 @@ class RelationEncoder(torch.nn.Module):
 
         The shape follows the inputs: one pair and one pair give a float; one pair and n pairs
         (either side) a 1-D array (n,); n pairs and m pairs the matrix (n, m) (what
-        sentence-transformers' ``util.cos_sim`` gives, as numpy). Both sides are encoded in one call.
+        sentence-transformers' ``util.cos_sim`` gives, as numpy). Both sides are encoded in one call;
+        identical pairs get identical scores.
         """
-        from relbert_ds.evaluation.analogy import cosine  # the evaluator's cosine: one definition
-
         a_single, b_single = is_single_pair(a), is_single_pair(b)
         a_pairs = validate_pairs([a] if a_single else a)
         b_pairs = validate_pairs([b] if b_single else b)

@@ -17,17 +17,17 @@ from relbert_ds.evaluation.runner import (
     write_outputs,
     write_tensorboard,
 )
-from relbert_ds.evaluation.sharding import encode_sharded, plan_shards
+from relbert_ds.evaluation.sharding import deal_batches, encode_sharded
 
 __all__ = [
     "TaskSet",
+    "deal_batches",
     "encode_sharded",
     "evaluate",
     "evaluate_tasks",
     "flat_metrics",
     "load_mapping_dataset",
     "markdown_table",
-    "plan_shards",
     "prepare_tasks",
     "run_classification",
     "run_mapping",

@@ -15,6 +15,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from relbert_ds.data.schemas import AnalogyDataset, AnalogyQuestion, Pair
+from relbert_ds.similarity import cosine
 
 Lookup = Callable[[Sequence[Pair]], np.ndarray]  # pairs -> (n, H) vectors
 
@@ -36,17 +37,6 @@ def analogy_pairs(questions: Iterable[AnalogyQuestion]) -> list[Pair]:
         out.append(q.stem)
         out.extend(q.choices)
     return out
-
-
-def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Row-wise cosine of ``a`` (H,) or (n, H) with ``b`` (m, H), in float64 (0 for zero vectors)."""
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    na = np.linalg.norm(a, axis=-1, keepdims=True)
-    nb = np.linalg.norm(b, axis=-1, keepdims=True)
-    a = np.divide(a, na, out=np.zeros_like(a), where=na > 0)
-    b = np.divide(b, nb, out=np.zeros_like(b), where=nb > 0)
-    return a @ b.T
 
 
 def answer_question(stem: np.ndarray, choices: np.ndarray, answer: int) -> QuestionResult:

@@ -32,6 +32,7 @@ Measured costs: docs/PERFORMANCE.md and docs/EVALUATION.md.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -42,6 +43,7 @@ from typing import Any, Callable, Optional, Sequence, TypeVar, Union
 import numpy as np
 import torch
 
+from relbert_ds.batching import PairRows
 from relbert_ds.collectives import all_gather_no_grad, world_info
 from relbert_ds.data import (
     BUNDLED_ANALOGY,
@@ -271,12 +273,7 @@ Lookup = Callable[[Sequence[Pair]], np.ndarray]
 
 def table_lookup(pairs: Sequence[Pair], table: np.ndarray) -> Lookup:
     """query pairs -> their rows of ``table`` (row ``i`` is ``pairs[i]``'s vector)."""
-    row_of = {tuple(p): i for i, p in enumerate(pairs)}
-
-    def lookup(query: Sequence[Pair]) -> np.ndarray:
-        return table[[row_of[tuple(p)] for p in query]]
-
-    return lookup
+    return functools.partial(PairRows(pairs).take, table)
 
 
 @dataclass

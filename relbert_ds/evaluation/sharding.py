@@ -1,14 +1,9 @@
 """Sharded, lockstep inference: one table of relation vectors for many word pairs, many ranks.
 
-The plan (a pure function of the pairs, their prompt lengths, ``batch_size`` and the world
-size; every rank computes the same plan without talking):
-
-1. the unique pairs (first occurrence order), sorted by prompt token length, longest first,
-   ties by the pair itself; so the plan never depends on input order or on the rank;
-2. cut into batches of ``batch_size`` consecutive pairs of that order (the same batches for any
-   world size: a pair is always encoded together with the same other pairs, with the same
-   padding, so its vector is bit-identical whether 1 or 8 ranks run);
-3. batch ``b`` goes to rank ``b % W``; every rank runs exactly ``ceil(n_batches / W)`` forwards.
+The batches are the encoder's (:mod:`relbert_ds.batching`: unique pairs, longest prompts first,
+fixed batches; the same for any world size, so a pair's vector is bit-identical whether 1 or 8 ranks
+run); every rank computes them without talking. This module deals them to the ranks:
+batch ``b`` goes to rank ``b % W``; every rank runs exactly ``ceil(n_batches / W)`` forwards.
    A rank whose turn has no batch left runs a 1-pair dummy forward and discards it: under
    ZeRO-3 every forward is a collective (parameters are all-gathered layer by layer) and a rank
    that skipped one would leave the others waiting forever.
@@ -33,9 +28,10 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
+from relbert_ds.batching import PairRows, plan_batches
 from relbert_ds.collectives import all_gather_no_grad, world_info
-from relbert_ds.encoder import Pair, validate_pairs
-from relbert_ds.errors import ConfigError
+from relbert_ds.data.schemas import Pair
+from relbert_ds.encoder import validate_pairs
 
 
 @dataclass(frozen=True)
@@ -54,20 +50,11 @@ class ShardPlan:
         return [i for batch in self.steps[rank] if batch is not None for i in batch]
 
 
-def length_order(pairs: Sequence[Pair], lengths: Sequence[int]) -> list[int]:
-    """Indices of ``pairs`` sorted by prompt length (longest first), ties by the pair itself."""
-    if len(pairs) != len(lengths):
-        raise ValueError("one length per pair is needed")
-    return sorted(range(len(pairs)), key=lambda i: (-lengths[i], pairs[i]))
-
-
-def plan_shards(order: Sequence[int], batch_size: int, world_size: int) -> ShardPlan:
-    """Cut ``order`` into batches and deal them round-robin to ``world_size`` lockstep ranks."""
-    if batch_size < 1:
-        raise ConfigError(f"batch_size must be >= 1, got {batch_size}; fix: pass a positive batch size")
+def deal_batches(batches: Sequence[tuple[int, ...]], world_size: int) -> ShardPlan:
+    """Deal ``batches`` round-robin to ``world_size`` lockstep ranks (dummy forwards fill the last turn)."""
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
-    batches = tuple(tuple(order[s:s + batch_size]) for s in range(0, len(order), batch_size))
+    batches = tuple(batches)
     n_steps = -(-len(batches) // world_size)  # ceil
     steps = tuple(
         tuple(batches[k * world_size + r] if k * world_size + r < len(batches) else None for k in range(n_steps))
@@ -90,9 +77,9 @@ def encode_sharded(encoder: torch.nn.Module, pairs: Sequence[Sequence[str]], bat
     """
     pairs = validate_pairs(pairs)
     rank, world = world_info()
-    unique = list(dict.fromkeys(pairs))
-    lengths = encoder.prompt_lengths(unique) if unique else []
-    plan = plan_shards(length_order(unique, lengths), batch_size, world)
+    batching = plan_batches(pairs, encoder.prompt_lengths, batch_size)
+    unique = batching.unique
+    plan = deal_batches(batching.batches, world)
     mine: list[torch.Tensor] = []
     with _eval_mode(encoder):
         steps = plan.steps[rank] if plan.steps else ()
@@ -108,7 +95,7 @@ def encode_sharded(encoder: torch.nn.Module, pairs: Sequence[Sequence[str]], bat
     # Send the vectors from the compute device when there is one (nccl moves CUDA tensors).
     gathered = all_gather_no_grad(local).cpu()
     rows = [i for r in range(world) for i in plan.rows_of_rank(r)]
-    return _table(pairs, unique, rows, gathered, int(encoder.hidden_size))
+    return _table(pairs, unique, rows, gathered)
 
 
 def forwards_are_collective(encoder: torch.nn.Module) -> bool:
@@ -144,9 +131,8 @@ def encode_sharing_ranks(encoder: torch.nn.Module, pairs: Sequence[Sequence[str]
 
     pairs = validate_pairs(pairs)
     rank, world = world_info()
-    unique = list(dict.fromkeys(pairs))
-    lengths = encoder.prompt_lengths(unique) if unique else []
-    batches = plan_shards(length_order(unique, lengths), batch_size, 1).batches
+    plan = plan_batches(pairs, encoder.prompt_lengths, batch_size)
+    unique, batches = plan.unique, plan.batches
     queue = WorkQueue(len(jobs) + len(batches))
     done: dict[int, Any] = {}
     encoded: list[tuple[int, torch.Tensor]] = []
@@ -183,7 +169,7 @@ def encode_sharing_ranks(encoder: torch.nn.Module, pairs: Sequence[Sequence[str]
     rows = [i for b in ids for i in batches[b]]  # rank by rank, each in its claim order: as gathered
     keys = ("encode_s", "jobs_s", "batches", "jobs")
     shares = all_gather_no_grad(torch.tensor([[share[k] for k in keys]], dtype=torch.float64)).tolist()
-    return SharedRun(_table(pairs, unique, rows, gathered, hidden), done,
+    return SharedRun(_table(pairs, unique, rows, gathered), done,
                      [{k: (int(v) if k in ("batches", "jobs") else v) for k, v in zip(keys, r)} for r in shares])
 
 
@@ -204,12 +190,9 @@ def _embed(encoder: torch.nn.Module, batch: Sequence[Pair]) -> torch.Tensor:
     return encoder.embed(list(batch)).float().cpu()
 
 
-def _table(pairs: Sequence[Pair], unique: Sequence[Pair], rows: Sequence[int], gathered: torch.Tensor,
-           hidden: int) -> np.ndarray:
-    """The (len(pairs), hidden) table in input order from ``gathered``, whose row ``j`` is unique pair ``rows[j]``."""
-    table = torch.zeros(len(unique), hidden, dtype=torch.float32)
+def _table(pairs: Sequence[Pair], unique: Sequence[Pair], rows: Sequence[int], gathered: torch.Tensor) -> np.ndarray:
+    """The (len(pairs), H) table in input order from ``gathered``, whose row ``j`` is unique pair ``rows[j]``."""
+    table = torch.zeros(len(unique), gathered.shape[1], dtype=torch.float32)
     if rows:
         table[torch.tensor(rows)] = gathered
-    row_of = {pair: i for i, pair in enumerate(unique)}
-    out = table[[row_of[p] for p in pairs]] if pairs else table
-    return out.numpy()
+    return PairRows(unique).take(table, pairs).numpy()

@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 import torch
 
+from relbert_ds.batching import fixed_batches, length_order
 from relbert_ds.data.schemas import AnalogyDataset, AnalogyQuestion, ClassificationDataset, LexicalPair
 from relbert_ds.errors import ConfigError, DataError, ModelError, UserError
 from relbert_ds.evaluation import analogy, classification, mapping, runner, sharding
-from relbert_ds.evaluation.sharding import encode_sharded, length_order, plan_shards
+from relbert_ds.evaluation.sharding import deal_batches, encode_sharded
 
 # --------------------------------------------------------------------------- helpers
 
@@ -62,7 +63,7 @@ def table_lookup(table: dict):
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_plan_assigns_every_batch_once_with_equal_forward_counts(n_items, batch_size, world):
     order = list(range(n_items))[::-1]
-    plan = plan_shards(order, batch_size, world)
+    plan = deal_batches(fixed_batches(order, batch_size), world)
     n_batches = math.ceil(n_items / batch_size)
     assert len(plan.batches) == n_batches
     assert {len(s) for s in plan.steps} <= {math.ceil(n_batches / world)}  # lockstep
@@ -75,7 +76,7 @@ def test_plan_assigns_every_batch_once_with_equal_forward_counts(n_items, batch_
             assert batch == (plan.batches[b] if b < n_batches else None)  # round robin, dummies at the end
     assert sum(b is None for s in plan.steps for b in s) == world * math.ceil(n_batches / world) - n_batches
     # The batches themselves never depend on the world size.
-    assert plan.batches == plan_shards(order, batch_size, 1).batches
+    assert plan.batches == deal_batches(fixed_batches(order, batch_size), 1).batches
     assert [i for b in plan.batches for i in b] == order
 
 
@@ -87,14 +88,14 @@ def test_length_order_longest_first_ties_by_pair():
 
 def test_plan_rejects_bad_batch_size():
     with pytest.raises(ConfigError):
-        plan_shards([0, 1], 0, 1)
+        fixed_batches([0, 1], 0)
 
 
 def _simulate(monkeypatch, encoder, pairs, batch_size, world):
     """Run encode_sharded as each rank of a fake world; the fake all-gather checks each rank's
     local rows against the plan and returns what a real gather would."""
     unique = list(dict.fromkeys(pairs))
-    plan = plan_shards(length_order(unique, encoder.prompt_lengths(unique)), batch_size, world)
+    plan = deal_batches(fixed_batches(length_order(unique, encoder.prompt_lengths(unique)), batch_size), world)
     expected = [torch.from_numpy(np.stack([encoder.vector_fn(unique[i]) for i in plan.rows_of_rank(r)]))
                 if plan.rows_of_rank(r) else torch.zeros(0, encoder.dim) for r in range(world)]
     outputs, forwards = [], []

@@ -93,6 +93,21 @@ def test_analogy_first_choice_is_the_evaluators_prediction(minilm):
     assert minilm.analogy(stem, choices)[0].index == answer_question(vectors[0], vectors[1:], answer=0).prediction
 
 
+def test_a_loaded_model_stays_in_eval_mode_after_encode(tiny_bert):
+    """from_pretrained gives an eval-mode model (as transformers does), and encode() leaves it so: a forward
+    after encode() is deterministic (it once switched the backbone's dropout on)."""
+    model = RelationEncoder.from_pretrained(tiny_bert, warn_untrained=False)
+    assert not model.training and not model.backbone.training
+    model.encode(PAIRS)
+    assert not model.training and not model.backbone.training
+    batch = model.tokenize(PAIRS)
+    with torch.no_grad():
+        assert torch.equal(model(**batch), model(**batch))
+    model.train()
+    model.encode(PAIRS)
+    assert model.training and model.backbone.training  # a caller's train mode is kept too
+
+
 def test_device_auto_and_explicit(tiny_bert):
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert resolve_device("auto").type == expected
@@ -138,3 +153,23 @@ def test_untrained_backbone_warns_once_and_trained_model_does_not(bundled_model_
         RelationEncoder.from_pretrained(bundled_model_path, warn_untrained=False)
     assert _untrained_warnings(record) == []
     assert trained.pooling == "mask"  # it really is the saved model, with its relbert_config
+
+
+def test_equal_rows_get_bit_identical_cosines_wherever_they_sit():
+    """The cosine scores each distinct row once: a repeated choice at any position ties exactly with its first
+    copy (a BLAS matrix product may sum the same row differently at another position of the matrix)."""
+    from relbert_ds.similarity import cosine
+
+    rng = np.random.default_rng(0)
+    for n_choices in (2, 5, 6, 9, 17, 33):
+        for repeat_at in range(1, n_choices):
+            choices = rng.standard_normal((n_choices, 384)).astype(np.float32)
+            choices[repeat_at] = choices[0]
+            stems = rng.standard_normal((3, 384)).astype(np.float32)
+            scores = cosine(stems, choices)
+            assert scores.shape == (3, n_choices)
+            assert np.array_equal(scores[:, 0], scores[:, repeat_at])
+            one = cosine(stems[1], choices)  # one stem: 1-D, the same scores up to rounding (another kernel)
+            assert one.shape == (n_choices,) and one[0] == one[repeat_at] and np.allclose(one, scores[1], atol=1e-12)
+            assert np.allclose(scores, numpy_cosines(stems, choices), atol=1e-12)
+    assert np.array_equal(cosine(np.zeros(4), np.ones((2, 4))), np.zeros(2))  # zero vectors score 0
