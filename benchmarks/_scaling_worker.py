@@ -1,11 +1,11 @@
 #!/usr/bin/env python
 """One rank of ``benchmarks/scaling.py`` (started by torchrun): trains a few optimizer steps through the
-real :class:`relbert_ds.trainer.Trainer` and records, per step, the trainer's own timings plus every
+real :class:`relbert_ds.training.trainer.Trainer` and records, per step, the trainer's own timings plus every
 collective this process issued, counted and timed by a shim around ``torch.distributed``.
 
 The shim is installed before anything imports DeepSpeed, so DeepSpeed's communication layer
 (``deepspeed.comm``, whose torch backend captures ``all_gather_into_tensor``/``reduce_scatter_tensor``
-when it is created) and relbert-ds's loss gather (``relbert_ds.collectives`` ->
+when it is created) and relbert-ds's loss gather (``relbert_ds.parallel.collectives`` ->
 ``torch.distributed.nn.functional.all_gather``) both go through it. No library file is changed.
 
 Each collective is filed under a *source* read from the call stack and the *phase* the trainer was in
@@ -87,11 +87,11 @@ class CommMeter:
                 # The gather's backward runs inside engine.backward (on gloo as an autograd all-to-all
                 # whose forward issues the scatters), its forward inside engine.forward.
                 return "gather_bwd" if func == "backward" or METER.phase == "backward" else "gather_fwd"
-            if name.endswith("relbert_ds/collectives.py"):
+            if name.endswith("relbert_ds/parallel/collectives.py"):
                 return "loss_stats" if func in ("all_reduce_sum", "all_reduce_mean") else "gather_ids"
             if "/deepspeed/" in name and "/deepspeed/comm/" not in name:
                 return "deepspeed"
-            if name.endswith("relbert_ds/trainer.py") or name.endswith("relbert_ds/distributed.py"):
+            if name.endswith("relbert_ds/training/trainer.py") or name.endswith("relbert_ds/parallel/distributed.py"):
                 return "trainer"
             frame = frame.f_back
         return "other"
@@ -169,7 +169,7 @@ def _phase(name: str, fn: Callable) -> Callable:
 
 
 def build_run(args: argparse.Namespace) -> Any:
-    from relbert_ds.config import RunConfig
+    from relbert_ds.training.config import RunConfig
 
     run = RunConfig()
     run.deepspeed_config = args.deepspeed_config
@@ -207,7 +207,7 @@ def main() -> int:
 
     METER.install()  # before DeepSpeed's comm backend exists
     from relbert_ds.cli.common import setup_logging
-    from relbert_ds.trainer import Trainer
+    from relbert_ds.training.trainer import Trainer
 
     setup_logging(False)
     import logging

@@ -216,7 +216,7 @@ def tool(name: str) -> str:
 
 
 def slurm_job_id_with_free_port() -> int:
-    """A job id whose derived master port (15000 + id % 20000, as relbert_ds.distributed derives it
+    """A job id whose derived master port (15000 + id % 20000, as relbert_ds.parallel.distributed derives it
     under SLURM) is free right now: for starting ranks with srun's environment by hand."""
     for job in range(1000, 20000, 37):
         with socket.socket() as s:
@@ -300,8 +300,8 @@ def setup_single_process(threads: Optional[int] = None) -> Any:
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from relbert_ds import distributed
     from relbert_ds.cli.common import setup_logging
+    from relbert_ds.parallel import distributed
 
     setup_logging(False)
     import logging

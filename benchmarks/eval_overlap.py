@@ -57,10 +57,11 @@ def worker(args: argparse.Namespace) -> int:
 
     import torch
 
-    from relbert_ds import RelationEncoder, distributed
-    from relbert_ds.collectives import all_gather_no_grad
+    from relbert_ds import RelationEncoder
     from relbert_ds.evaluation import classification, runner
     from relbert_ds.evaluation.sharding import encode_sharded, encode_sharing_ranks
+    from relbert_ds.parallel import distributed
+    from relbert_ds.parallel.collectives import all_gather_no_grad
 
     info = common.setup_single_process()
     distributed.set_threads(None, info.local_world_size)

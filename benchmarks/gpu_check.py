@@ -91,7 +91,7 @@ def make_model(directory: Path, sizes: dict[str, int], on_gpu: bool) -> str:
     import torch
     from transformers import AutoTokenizer, RobertaConfig, RobertaModel
 
-    from relbert_ds.backbones import bundled_backbone_path
+    from relbert_ds.model.backbones import bundled_backbone_path
 
     if (directory / "config.json").exists():
         return str(directory)
@@ -121,7 +121,7 @@ def fp32_config(work: Path) -> str:
 
 
 def _run_config(args: argparse.Namespace, output_dir: str, steps: int, relations_per_step: int) -> Any:
-    from relbert_ds.config import RunConfig
+    from relbert_ds.training.config import RunConfig
 
     run = RunConfig()
     run.deepspeed_config = args.deepspeed_config
@@ -162,8 +162,8 @@ def worker_train(args: argparse.Namespace) -> int:
     """Every rank: ``--steps`` optimizer steps through the trainer; rank 0 writes the records."""
     import torch
 
-    from relbert_ds.monitor import GPU_PEAK_FLOPS
-    from relbert_ds.trainer import Trainer
+    from relbert_ds.training.monitor import GPU_PEAK_FLOPS
+    from relbert_ds.training.trainer import Trainer
 
     _quiet()
     trainer = Trainer(_run_config(args, str(Path(args.result).parent / "run"), args.steps,
@@ -196,7 +196,7 @@ def _tiled_batch(batch: Any, k: int) -> Any:
     negatives of each other, not positives)."""
     import torch
 
-    from relbert_ds.sampler import LocalBatch
+    from relbert_ds.training.sampler import LocalBatch
 
     rel_span = int(batch.relation_ids.max()) + 1
     pair_span = int(batch.pair_ids.max()) + 1
@@ -211,7 +211,7 @@ def worker_probe(args: argparse.Namespace) -> int:
     """One rank: does a micro batch of ``k`` tiled copies fit? Search k; rank 0 writes the result."""
     import torch
 
-    from relbert_ds.trainer import Trainer
+    from relbert_ds.training.trainer import Trainer
 
     _quiet()
     trainer = Trainer(_run_config(args, str(Path(args.result).parent / "run"), 1, 8)).prepare()

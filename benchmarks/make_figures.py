@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from relbert_ds.plotting import plot_memory, plot_throughput, plot_time_to_quality  # noqa: E402
+from relbert_ds.training.plotting import plot_memory, plot_throughput, plot_time_to_quality  # noqa: E402
 
 FIGURES = (("time_to_quality.json", "time_to_quality.png", plot_time_to_quality),
            ("memory.json", "memory.png", plot_memory),

@@ -99,7 +99,7 @@ def count_parameters(name: str) -> dict[str, Any]:
     from transformers import AutoConfig, AutoModel
 
     if name == BUNDLED:
-        from relbert_ds.backbones import resolve_model_name
+        from relbert_ds.model.backbones import resolve_model_name
 
         config = AutoConfig.from_pretrained(resolve_model_name("all-MiniLM-L6-v2"))
     else:

@@ -424,7 +424,7 @@ class RealArm:
 
     def prepare(self) -> dict[str, Any]:
         """Build the venv if needed (not timed as the arm's work) and convert the backbone."""
-        from relbert_ds.backbones import resolve_model_name
+        from relbert_ds.model.backbones import resolve_model_name
 
         self.venv_stamp = ensure_venv(self.venv, log=self.log)
         convert_backbone(self.work_dir / "backbone", resolve_model_name(self.model))

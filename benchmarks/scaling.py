@@ -241,7 +241,7 @@ def model_shape(name: str) -> dict[str, Any]:
     from transformers import AutoConfig, AutoModel
 
     from benchmarks.memory import MODEL_CONFIGS
-    from relbert_ds.monitor import matmul_parameters
+    from relbert_ds.training.monitor import matmul_parameters
 
     spec = dict(MODEL_CONFIGS[MODELLED[name]])
     config = AutoConfig.for_model(spec.pop("model_type"), **spec)
@@ -271,7 +271,7 @@ def bus_bandwidth(args: argparse.Namespace, n: int) -> float:
 def model_step(args: argparse.Namespace, shape: dict[str, Any], n: int, prompts_per_gpu: float,
                tokens_per_prompt: float) -> dict[str, float]:
     """Modelled seconds per part of one optimizer step on ``n`` GPUs."""
-    from relbert_ds.monitor import model_flops_per_token
+    from relbert_ds.training.monitor import model_flops_per_token
 
     tokens = prompts_per_gpu * tokens_per_prompt
     flops = tokens * model_flops_per_token(shape["matmul_parameters"], shape["num_layers"], shape["hidden_size"],

@@ -24,7 +24,7 @@ Arms, interleaved repetition by repetition (the order rotates every repetition):
   Their epoch over SemEval-2012 (79 relations = 79 steps) is **extrapolated** from the steps
   timed in each repetition; ours is timed for whole epochs.
 
-Negatives per encoded sequence are counted from the loss's own masks (relbert_ds.losses) for
+Negatives per encoded sequence are counted from the loss's own masks (relbert_ds.training.losses) for
 every batch of an epoch, and from the public scheme's batches (every positive anchor against
 every negative of its step).
 
@@ -87,8 +87,8 @@ def build_ours(args: argparse.Namespace, run_dir: str) -> Any:
     """relbert-ds's trainer through its public API: ``Trainer(run).prepare()`` joins the (one-rank)
     job, checks and loads everything and builds the DeepSpeed engine, as ``fit`` does before its loop.
     No validation sets, TensorBoard or projector (the benchmarks score the model themselves)."""
-    from relbert_ds.config import RunConfig
-    from relbert_ds.trainer import Trainer
+    from relbert_ds.training.config import RunConfig
+    from relbert_ds.training.trainer import Trainer
 
     run = RunConfig()
     run.deepspeed_config = args.deepspeed_config
@@ -160,7 +160,7 @@ def count_ours(sampler: Any, epoch: int) -> dict[str, float]:
     W-rank run equal those of one process over the global batch)."""
     import torch
 
-    from relbert_ds.losses import _GlobalBatch
+    from relbert_ds.training.losses import _GlobalBatch
 
     totals = {"sequences": 0, "anchors": 0, "anchor_negative_pairs": 0, "anchor_positive_pairs": 0,
               "own_negative_pairs": 0, "in_batch_negative_pairs": 0, "steps": 0}
@@ -203,7 +203,7 @@ def count_public(scheme: Any) -> dict[str, float]:
 
 
 def flops_per_step(tokens: float, pairs: float, trainer: Any) -> float:
-    from relbert_ds.monitor import model_flops_per_token
+    from relbert_ds.training.monitor import model_flops_per_token
 
     cfg = trainer.encoder.backbone.config
     return tokens * model_flops_per_token(trainer.matmul_parameters, int(cfg.num_hidden_layers), cfg.hidden_size,
@@ -269,7 +269,7 @@ def _measure(args: argparse.Namespace, head: dict[str, Any], trainer: Any, setup
     """Warm every arm up, run the interleaved repetitions, summarise, print and write the results."""
     from benchmarks.public_scheme import PublicScheme, PublicTrainer
     from relbert_ds import RelationEncoder
-    from relbert_ds.sampler import RelationAwareSampler
+    from relbert_ds.training.sampler import RelationAwareSampler
 
     peak, peak_source = trainer.peak_flops  # given, or measured once by prepare()
     bare = Bare(args.model, args.lr)

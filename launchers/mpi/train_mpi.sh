@@ -1,6 +1,6 @@
 #!/bin/bash
 # relbert-ds training launched by MPI: mpirun starts the ranks, mpi4py tells each its rank, and
-# rank 0's host and a free port are agreed over MPI itself (relbert_ds/distributed.py).
+# rank 0's host and a free port are agreed over MPI itself (relbert_ds/parallel/distributed.py).
 #
 #   RELBERT_DS_NP=8 launchers/mpi/train_mpi.sh --output_dir runs/mpi [train.py options]
 #   RELBERT_DS_NP=16 RELBERT_DS_PPN=8 RELBERT_DS_HOSTFILE=hosts launchers/mpi/train_mpi.sh ...   # 2 nodes

@@ -1,6 +1,6 @@
 """The one shell every command line runs in: parse (a bad option is one line from rank 0),
 logging, then the body, where a user error becomes ``error: <message>`` printed once and exit
-status 2, and a failure agreed across ranks (:func:`relbert_ds.distributed.agree`) is printed
+status 2, and a failure agreed across ranks (:func:`relbert_ds.parallel.distributed.agree`) is printed
 once with its traceback and exit status 1."""
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ A = TypeVar("A")
 
 def setup_logging(verbose: bool = False) -> None:
     """INFO from relbert-ds on rank 0, warnings elsewhere; third-party chatter off unless verbose."""
-    from relbert_ds.distributed import env_rank
+    from relbert_ds.parallel.distributed import env_rank
 
     rank = env_rank()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
@@ -67,7 +67,7 @@ def _report_bad_option(exc: UserError) -> None:
     kill rank 0 before it printed when another rank exited first. Where the job cannot be
     joined, the rank the launcher's environment names 0 prints.
     """
-    from relbert_ds import distributed
+    from relbert_ds.parallel import distributed
 
     try:
         distributed.init_distributed(connect_timeout_s=60)
@@ -85,7 +85,7 @@ def _report_bad_option(exc: UserError) -> None:
 
 def _barrier_quietly() -> None:
     """Wait for every rank (after rank 0 printed), ignoring a broken job: it only orders exits."""
-    from relbert_ds import distributed
+    from relbert_ds.parallel import distributed
 
     try:
         distributed.barrier()
@@ -98,7 +98,7 @@ def run_main(body: Callable[[], int]) -> int:
     failure agreed across ranks is printed once by rank 0 and exit status 1. After an agreed
     failure every rank waits for rank 0 to have printed before it exits (see
     :func:`_report_bad_option` for why)."""
-    from relbert_ds import distributed
+    from relbert_ds.parallel import distributed
 
     try:
         return body()

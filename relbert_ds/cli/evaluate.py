@@ -143,12 +143,12 @@ class ResolvedModel:
 
     def load(self, device: Any = None) -> Any:
         if self.kind == "deepspeed_checkpoint":
-            from relbert_ds.checkpointing import encoder_from_checkpoint
+            from relbert_ds.training.checkpointing import encoder_from_checkpoint
 
             encoder = encoder_from_checkpoint(Path(self.resolved), template=self.template, pooling=self.pooling)
         else:
-            from relbert_ds import distributed
-            from relbert_ds.encoder import RelationEncoder
+            from relbert_ds.model.encoder import RelationEncoder
+            from relbert_ds.parallel import distributed
 
             # an untrained backbone is said once (rank 0), not once per rank
             encoder = RelationEncoder.from_pretrained(self.resolved, template=self.template, pooling=self.pooling,
@@ -159,14 +159,14 @@ class ResolvedModel:
 
 def looks_like_deepspeed_checkpoint(path: Path) -> bool:
     """A trainer run folder, its ``checkpoints`` folder, or one ``global_step<N>`` tag folder."""
-    from relbert_ds.run_directory import RunDirectory
+    from relbert_ds.training.run_directory import RunDirectory
 
     return RunDirectory(path).looks_like_checkpoint()
 
 
 def looks_like_run_directory(path: Path) -> bool:
     """A trainer's output folder: checkpoints and the run's history next to its config."""
-    from relbert_ds.run_directory import RunDirectory
+    from relbert_ds.training.run_directory import RunDirectory
 
     return RunDirectory(path).is_run_directory()
 
@@ -182,10 +182,11 @@ def resolve_model(spec: str, template: Optional[str] = None, pooling: Optional[s
     trained with: an explicit different ``template``/``pooling`` is refused unless
     ``override_prompt`` (an ablation), since the result would silently describe another model.
     """
-    from relbert_ds import backbones, checkpointing
-    from relbert_ds.encoder import read_relbert_config
-    from relbert_ds.prompts import resolve_template
-    from relbert_ds.run_directory import RunDirectory
+    from relbert_ds.model import backbones
+    from relbert_ds.model.encoder import read_relbert_config
+    from relbert_ds.model.prompts import resolve_template
+    from relbert_ds.training import checkpointing
+    from relbert_ds.training.run_directory import RunDirectory
 
     path = Path(spec).expanduser()
     if looks_like_run_directory(path):
@@ -231,9 +232,9 @@ def _device(local_rank: int) -> Any:
 def _run(args: argparse.Namespace, info: Any, start: float) -> int:
 
     import relbert_ds
-    from relbert_ds import distributed
     from relbert_ds.evaluation import classification as classification_mod
     from relbert_ds.evaluation import runner
+    from relbert_ds.parallel import distributed
 
     # The paper's table gets the paper's probe protocol unless another one is named. Checked before any
     # loading, agreed so that one rank reports it.
@@ -338,7 +339,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     start = time.perf_counter()
 
     def body(args: argparse.Namespace) -> int:
-        from relbert_ds import distributed
+        from relbert_ds.parallel import distributed
 
         return _run(args, distributed.init_distributed(), start)
 

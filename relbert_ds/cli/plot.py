@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Draw the figures; returns the exit code (0, or 2 for a user error)."""
     args = build_parser().parse_args(argv)
-    from relbert_ds.plotting import plot_run
+    from relbert_ds.training.plotting import plot_run
 
     try:
         paths = plot_run(args.run_dir, args.out)

@@ -42,8 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the push; returns the exit code (0, or 2 for a user error)."""
     args = build_parser().parse_args(argv)
-    from relbert_ds import hub
-    from relbert_ds.model_card import card_from_folder
+    from relbert_ds.publish import hub
+    from relbert_ds.publish.model_card import card_from_folder
 
     try:
         if args.dry_run:

@@ -5,18 +5,18 @@ from __future__ import annotations
 import json
 from typing import Optional, Sequence
 
-from relbert_ds.config import RunConfig, parse_train_command
+from relbert_ds.training.config import RunConfig, parse_train_command
 
 
 def _train(run: RunConfig) -> int:
-    from relbert_ds import distributed
+    from relbert_ds.parallel import distributed
 
     if run.train.dry_run:
-        from relbert_ds.dry_run import print_plan
+        from relbert_ds.training.dry_run import print_plan
 
         print_plan(run)
         return 0
-    from relbert_ds.trainer import PREEMPTED_EXIT_CODE, Trainer
+    from relbert_ds.training.trainer import PREEMPTED_EXIT_CODE, Trainer
 
     result = Trainer(run).fit()
     if distributed.is_main():

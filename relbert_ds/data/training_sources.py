@@ -19,7 +19,7 @@ combined into one :class:`RelationDataset`:
   several sources, so SemEval-2012's parent categories never merge with another source's
   (parent-level negatives and ``--parent_grouping`` work within a source).
 * Per-source sampling weights become per-relation weights for
-  :class:`relbert_ds.sampler.RelationAwareSampler` (``relation_weights``): a source of weight 2
+  :class:`relbert_ds.training.sampler.RelationAwareSampler` (``relation_weights``): a source of weight 2
   is seen twice per epoch, one of weight 0.5 half.
 
 :func:`per_source_validation` loads the validation split of each source on its own, named by

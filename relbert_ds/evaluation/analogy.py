@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from relbert_ds.data.schemas import AnalogyDataset, AnalogyQuestion, Pair
-from relbert_ds.similarity import cosine
+from relbert_ds.model.similarity import cosine
 
 Lookup = Callable[[Sequence[Pair]], np.ndarray]  # pairs -> (n, H) vectors
 

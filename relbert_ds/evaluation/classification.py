@@ -42,10 +42,10 @@ from typing import Any, Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from relbert_ds.collectives import all_gather_no_grad, gather_sizes, world_info
 from relbert_ds.data.schemas import ClassificationDataset, LexicalPair, Pair
 from relbert_ds.errors import ConfigError
 from relbert_ds.evaluation import probe as probe_mod
+from relbert_ds.parallel.collectives import all_gather_no_grad, gather_sizes, world_info
 
 Lookup = Callable[[Sequence[Pair]], np.ndarray]
 

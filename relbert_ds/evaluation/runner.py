@@ -43,8 +43,6 @@ from typing import Any, Callable, Optional, Sequence, TypeVar, Union
 import numpy as np
 import torch
 
-from relbert_ds.batching import PairRows
-from relbert_ds.collectives import all_gather_no_grad, world_info
 from relbert_ds.data import (
     BUNDLED_ANALOGY,
     BUNDLED_CLASSIFICATION,
@@ -59,7 +57,9 @@ from relbert_ds.evaluation import analogy as analogy_mod
 from relbert_ds.evaluation import classification as classification_mod
 from relbert_ds.evaluation import mapping as mapping_mod
 from relbert_ds.evaluation.sharding import encode_sharded, encode_sharing_ranks, forwards_are_collective
-from relbert_ds.evaluation.work_queue import shared_queue_available
+from relbert_ds.model.batching import PairRows
+from relbert_ds.parallel.collectives import all_gather_no_grad, world_info
+from relbert_ds.parallel.work_queue import shared_queue_available
 
 T = TypeVar("T")
 DERIVED_ANALOGY = "semeval2012"  # the trainer's validation questions (relbert_ds.evaluation.validation)
@@ -216,7 +216,7 @@ def prepare_tasks(analogy: Spec = None, classification: Spec = None, mapping: Sp
     Raises:
         UserError (DataError, ConfigError) on every rank when any rank finds bad input.
     """
-    from relbert_ds.distributed import agree
+    from relbert_ds.parallel.distributed import agree
 
     return agree(lambda: _load_tasks(analogy, classification, mapping, split, data_dir))
 
@@ -245,7 +245,7 @@ def pooled_token_counts(encoder: Any, pairs: Sequence[Pair], chunk: int = 1024) 
     same selection as ``pooling.token_weights``; at least 1, as ``pooling.pool`` divides by it.
     Multiplying a pooled vector by it gives the public relbert code's summed pooling.
     """
-    from relbert_ds.pooling import token_weights
+    from relbert_ds.model.pooling import token_weights
 
     if not hasattr(encoder, "tokenizer") or not hasattr(encoder, "prompts"):
         raise ConfigError("probe features 'sum' need the encoder's tokenizer to count pooled tokens; fix: evaluate "
@@ -569,7 +569,7 @@ def _probe_note(results: dict[str, dict]) -> str:
 
 def _template_label(template: Optional[str]) -> str:
     """``d`` for the paper's template d, else the text itself."""
-    from relbert_ds.prompts import TEMPLATES
+    from relbert_ds.model.prompts import TEMPLATES
 
     ids = [k for k, v in TEMPLATES.items() if v == template]
     return ids[0] if ids else repr(template)

@@ -1,6 +1,6 @@
 """Sharded, lockstep inference: one table of relation vectors for many word pairs, many ranks.
 
-The batches are the encoder's (:mod:`relbert_ds.batching`: unique pairs, longest prompts first,
+The batches are the encoder's (:mod:`relbert_ds.model.batching`: unique pairs, longest prompts first,
 fixed batches; the same for any world size, so a pair's vector is bit-identical whether 1 or 8 ranks
 run); every rank computes them without talking. This module deals them to the ranks:
 batch ``b`` goes to rank ``b % W``; every rank runs exactly ``ceil(n_batches / W)`` forwards.
@@ -13,7 +13,7 @@ no more than gathering on rank 0 alone with an all-gather, and lets every rank c
 same metrics (and shard the classification grid search over the same features).
 
 When the forwards need no lockstep (anything but ZeRO-3), :func:`encode_sharing_ranks` deals the
-same batches dynamically instead, from a :class:`~relbert_ds.evaluation.work_queue.WorkQueue`
+same batches dynamically instead, from a :class:`~relbert_ds.parallel.work_queue.WorkQueue`
 that also holds other jobs (the evaluator's classification probes): each rank takes the next
 item when it is free. A pair is still encoded with the same other pairs, so its vector is the
 same as with the lockstep plan.
@@ -28,10 +28,10 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from relbert_ds.batching import PairRows, plan_batches
-from relbert_ds.collectives import all_gather_no_grad, world_info
 from relbert_ds.data.schemas import Pair
-from relbert_ds.encoder import validate_pairs
+from relbert_ds.model.batching import PairRows, plan_batches
+from relbert_ds.model.encoder import validate_pairs
+from relbert_ds.parallel.collectives import all_gather_no_grad, world_info
 
 
 @dataclass(frozen=True)
@@ -124,10 +124,10 @@ def encode_sharing_ranks(encoder: torch.nn.Module, pairs: Sequence[Sequence[str]
     depend on the rank that runs it. Not for an encoder whose forwards are collective
     (:func:`forwards_are_collective`: the ranks would run different numbers of them). An exception on
     any rank, in a job or a forward, is raised on every rank once the queue is empty
-    (:func:`relbert_ds.distributed.agree`), so no rank waits for a peer that gave up.
+    (:func:`relbert_ds.parallel.distributed.agree`), so no rank waits for a peer that gave up.
     """
-    from relbert_ds.distributed import agree
-    from relbert_ds.evaluation.work_queue import WorkQueue
+    from relbert_ds.parallel.distributed import agree
+    from relbert_ds.parallel.work_queue import WorkQueue
 
     pairs = validate_pairs(pairs)
     rank, world = world_info()

@@ -37,7 +37,7 @@ def _die() -> None:
 def _install() -> None:
     import torch
 
-    from relbert_ds import checkpointing
+    from relbert_ds.training import checkpointing
 
     if point in ("rng", "engine"):
         real_save = torch.save

@@ -10,7 +10,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 if __name__ == "__main__":
-    from relbert_ds import checkpointing
+    from relbert_ds.training import checkpointing
 
     checkpointing.check_free_space = lambda *args, **kwargs: None
     from relbert_ds.cli.train import run

@@ -49,7 +49,7 @@ def one_error(results, world: int = 2) -> str:
 
 def checkpoint_bytes(model: str) -> int:
     """A 2-rank ZeRO-2 fp32 checkpoint of ``model``, about: fp32 weights + fp32 master weights and
-    two Adam moments (what relbert_ds.checkpointing estimates before the first save)."""
+    two Adam moments (what relbert_ds.training.checkpointing estimates before the first save)."""
     from transformers import AutoModel
 
     return 16 * AutoModel.from_pretrained(model).num_parameters()

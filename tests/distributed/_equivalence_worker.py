@@ -41,7 +41,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
 
 def make_sampler(scenario: str, world_size: int = 1, rank: int = 0):
     from relbert_ds.data import load_relation_dataset
-    from relbert_ds.sampler import RelationAwareSampler
+    from relbert_ds.training.sampler import RelationAwareSampler
 
     data = load_relation_dataset("semeval2012", "train")
     return RelationAwareSampler(data, world_size=world_size, rank=rank, **SCENARIOS[scenario])
@@ -55,12 +55,12 @@ def run_case(model_dir: str, out_dir: Path, scenario: str, loss_name: str, stage
     """One engine, one forward and backward of this rank's share; full grads on rank 0."""
     from deepspeed.utils import safe_get_full_grad
 
-    from relbert_ds import distributed
-    from relbert_ds.config import RunConfig
-    from relbert_ds.encoder import RelationEncoder
-    from relbert_ds.engine import initialize_engine, model_construction_context, resolve_deepspeed_config
-    from relbert_ds.losses import build_loss
-    from relbert_ds.trainer import RelationTrainingModule
+    from relbert_ds.model.encoder import RelationEncoder
+    from relbert_ds.parallel import distributed
+    from relbert_ds.training.config import RunConfig
+    from relbert_ds.training.engine import initialize_engine, model_construction_context, resolve_deepspeed_config
+    from relbert_ds.training.losses import build_loss
+    from relbert_ds.training.trainer import RelationTrainingModule
 
     knobs = SCENARIOS[scenario]
     run = RunConfig()
@@ -93,7 +93,7 @@ def run_case(model_dir: str, out_dir: Path, scenario: str, loss_name: str, stage
 
 
 def main(model_dir: str, out_dir: str, cases: str) -> None:
-    from relbert_ds import distributed
+    from relbert_ds.parallel import distributed
 
     torch.set_num_threads(1)
     info = distributed.init_distributed()

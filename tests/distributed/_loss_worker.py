@@ -25,9 +25,9 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from relbert_ds import collectives  # noqa: E402
 from relbert_ds.data.schemas import RelationDataset, RelationGroup  # noqa: E402
-from relbert_ds.losses import (  # noqa: E402
+from relbert_ds.parallel import collectives  # noqa: E402
+from relbert_ds.training.losses import (  # noqa: E402
     ClassificationLoss,
     CombinedLoss,
     InfoLOOBLoss,
@@ -35,7 +35,7 @@ from relbert_ds.losses import (  # noqa: E402
     RelationLoss,
     TripletLoss,
 )
-from relbert_ds.sampler import LocalBatch, RelationAwareSampler  # noqa: E402
+from relbert_ds.training.sampler import LocalBatch, RelationAwareSampler  # noqa: E402
 
 WORLD = 2
 EDGE_WORLD = 6

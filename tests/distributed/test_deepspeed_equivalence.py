@@ -63,9 +63,9 @@ def no_dropout_bert(tmp_path_factory) -> str:
 @lru_cache(maxsize=None)
 def reference(model_dir: str, scenario: str, loss_name: str, dtype: torch.dtype = torch.float32):
     """One process, no DeepSpeed, no process group: the loss over the whole global batch."""
-    from relbert_ds.encoder import RelationEncoder
-    from relbert_ds.losses import build_loss
-    from relbert_ds.trainer import RelationTrainingModule
+    from relbert_ds.model.encoder import RelationEncoder
+    from relbert_ds.training.losses import build_loss
+    from relbert_ds.training.trainer import RelationTrainingModule
 
     batch = make_sampler(scenario).global_batch(0, 0)
     torch.manual_seed(0)

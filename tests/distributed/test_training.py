@@ -110,7 +110,7 @@ def test_exported_model_loads(full_run):
     from transformers import AutoModel
 
     from relbert_ds import RelationEncoder
-    from relbert_ds.prompts import TEMPLATES
+    from relbert_ds.model.prompts import TEMPLATES
 
     out, _ = full_run
     model = out / "model"

@@ -88,7 +88,7 @@ def test_public_nce_loss_equals_the_written_out_sum():
 def test_negatives_per_sequence_counted_from_the_loss_masks():
     from benchmarks.train_throughput import count_ours
     from relbert_ds.data import load_relation_dataset
-    from relbert_ds.sampler import RelationAwareSampler
+    from relbert_ds.training.sampler import RelationAwareSampler
 
     data = load_relation_dataset("semeval2012", "train")
     one = count_ours(RelationAwareSampler(data, world_size=1, rank=0, relations_per_step=16), 0)
@@ -223,7 +223,7 @@ def test_backbone_converted_to_pytorch_model_bin_has_the_same_tensors(tiny_bert,
 
 def test_real_arm_command_line_is_relbert_train_with_the_reference_recipe():
     from benchmarks import public_relbert as pr
-    from relbert_ds.prompts import resolve_template
+    from relbert_ds.model.prompts import resolve_template
 
     args = pr.relbert_train_args("/b", "/o", lr=3e-5, num_negative=100)
     opts = dict(zip(args[::2], args[1::2]))

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from relbert_ds.ds_auto import auto_options, resolve_hf_auto
-from relbert_ds.engine import resolve_batch, resolve_precision
 from relbert_ds.errors import ConfigError
+from relbert_ds.training.ds_auto import auto_options, resolve_hf_auto
+from relbert_ds.training.engine import resolve_batch, resolve_precision
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -200,7 +200,7 @@ def test_shipped_hf_configs_are_the_docs_examples_plus_bf16_auto(name, example):
 def test_hidden_size_of_backbone_configs():
     from transformers import BertConfig, GPT2Config, LlavaConfig, ResNetConfig
 
-    from relbert_ds.ds_auto import hidden_size_of
+    from relbert_ds.training.ds_auto import hidden_size_of
 
     assert hidden_size_of(BertConfig(hidden_size=48, num_attention_heads=4)) == 48
     assert hidden_size_of(GPT2Config(n_embd=40)) == 40  # n_embd is GPT-2's hidden size
@@ -213,13 +213,13 @@ def test_hidden_size_of_backbone_configs():
 # ---------------------------------------------------------------- through the engine's resolution
 
 def _run(**train):
-    from relbert_ds.config import RunConfig, TrainConfig
+    from relbert_ds.training.config import RunConfig, TrainConfig
 
     return RunConfig(train=TrainConfig(**train))
 
 
 def _resolve(ds: dict, tmp_path, run, hidden_size=64, world_size=2, steps_per_epoch=10):
-    from relbert_ds.engine import resolve_deepspeed_config
+    from relbert_ds.training.engine import resolve_deepspeed_config
 
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(ds))

@@ -8,7 +8,7 @@ import torch
 
 from relbert_ds import RelationEncoder
 from relbert_ds.errors import ConfigError, ModelError
-from relbert_ds.prompts import TEMPLATES
+from relbert_ds.model.prompts import TEMPLATES
 
 PAIRS = [("cat", "animal"), ("paris", "france"), ("oak", "tree"), ("hammer", "nail"), ("cat", "animal"),
          ("electroencephalography", "neurophysiology")]
@@ -193,7 +193,7 @@ def test_export_opt_out_writes_safetensors_only(tiny_bert, tmp_path):
 def test_sharded_safetensors_become_sharded_bins(tiny_bert, tmp_path):
     from safetensors.torch import load_file
 
-    from relbert_ds.encoder import write_torch_weights
+    from relbert_ds.model.encoder import write_torch_weights
 
     enc = RelationEncoder.from_pretrained(tiny_bert, warn_untrained=False)
     enc.backbone.save_pretrained(str(tmp_path), max_shard_size="1MB")

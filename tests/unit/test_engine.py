@@ -3,15 +3,15 @@ import json
 
 import pytest
 
-from relbert_ds.config import RunConfig
-from relbert_ds.engine import (
+from relbert_ds.errors import ConfigError
+from relbert_ds.training.config import RunConfig
+from relbert_ds.training.engine import (
     EMBEDDED_DS_CONFIG,
     WarmupSchedule,
     resolve_batch,
     resolve_deepspeed_config,
     resolve_precision,
 )
-from relbert_ds.errors import ConfigError
 from tests.launch import REPO
 
 CPU = (False, False, "no GPU")
@@ -95,8 +95,8 @@ def test_schedule_and_loop_count_the_same_steps():
     # schedule 25, run 20, final lr 40% of peak. Now the sampler plans optimizer steps, and one
     # StepPlan sizes both.
     from relbert_ds.data import load_relation_dataset
-    from relbert_ds.sampler import RelationAwareSampler
-    from relbert_ds.schedule import plan_steps
+    from relbert_ds.training.sampler import RelationAwareSampler
+    from relbert_ds.training.schedule import plan_steps
 
     run = RunConfig()
     run.train.lr_schedule, run.train.epochs = "linear", 10
@@ -156,7 +156,7 @@ def test_bad_json_files(tmp_path):
 
 
 def test_run_config_validation_and_round_trip():
-    from relbert_ds.config import build_train_parser, run_config_from_args
+    from relbert_ds.training.config import build_train_parser, run_config_from_args
 
     args = build_train_parser().parse_args(["--loss", "triplet", "--analogy", "sat", "--no-tensorboard",
                                             "--relations_per_step", "4", "--local_rank=1"])
@@ -184,7 +184,7 @@ def test_run_config_validation_and_round_trip():
 def test_config_replay_and_deepspeed_alias(tmp_path):
     import yaml
 
-    from relbert_ds.config import parse_train_command
+    from relbert_ds.training.config import parse_train_command
 
     first = parse_train_command(["--loss", "triplet", "--relations_per_step", "24", "--lr", "1e-4",
                                  "--analogy", "sat", "--deepspeed", "ds_configs/zero3.json"]).run

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from relbert_ds.batching import fixed_batches, length_order
 from relbert_ds.data.schemas import AnalogyDataset, AnalogyQuestion, ClassificationDataset, LexicalPair
 from relbert_ds.errors import ConfigError, DataError, ModelError, UserError
 from relbert_ds.evaluation import analogy, classification, mapping, runner, sharding
 from relbert_ds.evaluation.sharding import deal_batches, encode_sharded
+from relbert_ds.model.batching import fixed_batches, length_order
 
 # --------------------------------------------------------------------------- helpers
 
@@ -534,7 +534,7 @@ def test_trained_model_keeps_its_prompt_unless_overridden(tiny_bert, tmp_path):
     """A saved RelBERT model is evaluated with the template/pooling it was trained with."""
     from relbert_ds import RelationEncoder
     from relbert_ds.cli import evaluate as cli
-    from relbert_ds.prompts import TEMPLATES
+    from relbert_ds.model.prompts import TEMPLATES
 
     RelationEncoder.from_pretrained(tiny_bert, template="b", pooling="average").save_pretrained(tmp_path / "m")
     saved = str(tmp_path / "m")

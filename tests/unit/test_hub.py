@@ -23,9 +23,9 @@ import pytest
 import yaml
 
 from relbert_ds.cli import push as push_cli
-from relbert_ds.config import RunConfig
-from relbert_ds.engine import EMBEDDED_DS_CONFIG
-from relbert_ds.model_card import CITATION, model_card
+from relbert_ds.publish.model_card import CITATION, model_card
+from relbert_ds.training.config import RunConfig
+from relbert_ds.training.engine import EMBEDDED_DS_CONFIG
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "hf_standin_write_token"

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from relbert_ds import RelationEncoder
-from relbert_ds.encoder import RankedChoice, UntrainedModelWarning, resolve_device
 from relbert_ds.errors import ConfigError
+from relbert_ds.model.encoder import RankedChoice, UntrainedModelWarning, resolve_device
 
 PAIRS = [("cat", "animal"), ("paris", "france"), ("oak", "tree"), ("hammer", "nail")]
 OTHERS = [("tokyo", "japan"), ("dog", "mammal"), ("rome", "italy"), ("pen", "paper"), ("rose", "flower")]
@@ -158,7 +158,7 @@ def test_untrained_backbone_warns_once_and_trained_model_does_not(bundled_model_
 def test_equal_rows_get_bit_identical_cosines_wherever_they_sit():
     """The cosine scores each distinct row once: a repeated choice at any position ties exactly with its first
     copy (a BLAS matrix product may sum the same row differently at another position of the matrix)."""
-    from relbert_ds.similarity import cosine
+    from relbert_ds.model.similarity import cosine
 
     rng = np.random.default_rng(0)
     for n_choices in (2, 5, 6, 9, 17, 33):

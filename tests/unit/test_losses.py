@@ -1,4 +1,4 @@
-"""relbert_ds.losses against naive loop implementations written here (world size 1).
+"""relbert_ds.training.losses against naive loop implementations written here (world size 1).
 
 The naive versions spell the formulas out with Python loops over anchors, positives and
 negatives, scalar by scalar, so they share no masking or vectorisation code with the library.
@@ -11,9 +11,9 @@ import math
 import pytest
 import torch
 
-from relbert_ds import collectives
 from relbert_ds.errors import ConfigError
-from relbert_ds.losses import (
+from relbert_ds.parallel import collectives
+from relbert_ds.training.losses import (
     ClassificationLoss,
     CombinedLoss,
     InfoLOOBLoss,
@@ -434,7 +434,7 @@ def test_realistic_global_batch_from_the_sampler():
     from pathlib import Path
 
     from relbert_ds.data.schemas import RelationDataset, RelationGroup
-    from relbert_ds.sampler import RelationAwareSampler
+    from relbert_ds.training.sampler import RelationAwareSampler
 
     path = Path(__file__).resolve().parents[2] / "relbert_ds/resources/data/semeval2012/train.jsonl"
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

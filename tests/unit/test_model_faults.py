@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from relbert_ds import RelationEncoder
-from relbert_ds.backbones import check_safetensors_file, check_weight_files
-from relbert_ds.encoder import write_torch_weights
 from relbert_ds.errors import ModelError
+from relbert_ds.model.backbones import check_safetensors_file, check_weight_files
+from relbert_ds.model.encoder import write_torch_weights
 from tests.launch import REPO, rank_env, run
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from relbert_ds import plotting
 from relbert_ds.cli import plot as plot_cli
+from relbert_ds.training import plotting
 
 ROOT = Path(__file__).resolve().parents[2]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -1,7 +1,7 @@
 import pytest
 
 from relbert_ds.errors import ConfigError, ModelError
-from relbert_ds.prompts import TEMPLATES, check_template_for_tokenizer, fill_template, resolve_template
+from relbert_ds.model.prompts import TEMPLATES, check_template_for_tokenizer, fill_template, resolve_template
 
 APOS = "\u2019"
 

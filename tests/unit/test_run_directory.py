@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from relbert_ds import checkpointing, run_directory
 from relbert_ds.errors import CheckpointError, ConfigError, DiskFullError
-from relbert_ds.run_directory import HistoryError, RunDirectory
+from relbert_ds.training import checkpointing, run_directory
+from relbert_ds.training.run_directory import HistoryError, RunDirectory
 
 MARKER = run_directory.MARKER
 

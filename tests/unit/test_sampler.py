@@ -1,4 +1,4 @@
-"""Tests of relbert_ds.sampler.RelationAwareSampler: the global plan, rank slices, tails, resume."""
+"""Tests of relbert_ds.training.sampler.RelationAwareSampler: the global plan, rank slices, tails, resume."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,7 @@ import torch
 
 from relbert_ds.data.schemas import RelationDataset, RelationGroup
 from relbert_ds.errors import CheckpointError, ConfigError
-from relbert_ds.sampler import LocalBatch, RelationAwareSampler, _splitmix64, mix_seed, split_evenly
+from relbert_ds.training.sampler import LocalBatch, RelationAwareSampler, _splitmix64, mix_seed, split_evenly
 
 TRAIN = Path(__file__).resolve().parents[2] / "relbert_ds" / "resources" / "data" / "semeval2012" / "train.jsonl"
 

@@ -16,8 +16,8 @@ from relbert_ds.data.derived import relation_analogy_questions
 from relbert_ds.data.sources import bundled_path
 from relbert_ds.data.training_sources import load_training_sources, per_source_validation
 from relbert_ds.errors import ConfigError, DataError
-from relbert_ds.losses import NCELoss
-from relbert_ds.sampler import RelationAwareSampler
+from relbert_ds.training.losses import NCELoss
+from relbert_ds.training.sampler import RelationAwareSampler
 
 
 def write_relations(folder: Path, n_relations: int, *, positives: int = 3, negatives: int = 2, tag: str = "g",

@@ -1,7 +1,7 @@
 """Checkpoints of a training run: DeepSpeed's engine state plus what relbert-ds needs to
 continue exactly (sampler position, per-rank RNG states, best-so-far, history).
 
-Layout (names in :mod:`relbert_ds.run_directory`): ``<run>/checkpoints/global_step<N>/``
+Layout (names in :mod:`relbert_ds.training.run_directory`): ``<run>/checkpoints/global_step<N>/``
 (DeepSpeed's files + ``rng_state_rank<r>.pt`` + ``relbert_ds_checkpoint.json``, written last as
 the completeness marker, with the size of every file) and ``<run>/checkpoints/latest`` (the tag,
 replaced atomically only after every rank has finished writing). A kill at any point therefore
@@ -25,10 +25,10 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import torch
 
-from relbert_ds import distributed
-from relbert_ds.config import write_json
 from relbert_ds.errors import CheckpointError, DiskFullError
-from relbert_ds.run_directory import (
+from relbert_ds.parallel import distributed
+from relbert_ds.training.config import write_json
+from relbert_ds.training.run_directory import (
     CHECKPOINTS,
     LATEST,
     MARKER,
@@ -373,7 +373,7 @@ def consolidated_weights(tag_dir: Path) -> dict[str, torch.Tensor]:
 def check_prompt(meta: dict[str, Any], tag_dir: Path, template: Optional[str] = None,
                  pooling: Optional[str] = None) -> None:
     """Refuse a template/pooling other than the one the checkpoint was trained with."""
-    from relbert_ds.prompts import resolve_template
+    from relbert_ds.model.prompts import resolve_template
 
     if template is not None and resolve_template(template) != meta["template"]:
         raise CheckpointError(f"checkpoint {tag_dir} was trained with template {meta['template']!r}, not "
@@ -389,7 +389,7 @@ def encoder_from_checkpoint(path: Path, template: Optional[str] = None, pooling:
     The backbone named in the checkpoint must be loadable (its architecture and tokenizer).
     ``template``/``pooling``, when given, must match what the checkpoint was trained with.
     """
-    from relbert_ds.encoder import RelationEncoder
+    from relbert_ds.model.encoder import RelationEncoder
 
     tag_dir = resolve_tag_dir(Path(path))
     meta = read_meta(tag_dir)

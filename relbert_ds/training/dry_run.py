@@ -9,16 +9,16 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from relbert_ds import distributed
-from relbert_ds.config import RunConfig
-from relbert_ds.engine import load_ds_config, resolve_batch
-from relbert_ds.schedule import plan_steps
+from relbert_ds.parallel import distributed
+from relbert_ds.training.config import RunConfig
+from relbert_ds.training.engine import load_ds_config, resolve_batch
+from relbert_ds.training.schedule import plan_steps
 
 
 def batch_plan(run: RunConfig, world_size: int) -> dict[str, Any]:
     """The plan as a dict (what :func:`print_plan` prints); raises the run's own ConfigErrors."""
     from relbert_ds.data.training_sources import load_train_data
-    from relbert_ds.sampler import RelationAwareSampler
+    from relbert_ds.training.sampler import RelationAwareSampler
 
     d = run.data
     data, weights = load_train_data(d.train_data, d.train_split, d.train_weights)

@@ -94,7 +94,7 @@ def card_from_folder(folder: Union[str, Path], results: Optional[Union[str, Path
     training = read_training_record(folder)
     template = _saved_template(folder)
     if not template:
-        from relbert_ds.prompts import resolve_template
+        from relbert_ds.model.prompts import resolve_template
 
         template = resolve_template(training["model"].get("template") or "d")
     evaluation = load_results(results) if isinstance(results, (str, Path)) else results
@@ -334,7 +334,7 @@ def _results(evaluation: Optional[dict], entries: list[dict], training: dict) ->
 
 
 def _template_label(template: str) -> str:
-    from relbert_ds.prompts import TEMPLATES
+    from relbert_ds.model.prompts import TEMPLATES
 
     for key, text in TEMPLATES.items():
         if text == template:

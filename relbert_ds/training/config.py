@@ -15,12 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, Optional, Sequence, get_args, get_origin, get_type_hints
 
-# Defaults and choices that belong to a component are read from it (one source each).
-from relbert_ds.encoder import DEFAULT_MAX_LENGTH
 from relbert_ds.errors import ConfigError
-from relbert_ds.losses import LOSS_NAMES
-from relbert_ds.pooling import DEFAULT_POOLING, POOLING_MODES
-from relbert_ds.prompts import DEFAULT_TEMPLATE
+
+# Defaults and choices that belong to a component are read from it (one source each).
+from relbert_ds.model.encoder import DEFAULT_MAX_LENGTH
+from relbert_ds.model.pooling import DEFAULT_POOLING, POOLING_MODES
+from relbert_ds.model.prompts import DEFAULT_TEMPLATE
+from relbert_ds.training.losses import LOSS_NAMES
 
 LR_SCHEDULES = ("constant", "linear")
 SELECTION_METRICS = ("analogy", "loss", "none")
@@ -152,10 +153,10 @@ class RunConfig:
     def validate(self) -> "RunConfig":
         """Check values that need no files, models or ranks, with the components' own checks;
         raise ConfigError naming the fix."""
-        from relbert_ds.encoder import _check_max_length, _check_pooling
-        from relbert_ds.losses import check_loss_options
-        from relbert_ds.prompts import resolve_template
-        from relbert_ds.sampler import check_knobs
+        from relbert_ds.model.encoder import _check_max_length, _check_pooling
+        from relbert_ds.model.prompts import resolve_template
+        from relbert_ds.training.losses import check_loss_options
+        from relbert_ds.training.sampler import check_knobs
 
         m, d, t, v = self.model, self.data, self.train, self.validation
         _check_pooling(m.pooling, resolve_template(m.template))

@@ -11,7 +11,7 @@ left open in it and records each decision (``ResolvedDeepSpeed.notes``, logged a
   the sampler divides its prompts over the ranks, so DeepSpeed's per-rank micro batch is only
   bookkeeping here (it is written so that DeepSpeed's triad assertion holds);
 - ``"auto"`` values of Hugging Face-style configs (lr, betas, warm-up, bucket sizes, ...):
-  filled from our options and the backbone by :mod:`relbert_ds.ds_auto`;
+  filled from our options and the backbone by :mod:`relbert_ds.training.ds_auto`;
 - optimizer/scheduler: taken from the JSON when present (then --lr & co. are refused), else
   from our options: AdamW written into the JSON, and our warm-up schedule (WarmupSchedule)
   handed to ``deepspeed.initialize``.
@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from relbert_ds.config import RunConfig
 from relbert_ds.errors import ConfigError
-from relbert_ds.schedule import StepPlan, WarmupSchedule, plan_steps
+from relbert_ds.training.config import RunConfig
+from relbert_ds.training.schedule import StepPlan, WarmupSchedule, plan_steps
 
 log = logging.getLogger("relbert_ds")
 
@@ -265,9 +265,9 @@ def resolve_deepspeed_config(path: Optional[str], run: RunConfig, world_size: in
     """Load and resolve the DeepSpeed JSON for this run (pure: no process group needed).
 
     ``steps_per_epoch`` (optimizer steps, from the sampler) sizes the run and its schedule
-    (:func:`relbert_ds.schedule.plan_steps`); ``hidden_size`` fills "auto" ZeRO bucket sizes.
+    (:func:`relbert_ds.training.schedule.plan_steps`); ``hidden_size`` fills "auto" ZeRO bucket sizes.
     """
-    from relbert_ds.ds_auto import auto_options, resolve_hf_auto
+    from relbert_ds.training.ds_auto import auto_options, resolve_hf_auto
 
     ds, source = load_ds_config(path)
     gpu = gpu or _gpu_info()

@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from relbert_ds import collectives
 from relbert_ds.errors import ConfigError
+from relbert_ds.parallel import collectives
 
 __all__ = [
     "LossOutput",

@@ -1,10 +1,10 @@
 """Publishing an exported model to the Hugging Face hub with its full model card.
 
-    from relbert_ds.hub import push_to_hub
+    from relbert_ds.publish.hub import push_to_hub
     push_to_hub("runs/default/best_model", "me/relbert-minilm", results="runs/default/results.json")
 
 What is uploaded: every file of the exported folder, except that README.md is replaced by the
-full card (:func:`relbert_ds.model_card.card_from_folder`: metadata with ``model-index``, recipe,
+full card (:func:`relbert_ds.publish.model_card.card_from_folder`: metadata with ``model-index``, recipe,
 results, usage, citation). The card travels as bytes in the commit, so the local folder is only
 read, never written. One commit through ``HfApi.create_repo`` + ``HfApi.create_commit`` (what
 ``upload_folder`` does underneath, minus its folder walk, which would send the local README).
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from relbert_ds.errors import HubError, UserError
-from relbert_ds.model_card import DEFAULT_LICENSE, card_from_folder, read_training_record
+from relbert_ds.publish.model_card import DEFAULT_LICENSE, card_from_folder, read_training_record
 
 _REPO_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}$")
 _SKIP_PARTS = (".git", ".cache")  # never uploaded (the hub library skips them too)

@@ -33,7 +33,7 @@ scheduler): ``WarmupLR`` (``warmup_min_lr``, ``warmup_max_lr``, ``warmup_num_ste
 
 The batch triad (``train_batch_size``, ``train_micro_batch_size_per_gpu``,
 ``gradient_accumulation_steps``) and precision (``bf16.enabled``, ``fp16.enabled``) may be
-``"auto"`` too; they are resolved by :mod:`relbert_ds.engine` (``resolve_batch``,
+``"auto"`` too; they are resolved by :mod:`relbert_ds.training.engine` (``resolve_batch``,
 ``resolve_precision``) and left alone here. Any other ``"auto"`` is a :class:`ConfigError`.
 
 Two differences from the Hugging Face code, so that the run's ``ds_config.json`` holds no
@@ -49,7 +49,7 @@ from typing import Any, Callable, Iterator, Optional
 
 from relbert_ds.errors import ConfigError
 
-# Resolved by relbert_ds.engine (resolve_batch / resolve_precision), not here.
+# Resolved by relbert_ds.training.engine (resolve_batch / resolve_precision), not here.
 ENGINE_AUTO_KEYS = frozenset({"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                               "bf16.enabled", "fp16.enabled"})
 
@@ -183,7 +183,8 @@ def _refuse_unfilled(ds: dict[str, Any], source: str) -> None:
     elif path.startswith("scheduler.params."):
         hint = f"{kind} takes \"auto\" only for {', '.join(WARMUP_SCHEDULER_AUTO_PARAMS[kind])}"
     else:
-        hint = "relbert-ds fills the \"auto\" values the Hugging Face Trainer fills (see relbert_ds/ds_auto.py)"
+        hint = ("relbert-ds fills the \"auto\" values the Hugging Face Trainer fills "
+                "(see relbert_ds/training/ds_auto.py)")
     more = ""
     if len(left) > 1:
         more = f" (and {len(left) - 1} more: {', '.join(left[1:4])}{', ...' if len(left) > 4 else ''})"

@@ -1,6 +1,6 @@
 """Figures: a training run's curves from ``history.jsonl``, and the benchmarks' results.
 
-    from relbert_ds.plotting import plot_run
+    from relbert_ds.training.plotting import plot_run
     plot_run("runs/default")            # -> runs/default/figures/{loss,lr,throughput,validation,overview}.png
 
 ``history.jsonl`` (written by the trainer on rank 0) holds one record per optimizer step

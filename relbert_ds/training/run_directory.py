@@ -192,7 +192,7 @@ class RunDirectory:
     def write_json(self, path: Path, data: Any) -> None:
         """Write one of the run's JSON files atomically; a file system that refuses it (full,
         read-only) is one :class:`ConfigError` line naming the file."""
-        from relbert_ds.config import write_json
+        from relbert_ds.training.config import write_json
 
         try:
             write_json(path, data)

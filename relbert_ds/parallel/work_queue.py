@@ -15,7 +15,7 @@ from typing import Any, Iterator, Optional
 
 import torch.distributed as dist
 
-from relbert_ds.collectives import world_info
+from relbert_ds.parallel.collectives import world_info
 
 _SERIAL = itertools.count()  # every rank makes its queues in the same order (collectively): the same keys
 

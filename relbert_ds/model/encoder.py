@@ -18,13 +18,19 @@ from typing import Any, Iterable, NamedTuple, Sequence, Union
 import numpy as np
 import torch
 
-from relbert_ds import backbones
-from relbert_ds.batching import plan_batches
 from relbert_ds.data.schemas import Pair
 from relbert_ds.errors import ConfigError, ModelError
-from relbert_ds.pooling import DEFAULT_POOLING, POOLING_MODES, pool
-from relbert_ds.prompts import DEFAULT_TEMPLATE, MASK, check_template_for_tokenizer, fill_template, resolve_template
-from relbert_ds.similarity import cosine
+from relbert_ds.model import backbones
+from relbert_ds.model.batching import plan_batches
+from relbert_ds.model.pooling import DEFAULT_POOLING, POOLING_MODES, pool
+from relbert_ds.model.prompts import (
+    DEFAULT_TEMPLATE,
+    MASK,
+    check_template_for_tokenizer,
+    fill_template,
+    resolve_template,
+)
+from relbert_ds.model.similarity import cosine
 
 PairOrPairs = Union[Sequence[str], Iterable[Sequence[str]]]  # one (head, tail) or many
 RELBERT_CONFIG_KEY = "relbert_config"
@@ -255,7 +261,7 @@ class RelationEncoder(torch.nn.Module):
         if is_single_pair(pairs):
             return self.encode([pairs], batch_size=batch_size, as_tensor=as_tensor, show_progress=show_progress)[0]
         pairs = validate_pairs(pairs)
-        # The evaluator's batch plan (relbert_ds.batching): the same batches (and padding) as a sharded
+        # The evaluator's batch plan (relbert_ds.model.batching): the same batches (and padding) as a sharded
         # encoding, so encode() and relbert-ds-evaluate give bit-identical vectors.
         plan = plan_batches(pairs, self.prompt_lengths, batch_size)
         batches = plan.batches

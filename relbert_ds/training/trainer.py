@@ -30,12 +30,17 @@ from typing import Any, Optional
 
 import torch
 
-from relbert_ds import __version__, backbones, checkpointing, distributed
-from relbert_ds.config import RunConfig, write_json
+from relbert_ds import __version__
 from relbert_ds.data.schemas import AnalogyDataset, RelationDataset
 from relbert_ds.data.training_sources import load_train_data
-from relbert_ds.encoder import RelationEncoder
-from relbert_ds.engine import (
+from relbert_ds.errors import CheckpointError, DataError
+from relbert_ds.evaluation import validation
+from relbert_ds.model import backbones
+from relbert_ds.model.encoder import RelationEncoder
+from relbert_ds.parallel import distributed
+from relbert_ds.training import checkpointing
+from relbert_ds.training.config import RunConfig, write_json
+from relbert_ds.training.engine import (
     ResolvedDeepSpeed,
     initialize_engine,
     load_ds_config,
@@ -43,18 +48,16 @@ from relbert_ds.engine import (
     resolve_batch,
     resolve_deepspeed_config,
 )
-from relbert_ds.errors import CheckpointError, DataError
-from relbert_ds.evaluation import validation
-from relbert_ds.losses import LossOutput, build_loss
-from relbert_ds.monitor import (
+from relbert_ds.training.losses import LossOutput, build_loss
+from relbert_ds.training.monitor import (
     TrainingMonitor,
     device_peak_flops,
     matmul_parameters,
     model_flops_per_token,
     peak_memory_bytes,
 )
-from relbert_ds.run_directory import HistoryError, RunDirectory
-from relbert_ds.sampler import LocalBatch, RelationAwareSampler
+from relbert_ds.training.run_directory import HistoryError, RunDirectory
+from relbert_ds.training.sampler import LocalBatch, RelationAwareSampler
 
 log = logging.getLogger("relbert_ds")
 
@@ -323,7 +326,7 @@ class Trainer:
         batch = resolve_batch(ds, source, run.data.relations_per_step, self.info.world_size,
                               run.data.relations_per_rank)
         self.sampler = self._make_sampler(self.train_data, batch.relations_per_step, batch.accumulation)
-        from relbert_ds.ds_auto import hidden_size_of
+        from relbert_ds.training.ds_auto import hidden_size_of
 
         hidden = hidden_size_of(backbones.load_config(backbones.check_model_exists(m.model), m.trust_remote_code))
         self.resolved: ResolvedDeepSpeed = resolve_deepspeed_config(
@@ -562,7 +565,7 @@ class Trainer:
             evals = self.progress.evaluations
             final = str(self.export(self.files.model, evals[-1] if evals else None, self.progress.best))
             if self.run.train.push_to_hub and distributed.is_main():
-                from relbert_ds.hub import push_to_hub
+                from relbert_ds.publish.hub import push_to_hub
 
                 # the model chosen on validation when there is one; repeated pushes update the repo
                 chosen = self.run_dir / "best_model"
@@ -733,7 +736,7 @@ class Trainer:
         (tmp / "README.md").write_text(self._model_card(epoch_results, best))
 
     def _model_card(self, results: Optional[dict], best: Optional[dict]) -> str:
-        from relbert_ds.model_card import model_card
+        from relbert_ds.publish.model_card import model_card
 
         return model_card(self.run, self.resolved, self.info.world_size, results, best, self.encoder.template)
 
