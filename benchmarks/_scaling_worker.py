@@ -80,6 +80,7 @@ class CommMeter:
     @staticmethod
     def _source() -> str:
         frame = sys._getframe(2)  # 0: here, 1: the shim, 2: whoever called the collective
+        seen: set[str] = set()
         while frame is not None:
             name = frame.f_code.co_filename.replace("\\", "/")
             func = frame.f_code.co_name
@@ -87,12 +88,15 @@ class CommMeter:
                 # The gather's backward runs inside engine.backward (on gloo as an autograd all-to-all
                 # whose forward issues the scatters), its forward inside engine.forward.
                 return "gather_bwd" if func == "backward" or METER.phase == "backward" else "gather_fwd"
-            if name.endswith("relbert_ds/parallel/collectives.py"):
-                return "loss_stats" if func in ("all_reduce_sum", "all_reduce_mean") else "gather_ids"
+            if name.endswith("relbert_ds/training/losses.py"):
+                return "loss_stats" if "all_reduce_sum" in seen else "gather_ids"
             if "/deepspeed/" in name and "/deepspeed/comm/" not in name:
                 return "deepspeed"
-            if name.endswith("relbert_ds/training/trainer.py") or name.endswith("relbert_ds/parallel/distributed.py"):
+            if name.endswith(("relbert_ds/training/trainer.py", "relbert_ds/parallel/distributed.py",
+                              "relbert_ds/training/checkpointing.py")):
                 return "trainer"
+            if name.endswith("relbert_ds/parallel/collectives.py"):
+                seen.add(func)  # the collective's name; who called it decides the class
             frame = frame.f_back
         return "other"
 

@@ -1,4 +1,4 @@
-"""The one place where relbert-ds talks across ranks (pure ``torch.distributed``).
+"""Tensor and object collectives of relbert-ds (pure ``torch.distributed``).
 
 Every function degrades to a no-op when ``torch.distributed`` is not initialised or the
 world has a single rank, so the same loss code runs in a plain ``python`` process, in a
@@ -11,7 +11,7 @@ rank-dependent early return (an empty local tensor still takes part in the gathe
 from __future__ import annotations
 
 import warnings
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -33,7 +33,7 @@ __all__ = [
     "all_gather_with_grad",
     "all_gather_no_grad",
     "all_reduce_sum",
-    "all_reduce_mean",
+    "all_gather_object",
 ]
 
 
@@ -139,13 +139,14 @@ def all_reduce_sum(x: Tensor) -> Tensor:
     return out.to(x.device)
 
 
-def all_reduce_mean(value: Union[float, Tensor]) -> float:
-    """Mean of a scalar over ranks, as a Python float (for logging identical numbers)."""
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's picklable ``obj``, in rank order, on every rank (``[obj]`` without a process group).
+
+    Also a barrier: no rank returns before every rank has sent its object.
+    """
     _, world = world_info()
-    if isinstance(value, Tensor):
-        t = value.detach().reshape(()).to(torch.float64)
-    else:
-        t = torch.tensor(float(value), dtype=torch.float64)
     if world == 1:
-        return float(t.item())
-    return float(all_reduce_sum(t).item()) / world
+        return [obj]
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, obj)
+    return gathered

@@ -225,6 +225,13 @@ def world_size() -> int:
     return dist.get_world_size() if is_initialized() else 1
 
 
+def backend() -> Optional[str]:
+    """The process group's backend ("gloo", "nccl", ...); None without one."""
+    import torch.distributed as dist
+
+    return dist.get_backend() if is_initialized() else None
+
+
 def is_main() -> bool:
     """True on global rank 0 (and in a single process)."""
     return rank() == 0
@@ -288,9 +295,8 @@ def agree(fn: Callable[[], T], *, main_only: bool = False) -> Optional[T]:
     """
     import traceback
 
-    import torch.distributed as dist
-
     from relbert_ds import errors
+    from relbert_ds.parallel import collectives
 
     result, failure, own = None, None, None
     if not main_only or is_main():
@@ -301,10 +307,7 @@ def agree(fn: Callable[[], T], *, main_only: bool = False) -> Optional[T]:
             failure = {"rank": rank(), "type": type(exc).__name__, "message": str(exc),
                        "user": isinstance(exc, errors.UserError),
                        "report": "".join(traceback.format_exception(exc))}
-    if world_size() > 1:
-        gathered: list = [None] * world_size()
-        dist.all_gather_object(gathered, failure)
-        failure = next((f for f in gathered if f is not None), None)
+    failure = next((f for f in collectives.all_gather_object(failure) if f is not None), None)
     if failure is None:
         return result
     if failure["user"]:
@@ -317,7 +320,3 @@ def agree(fn: Callable[[], T], *, main_only: bool = False) -> Optional[T]:
     where = f"rank {failure['rank']}: " if world_size() > 1 else ""
     raise AgreedError(f"{where}{failure['type']}: {failure['message']}", failure["report"]) from own
 
-
-def agree_on_errors(fn: Callable[[], T], *, main_only: bool = False) -> Optional[T]:
-    """Deprecated name of :func:`agree` (kept for scripts written against relbert-ds 0.1)."""
-    return agree(fn, main_only=main_only)

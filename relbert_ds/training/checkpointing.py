@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from relbert_ds.errors import CheckpointError, DiskFullError
-from relbert_ds.parallel import distributed
+from relbert_ds.parallel import collectives, distributed
 from relbert_ds.training.config import write_json
 from relbert_ds.training.run_directory import (
     CHECKPOINTS,
@@ -151,12 +151,7 @@ def _failure(path: Path, exc: BaseException, needed: int) -> _WriteFailure:
 
 def _gather_failures(own: list[_WriteFailure]) -> list[_WriteFailure]:
     """Every rank's failed writes, on every rank (one exchange: also the barrier after the save)."""
-    if distributed.world_size() == 1:
-        return list(own)
-    import torch.distributed as dist
-
-    gathered: list = [None] * distributed.world_size()
-    dist.all_gather_object(gathered, [vars(f) for f in own])
+    gathered = collectives.all_gather_object([vars(f) for f in own])
     return [_WriteFailure(**f) for per_rank in gathered for f in per_rank]
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from relbert_ds.errors import ConfigError
+from relbert_ds.parallel import distributed
 from relbert_ds.training.config import RunConfig
 from relbert_ds.training.schedule import StepPlan, WarmupSchedule, plan_steps
 
@@ -323,11 +324,10 @@ def attach_deepspeed_comm() -> None:
     Needed before ZeRO-3 model construction: ``zero.Init`` reads the world size from it.
     """
     import deepspeed
-    import torch.distributed as dist
 
     skip_cpu_shm_op()
-    if dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+    if distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend=distributed.backend(), auto_mpi_discovery=False)
 
 
 @contextmanager

@@ -37,7 +37,7 @@ from relbert_ds.errors import CheckpointError, DataError
 from relbert_ds.evaluation import validation
 from relbert_ds.model import backbones
 from relbert_ds.model.encoder import RelationEncoder
-from relbert_ds.parallel import distributed
+from relbert_ds.parallel import collectives, distributed
 from relbert_ds.training import checkpointing
 from relbert_ds.training.config import RunConfig, write_json
 from relbert_ds.training.engine import (
@@ -165,21 +165,8 @@ class _StopFlag:
             raise self.failure
 
 
-def _comm_device() -> torch.device:
-    import torch.distributed as dist
-
-    if dist.is_initialized() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def _sum_across_ranks(values: list[float]) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64, device=_comm_device())
-    if distributed.world_size() > 1:
-        import torch.distributed as dist
-
-        dist.all_reduce(tensor)
-    return tensor.tolist()
+    return collectives.all_reduce_sum(torch.tensor(values, dtype=torch.float64)).tolist()
 
 
 def prepare_run_dir(run_dir: Path, resume: Optional[str], overwrite: bool) -> None:

@@ -148,8 +148,8 @@ def check_collectives(rank: int) -> dict:
     flags = collectives.all_gather_no_grad(torch.tensor([rank == 1] * n))
     return {
         "gathered": y.detach(), "grad": x.grad.clone(), "ids": ids, "flags": flags,
-        "mean": collectives.all_reduce_mean(float(rank)),
-        "mean_tensor": collectives.all_reduce_mean(torch.tensor(2.0 * rank)),
+        "sum": collectives.all_reduce_sum(torch.tensor([float(rank), 2.0 * rank], dtype=torch.float64)),
+        "objects": collectives.all_gather_object({"rank": rank, "failed": [] if rank == 0 else ["x"]}),
         "world_info": collectives.world_info(),
     }
 
