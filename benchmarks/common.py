@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
+from relbert_ds.parallel.distributed import free_port  # noqa: F401 (the one copy; re-exported for launches)
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 BIN = Path(sys.executable).parent
@@ -202,11 +204,24 @@ def emit(table: str, path: Path, document: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- processes
 
 
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (for a launcher's master port)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL a launcher and everything under it. torchrun and MPICH's Hydra put each rank into a
+    session of its own, so the launcher's process group alone would leave the ranks running."""
+    import psutil
+
+    try:
+        descendants = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        descendants = []
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for child in descendants:
+        try:
+            child.kill()
+        except psutil.Error:
+            pass
 
 
 def tool(name: str) -> str:
@@ -258,25 +273,31 @@ def launch_cmd(script: str, args: Sequence[str], nproc: int, launcher: str = "to
 
 
 def run(cmd: Sequence[str], timeout: float = 3600, env: Optional[dict] = None, echo: bool = False,
-        log_path: Optional[Path] = None) -> subprocess.CompletedProcess:
-    """Run a launcher in its own session; on timeout kill its whole process group; raise on failure.
+        log_path: Optional[Path] = None, check: bool = True,
+        cwd: Optional[Path | str] = None) -> subprocess.CompletedProcess:
+    """Run a launcher in its own session; on timeout kill it and every rank under it (``kill_group``)
+    and raise; with ``check``, raise on a non-zero exit too (the tests check exits themselves).
 
     ``log_path`` receives stdout and stderr (the process's own progress bars included).
     """
     if echo:
         print("$ " + " ".join(cmd), file=sys.stderr, flush=True)
     proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env or rank_env(), cwd=str(REPO), start_new_session=True)
+                            env=env or rank_env(), cwd=str(cwd or REPO), start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_group(proc)
         out, err = proc.communicate()
-        raise RuntimeError(f"{' '.join(cmd)} timed out after {timeout} s\nstderr:\n{err[-4000:]}")
+        raise RuntimeError(f"{' '.join(cmd)} timed out after {timeout} s\nstdout:\n{out[-3000:]}\n"
+                           f"stderr:\n{err[-5000:]}")
+    except BaseException:  # Ctrl-C: no rank outlives the caller
+        kill_group(proc)
+        raise
     if log_path is not None:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         log_path.write_text(f"$ {' '.join(cmd)}\n--- stdout\n{out}\n--- stderr\n{err}\n")
-    if proc.returncode != 0:
+    if check and proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed with exit {proc.returncode}\nstdout:\n{out[-3000:]}\n"
                            f"stderr:\n{err[-6000:]}")
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

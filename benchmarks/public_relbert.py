@@ -560,7 +560,7 @@ def measure(args: argparse.Namespace) -> int:
     """Build (or reuse) the venv, run ``--steps`` real steps, score the model before and after."""
     sys.path.insert(0, str(REPO))
     from benchmarks import common
-    from benchmarks.time_to_quality import accuracy, semeval_questions
+    from benchmarks.arms import accuracy, semeval_questions
 
     head = common.header("public_relbert", args.argv)
     threads = args.threads or os.cpu_count() or 1

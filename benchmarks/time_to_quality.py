@@ -21,7 +21,7 @@ launcher on 2 ranks:
   when the launcher starts (imports, model load and DeepSpeed set-up, checkpoints and exports
   are all counted); an epoch's accuracy counts from the moment its record lands in
   ``history.jsonl``.
-- ``public``: the public trainer's scheme (benchmarks/public_scheme.py: one relation per step,
+- ``public``: the public trainer's scheme (benchmarks/arms.py: one relation per step,
   its positives + 400 negatives, prompts padded to 64 tokens, summed nce, AdamW with 10 warm-up
   steps then constant) in this process on all cores, validated every ``--public_validate_every``
   steps with the same scoring code. Its clock starts before its model is loaded.
@@ -51,6 +51,7 @@ from typing import Any, Optional, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import common  # noqa: E402
+from benchmarks.arms import PublicScheme, PublicTrainer, accuracy, build_ours, ours_step, semeval_questions  # noqa: E402,E501
 
 REFERENCE_TARGET = 0.456  # public trainer, one epoch (23 min) at lr 2e-5 on this kind of machine
 ARMS = ("real", "ours", "public")  # the order of every table: the real public trainer is quoted first
@@ -104,20 +105,6 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------- scoring
 
 
-def semeval_questions() -> Any:
-    from relbert_ds.data import load_relation_dataset
-    from relbert_ds.data.derived import relation_analogy_questions
-
-    return relation_analogy_questions(load_relation_dataset("semeval2012", "validation"))
-
-
-def accuracy(encoder: Any, questions: Any) -> float:
-    """SemEval-2012 validation analogy accuracy of ``encoder`` (the trainer's validation path)."""
-    from relbert_ds.evaluation.validation import analogy_accuracies
-
-    return float(analogy_accuracies(encoder, [questions])[questions.name])
-
-
 # --------------------------------------------------------------------------- arms
 
 
@@ -158,7 +145,7 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
                 try:
                     proc.wait(timeout=30)
                 except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
+                    common.kill_group(proc)
                     proc.wait()
                 stopped_by_budget = True
                 break
@@ -193,7 +180,6 @@ def run_public(args: argparse.Namespace, questions: Any) -> dict[str, Any]:
     torch.set_num_threads(os.cpu_count() or 1)
     load_before = common.loadavg()
     start = time.perf_counter()
-    from benchmarks.public_scheme import PublicScheme, PublicTrainer
     from relbert_ds import RelationEncoder
     from relbert_ds.data import load_relation_dataset
 
@@ -386,8 +372,6 @@ def _setup_in_process_arms(args: argparse.Namespace, active: list[str], state: d
     """Build our trainer and the re-implemented public scheme, each on its own clock."""
     import torch
 
-    from benchmarks.public_scheme import PublicScheme, PublicTrainer
-    from benchmarks.train_throughput import build_ours
     from relbert_ds import RelationEncoder
     from relbert_ds.data import load_relation_dataset
 
@@ -413,7 +397,6 @@ def _setup_in_process_arms(args: argparse.Namespace, active: list[str], state: d
 
 def _advance(arm: str, st: dict[str, Any], args: argparse.Namespace, questions: Any) -> Optional[float]:
     """One unit of ``arm``'s work; the validation accuracy when the unit ended with one, else None."""
-    from benchmarks.train_throughput import ours_step
 
     if arm == "ours":
         trainer = st["trainer"]

@@ -17,7 +17,7 @@ Arms, interleaved repetition by repetition (the order rotates every repetition):
   the same encoder (backbone + pooling), loss = mean of the pooled output, ``loss.backward()``,
   torch AdamW; no DeepSpeed, no sampler, no relation loss, no clipping. ours/bare = the
   **overhead ratio** (target <= 1.10).
-- ``public``: the public RelBERT trainer's scheme (benchmarks/public_scheme.py): one relation
+- ``public``: the public RelBERT trainer's scheme (benchmarks/arms.py): one relation
   per step, its positives + 400 negatives (own negatives and other relations' positives), all
   encoded, prompts padded to max_length 64 as there. ``public_longest``: the same scheme with
   prompts padded only to the longest in the step (isolates the scheme from the padding).
@@ -44,6 +44,7 @@ from typing import Any, Optional, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import common  # noqa: E402
+from benchmarks.arms import Bare, PublicScheme, PublicTrainer, build_ours, ours_step, upcoming_pairs  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,74 +82,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # --------------------------------------------------------------------------- arms
-
-
-def build_ours(args: argparse.Namespace, run_dir: str) -> Any:
-    """relbert-ds's trainer through its public API: ``Trainer(run).prepare()`` joins the (one-rank)
-    job, checks and loads everything and builds the DeepSpeed engine, as ``fit`` does before its loop.
-    No validation sets, TensorBoard or projector (the benchmarks score the model themselves)."""
-    from relbert_ds.training.config import RunConfig
-    from relbert_ds.training.trainer import Trainer
-
-    run = RunConfig()
-    run.deepspeed_config = args.deepspeed_config
-    run.model.model = args.model
-    run.data.relations_per_step = args.relations_per_step
-    run.data.positives_per_relation = args.positives_per_relation
-    run.data.negatives_per_relation = args.negatives_per_relation
-    run.train.output_dir = run_dir
-    run.train.overwrite = True
-    run.train.lr = args.lr
-    run.train.epochs = getattr(args, "epochs", None)  # sizes the LR schedule; the benchmarks stop by themselves
-    run.train.tensorboard = False
-    run.train.threads = args.threads
-    run.train.peak_tflops = getattr(args, "peak_tflops", None)  # None: prepare() measures this CPU's peak
-    run.validation.metric = "none"
-    run.validation.analogy = []
-    run.validation.projector = False
-    return Trainer(run).prepare()
-
-
-def ours_step(trainer: Any) -> dict[str, Any]:
-    """The trainer's next optimizer step (``train_step``: its micro steps, backward, DeepSpeed's
-    step, the history line); pairs and real tokens as the step's record counted them."""
-    record = trainer.train_step()
-    seconds = record["step_seconds"]
-    return {"pairs": round(record["pairs_per_s"] * seconds), "real_tokens": round(record["tokens_per_s"] * seconds),
-            "loss": record["loss"], "epoch": record["epoch"]}
-
-
-def upcoming_pairs(trainer: Any, steps: int) -> list[list[tuple[str, str]]]:
-    """The pairs of the trainer's next ``steps`` optimizer steps (all their micro steps), read from
-    its sampler's plan, which depends on nothing but the position (the bare arm replays them)."""
-    sampler, done = trainer.sampler, trainer.progress.optimizer_steps
-    out = []
-    for k in range(steps):
-        epoch, step = divmod(done + k, sampler.steps_per_epoch)
-        out.append([p for micro in range(sampler.accumulation) for p in sampler.local_batch(epoch, step, micro).pairs])
-    return out
-
-
-class Bare:
-    """Plain PyTorch: same encoder class and weights, mean of the pooled output, torch AdamW."""
-
-    def __init__(self, model: str, lr: float) -> None:
-        import torch
-
-        from relbert_ds import RelationEncoder
-
-        self.torch = torch
-        self.encoder = RelationEncoder.from_pretrained(model, warn_untrained=False)
-        self.encoder.train()
-        self.optimizer = torch.optim.AdamW(self.encoder.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8,
-                                           weight_decay=0.0)
-
-    def step(self, tokens: dict[str, Any]) -> float:
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = self.encoder(tokens["input_ids"], tokens["attention_mask"]).mean()
-        loss.backward()
-        self.optimizer.step()
-        return float(loss.detach())
 
 
 # --------------------------------------------------------------------------- counting
@@ -267,7 +200,6 @@ def start_real(args: argparse.Namespace, work_dir: Path, threads: int) -> dict[s
 def _measure(args: argparse.Namespace, head: dict[str, Any], trainer: Any, setup_s: float, threads: int,
              run_dir: str, real: Optional[dict[str, Any]]) -> int:
     """Warm every arm up, run the interleaved repetitions, summarise, print and write the results."""
-    from benchmarks.public_scheme import PublicScheme, PublicTrainer
     from relbert_ds import RelationEncoder
     from relbert_ds.training.sampler import RelationAwareSampler
 

@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from tests.launch import free_port
+
 DAEMONS = ("slurmctld", "slurmd", "munged")
 CLIENTS = ("sbatch", "srun", "scontrol", "squeue", "scancel", "sinfo")
 SBIN = ("/usr/sbin", "/usr/local/sbin", "/sbin")
@@ -60,12 +62,6 @@ def missing_requirements() -> Optional[str]:
     except KeyError:
         return "no 'munge' user (the munge package creates it)"
     return None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ClusterError(RuntimeError):
@@ -156,8 +152,8 @@ class LocalSlurm:
         lines = {
             "ClusterName": "relbertds",
             "SlurmctldHost": "localhost",
-            "SlurmctldPort": _free_port(),
-            "SlurmdPort": _free_port(),
+            "SlurmctldPort": free_port(),
+            "SlurmdPort": free_port(),
             "SlurmUser": "root",
             "SlurmdUser": "root",
             "AuthType": "auth/munge",

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests import launch
 
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCHER = ROOT / "launchers" / "evaluate.py"
@@ -34,16 +35,7 @@ def _env() -> dict:
 
 
 def run(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run a launcher in its own session; kill the whole process group on timeout."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"{' '.join(cmd)} hung for {timeout} s\nstdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    return launch.run(cmd, timeout=timeout, env=_env(), cwd=str(ROOT))
 
 
 def _torchrun(n: int) -> list[str]:

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.launch import free_port
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -35,16 +36,10 @@ def _load_worker():
 W = _load_worker()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(out: Path, world: int) -> list[dict]:
     """Launch ``world`` ranks; their saved results, in rank order."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    port = _free_port()
+    port = free_port()
     files = [out / f"rank{r}.pt" for r in range(world)]
     procs = [
         subprocess.Popen([sys.executable, str(WORKER), str(r), str(world), str(port), str(files[r])],

@@ -50,7 +50,7 @@ class _Tok:
 
 
 def test_public_scheme_batches_follow_the_public_trainer():
-    from benchmarks.public_scheme import PublicScheme
+    from benchmarks.arms import PublicScheme
     from relbert_ds.data import load_relation_dataset
 
     data = load_relation_dataset("semeval2012", "train")
@@ -70,7 +70,7 @@ def test_public_scheme_batches_follow_the_public_trainer():
 
 
 def test_public_nce_loss_equals_the_written_out_sum():
-    from benchmarks.public_scheme import public_nce_loss
+    from benchmarks.arms import public_nce_loss
 
     g = torch.Generator().manual_seed(0)
     p, n = torch.randn(4, 6, generator=g, dtype=torch.float64), torch.randn(7, 6, generator=g, dtype=torch.float64)

@@ -103,16 +103,10 @@ def violations(root: Path, rules: dict[str, set[str]]) -> list[str]:
 
 
 def cycles(root: Path) -> list[list[str]]:
-    """Import circles between modules of a package (module-level imports only: a function-local
-    import is how a circle is broken on purpose, and it is still checked against the layers)."""
-    graph: dict[str, set[str]] = {}
-    for path in root.rglob("*.py"):
-        name = module_name(path, root)
-        tree = ast.parse(path.read_text(encoding="utf-8"))
-        top_level = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
-        lines = {n.lineno for n in top_level}
-        graph[name] = {t for line, t in imports_of(path, root) if line in lines
-                       and t.split(".")[0] == root.name and t != name}
+    """Import circles between modules of a package, function-local imports included (a circle
+    broken only by deferring an import is still a circle in the design)."""
+    graph = {module_name(path, root): {t for _, t in imports_of(path, root) if t.split(".")[0] == root.name}
+             for path in root.rglob("*.py")}
     # A package's __init__ is loaded by each of its submodules: parent edges are not circles.
     found, state = [], {}
 

@@ -1,6 +1,15 @@
-"""The public RelBERT trainer's scheme (relbert 2.0.x, ``Trainer._train_nce`` with
-``augment_negative_by_positive``), reimplemented as a baseline for the benchmarks.
+"""The arms the benchmarks race, and the score they are raced on.
 
+- ``ours``: relbert-ds's trainer through its public API (``build_ours``, ``ours_step``);
+- ``public``: the public RelBERT trainer's scheme re-implemented on our encoder (``PublicScheme``,
+  ``PublicTrainer``, described below);
+- ``bare``: plain PyTorch on the same encoder (``Bare``);
+- the score: SemEval-2012 validation analogy accuracy through the trainer's validation path
+  (``semeval_questions``, ``accuracy``).
+
+The real public trainer runs in a venv of its own: ``benchmarks/public_relbert.py``.
+
+The public scheme (relbert 2.0.x, ``Trainer._train_nce`` with ``augment_negative_by_positive``):
 What it does, as in the public code:
 - all pairs are tokenized once up front, **padded to max_length** (``encode_plus(...,
   padding='max_length')``, 64 tokens), so every step encodes 64 positions per prompt;
@@ -20,6 +29,7 @@ the same network; pooling is a mean where the public code sums, which cosine doe
 """
 from __future__ import annotations
 
+import argparse
 import random
 from typing import Any, Optional, Sequence
 
@@ -146,3 +156,91 @@ class PublicTrainer:
                 "padded_tokens": int(tp["input_ids"].numel() + tn["input_ids"].numel()),
                 # what the loss scores: every positive anchor i against every negative k
                 "anchor_negative_pairs": len(pos) * len(neg), "anchor_positive_terms": len(pos) * len(pos)}
+
+
+# --------------------------------------------------------------------------- ours and bare
+
+
+def build_ours(args: argparse.Namespace, run_dir: str) -> Any:
+    """relbert-ds's trainer through its public API: ``Trainer(run).prepare()`` joins the (one-rank)
+    job, checks and loads everything and builds the DeepSpeed engine, as ``fit`` does before its loop.
+    No validation sets, TensorBoard or projector (the benchmarks score the model themselves)."""
+    from relbert_ds.training.config import RunConfig
+    from relbert_ds.training.trainer import Trainer
+
+    run = RunConfig()
+    run.deepspeed_config = args.deepspeed_config
+    run.model.model = args.model
+    run.data.relations_per_step = args.relations_per_step
+    run.data.positives_per_relation = args.positives_per_relation
+    run.data.negatives_per_relation = args.negatives_per_relation
+    run.train.output_dir = run_dir
+    run.train.overwrite = True
+    run.train.lr = args.lr
+    run.train.epochs = getattr(args, "epochs", None)  # sizes the LR schedule; the benchmarks stop by themselves
+    run.train.tensorboard = False
+    run.train.threads = args.threads
+    run.train.peak_tflops = getattr(args, "peak_tflops", None)  # None: prepare() measures this CPU's peak
+    run.validation.metric = "none"
+    run.validation.analogy = []
+    run.validation.projector = False
+    return Trainer(run).prepare()
+
+
+def ours_step(trainer: Any) -> dict[str, Any]:
+    """The trainer's next optimizer step (``train_step``: its micro steps, backward, DeepSpeed's
+    step, the history line); pairs and real tokens as the step's record counted them."""
+    record = trainer.train_step()
+    seconds = record["step_seconds"]
+    return {"pairs": round(record["pairs_per_s"] * seconds), "real_tokens": round(record["tokens_per_s"] * seconds),
+            "loss": record["loss"], "epoch": record["epoch"]}
+
+
+def upcoming_pairs(trainer: Any, steps: int) -> list[list[tuple[str, str]]]:
+    """The pairs of the trainer's next ``steps`` optimizer steps (all their micro steps), read from
+    its sampler's plan, which depends on nothing but the position (the bare arm replays them)."""
+    sampler, done = trainer.sampler, trainer.progress.optimizer_steps
+    out = []
+    for k in range(steps):
+        epoch, step = divmod(done + k, sampler.steps_per_epoch)
+        out.append([p for micro in range(sampler.accumulation) for p in sampler.local_batch(epoch, step, micro).pairs])
+    return out
+
+
+class Bare:
+    """Plain PyTorch: same encoder class and weights, mean of the pooled output, torch AdamW."""
+
+    def __init__(self, model: str, lr: float) -> None:
+        import torch
+
+        from relbert_ds import RelationEncoder
+
+        self.torch = torch
+        self.encoder = RelationEncoder.from_pretrained(model, warn_untrained=False)
+        self.encoder.train()
+        self.optimizer = torch.optim.AdamW(self.encoder.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8,
+                                           weight_decay=0.0)
+
+    def step(self, tokens: dict[str, Any]) -> float:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.encoder(tokens["input_ids"], tokens["attention_mask"]).mean()
+        loss.backward()
+        self.optimizer.step()
+        return float(loss.detach())
+
+
+# --------------------------------------------------------------------------- the score
+
+
+def semeval_questions() -> Any:
+    from relbert_ds.data import load_relation_dataset
+    from relbert_ds.data.derived import relation_analogy_questions
+
+    return relation_analogy_questions(load_relation_dataset("semeval2012", "validation"))
+
+
+def accuracy(encoder: Any, questions: Any) -> float:
+    """SemEval-2012 validation analogy accuracy of ``encoder`` (the trainer's validation path)."""
+    from relbert_ds.evaluation.validation import analogy_accuracies
+
+    return float(analogy_accuracies(encoder, [questions])[questions.name])
