@@ -12,6 +12,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+def _stop_like_ctrl_c(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_configure(config):
+    """SIGTERM (CI cancelling a job, `kill`) stops the suite as Ctrl-C does: pytest unwinds, so the
+    session's fixtures (the local SLURM cluster, launched ranks) are torn down, not orphaned."""
+    import signal
+
+    signal.signal(signal.SIGTERM, _stop_like_ctrl_c)
+
+
 @pytest.fixture(scope="session")
 def bundled_model_path() -> str:
     from relbert_ds.model.backbones import bundled_backbone_path

@@ -136,13 +136,21 @@ class _StopFlag:
     def __init__(self) -> None:
         self.raised = False
         self.failure: Optional[Exception] = None  # a run file rank 0 could not write (history.jsonl)
+        self._previous: dict[int, Any] = {}
 
     def install(self) -> None:
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             try:
-                signal.signal(sig, self._handler)
+                self._previous.setdefault(sig, signal.signal(sig, self._handler))
             except ValueError:  # not the main thread (e.g. embedded use): no pre-emption handling
                 pass
+
+    def uninstall(self) -> None:
+        """Give the process its own handlers back: after ``fit`` a SIGTERM must stop the caller again
+        (a notebook, a test session), not set a flag nobody reads."""
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+        self._previous.clear()
 
     def _handler(self, signum: int, frame: Any) -> None:
         self.raised = True
@@ -536,6 +544,7 @@ class Trainer:
             self.prepare()
             return self._train()
         finally:  # an error mid-run still leaves complete TensorBoard files
+            self.stop_flag.uninstall()
             if self.monitor is not None:
                 self.monitor.close()
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -62,6 +63,14 @@ def missing_requirements() -> Optional[str]:
     except KeyError:
         return "no 'munge' user (the munge package creates it)"
     return None
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the process that started it dies (Linux prctl)."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class ClusterError(RuntimeError):
@@ -199,8 +208,11 @@ class LocalSlurm:
         if user is not None:
             kwargs = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
         handle = open(log, "ab")
+        # Own session: a Ctrl-C reaches pytest, which stops the daemons in order (jobs first). The
+        # parent-death signal covers a pytest killed outright (it runs after the user switch).
         return subprocess.Popen([str(a) for a in argv], stdout=handle, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=self.env(), start_new_session=True, **kwargs)
+                                stdin=subprocess.DEVNULL, env=self.env(), start_new_session=True,
+                                preexec_fn=_die_with_parent, **kwargs)
 
     def _wait(self, ready, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
@@ -230,7 +242,17 @@ class LocalSlurm:
         return "\n".join(out)
 
     def stop(self, timeout: float = 60) -> None:
-        """Cancel every job, wait until none runs, then stop slurmd, slurmctld and munged."""
+        """Cancel every job, wait until none runs, then stop slurmd, slurmctld and munged.
+
+        A second Ctrl-C (or a SIGTERM) while this runs waits until it is done: the daemons must
+        not outlive the test session."""
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            self._stop(timeout)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+    def _stop(self, timeout: float) -> None:
         if "slurmctld" in self.procs and self.procs["slurmctld"].poll() is None:
             try:
                 self.cmd("scancel", "--full", "--user", "root", check=False, timeout=15)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.assertions import error_lines
 from tests.cluster.helpers import (
     finish,
     history,
@@ -194,7 +195,7 @@ def test_a_plain_exception_on_one_rank_stops_every_rank_with_one_message(tiny_be
     report = "\n".join(f"--- rank {r.rank} exit {r.returncode}\n{r.stderr[-2500:]}" for r in results)
     assert [r.returncode for r in results] == [1, 1], report
     assert seconds < 120, f"{seconds:.0f} s: a rank waited for its peer (the collective timeout is 30 min)"
-    errors = [line for r in results for line in (r.stdout + r.stderr).splitlines() if line.startswith("error:")]
+    errors = error_lines("\n".join(r.stdout + "\n" + r.stderr for r in results))
     assert len(errors) == 1 and "rank 1: RuntimeError: injected fault" in errors[0], report
     assert "Traceback" not in results[1].stderr and results[0].stderr.count("Traceback") == 1, report
     assert not (tmp_path / "run" / "checkpoints").exists()

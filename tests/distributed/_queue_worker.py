@@ -23,7 +23,7 @@ import torch.distributed as dist  # noqa: E402
 
 from relbert_ds.evaluation.sharding import encode_sharded, encode_sharing_ranks  # noqa: E402
 from relbert_ds.parallel.work_queue import WorkQueue  # noqa: E402
-from tests.unit.test_evaluation import FakeEncoder  # noqa: E402
+from tests.fakes import FakeEncoder  # noqa: E402
 
 SLOW_JOB_S = 1.5
 

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from tests import launch
+from tests.assertions import assert_one_error_line
 
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCHER = ROOT / "launchers" / "evaluate.py"
@@ -139,7 +140,5 @@ def test_bad_input_one_error_line_every_rank_exits(tmp_path):
     r = run(_torchrun(2) + ["--model", "all-MiniLM-L6-v2", "--analogy", str(bad), "--classification", "none"],
             timeout=90)
     assert r.returncode != 0
-    lines = [line for line in (r.stdout + r.stderr).splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, r.stdout + r.stderr
-    assert "line 2: answer index 7 is out of range for 2 choices" in lines[0]
+    assert_one_error_line(r.stdout + r.stderr, "line 2: answer index 7 is out of range for 2 choices")
     assert "| task |" not in r.stdout  # nothing was evaluated

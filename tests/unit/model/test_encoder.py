@@ -215,7 +215,7 @@ def test_sharded_safetensors_become_sharded_bins(tiny_bert, tmp_path):
     assert np.array_equal(RelationEncoder.from_pretrained(str(tmp_path), warn_untrained=False).encode(PAIRS), want)
 
 
-RELBERT_VENV_PYTHON = Path(__file__).resolve().parents[2] / ".relbert-venv" / "bin" / "python"
+RELBERT_VENV_PYTHON = Path(__file__).resolve().parents[3] / ".relbert-venv" / "bin" / "python"
 RELBERT_EMBED = """
 import sys, numpy as np
 from relbert import RelBERT

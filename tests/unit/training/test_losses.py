@@ -435,7 +435,7 @@ def test_realistic_global_batch_from_the_sampler():
     from relbert_ds.data.schemas import RelationDataset, RelationGroup
     from relbert_ds.training.sampler import RelationAwareSampler
 
-    path = Path(__file__).resolve().parents[2] / "relbert_ds/resources/data/semeval2012/train.jsonl"
+    path = Path(__file__).resolve().parents[3] / "relbert_ds/resources/data/semeval2012/train.jsonl"
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     semeval = RelationDataset("semeval2012", "train", tuple(
         RelationGroup(r["relation_type"], tuple(map(tuple, r["positives"])), tuple(map(tuple, r["negatives"])),

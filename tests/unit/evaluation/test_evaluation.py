@@ -2,7 +2,6 @@
 task preparation and bad input, the runner end to end with a fake encoder, outputs."""
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import math
@@ -19,37 +18,9 @@ from relbert_ds.errors import ConfigError, DataError, ModelError, UserError
 from relbert_ds.evaluation import analogy, classification, mapping, runner, sharding
 from relbert_ds.evaluation.sharding import deal_batches, encode_sharded
 from relbert_ds.model.batching import fixed_batches, length_order
+from tests.fakes import FakeEncoder, hashed_vector
 
 # --------------------------------------------------------------------------- helpers
-
-
-def hashed_vector(pair, dim: int = 8) -> np.ndarray:
-    """A fixed pseudo-random vector per pair (independent of batch and call order)."""
-    seed = int.from_bytes(hashlib.sha256("\t".join(pair).encode()).digest()[:4], "little")
-    return np.random.default_rng(seed).standard_normal(dim).astype(np.float32)
-
-
-class FakeEncoder(torch.nn.Module):
-    """What encode_sharded needs of a RelationEncoder, with a vector function instead of a model."""
-
-    def __init__(self, vector_fn=hashed_vector, dim: int = 8):
-        super().__init__()
-        self.vector_fn, self.dim = vector_fn, dim
-        self.calls: list[list] = []
-        self.name, self.template, self.pooling, self.max_length = "fake", "<subj> : <obj>", "average", 64
-
-    @property
-    def hidden_size(self) -> int:
-        return self.dim
-
-    def prompt_lengths(self, pairs):
-        return [len(h) + len(t) for h, t in pairs]
-
-    def embed(self, pairs):
-        assert not self.training, "encode_sharded must put the encoder in eval mode"
-        assert not torch.is_grad_enabled()
-        self.calls.append(list(pairs))
-        return torch.from_numpy(np.stack([self.vector_fn(p) for p in pairs]))
 
 
 def table_lookup(table: dict):

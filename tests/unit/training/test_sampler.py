@@ -12,7 +12,7 @@ from relbert_ds.data.schemas import RelationDataset, RelationGroup
 from relbert_ds.errors import CheckpointError, ConfigError
 from relbert_ds.training.sampler import LocalBatch, RelationAwareSampler, _splitmix64, mix_seed, split_evenly
 
-TRAIN = Path(__file__).resolve().parents[2] / "relbert_ds" / "resources" / "data" / "semeval2012" / "train.jsonl"
+TRAIN = Path(__file__).resolve().parents[3] / "relbert_ds" / "resources" / "data" / "semeval2012" / "train.jsonl"
 
 
 def _semeval() -> RelationDataset:

@@ -26,8 +26,9 @@ from relbert_ds.cli import push as push_cli
 from relbert_ds.publish.model_card import CITATION, model_card
 from relbert_ds.training.config import RunConfig
 from relbert_ds.training.engine import EMBEDDED_DS_CONFIG
+from tests.assertions import assert_one_error_line
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 TOKEN = "hf_standin_write_token"
 
 
@@ -308,10 +309,8 @@ def test_trainer_card_has_the_metadata(export):
 
 
 def _one_error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error: ") and "; fix: " in lines[0]
-    return lines[0]
+    assert len([line for line in err.splitlines() if line.strip()]) == 1, err  # nothing but the error
+    return assert_one_error_line(err, "; fix: ")
 
 
 def test_existing_repo_is_one_error_line_unless_exist_ok(hub, export, capsys):

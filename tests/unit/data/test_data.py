@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import pytest
 
@@ -17,6 +17,8 @@ from relbert_ds.data import (
     load_relation_dataset,
 )
 from relbert_ds.errors import DataError
+from tests.assertions import assert_one_line
+from tests.fakes import FakeHub
 
 # --------------------------------------------------------------------------- helpers
 
@@ -46,12 +48,7 @@ def first_json_line(path: Path) -> dict:
 
 
 def assert_line_error(exc: pytest.ExceptionInfo, path: Path, line: int) -> str:
-    message = str(exc.value)
-    assert path.name in message, message
-    assert f"line {line}:" in message, message
-    assert "; fix:" in message, message
-    assert "\n" not in message, message
-    return message
+    return assert_one_line(exc, path.name, f"line {line}:", "; fix:")
 
 
 # --------------------------------------------------------------------------- bundled data
@@ -354,24 +351,6 @@ def test_missing_local_path_is_not_sent_to_the_hub(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- hub
-
-
-class FakeHub:
-    """Stands in for datasets.load_dataset: serves in-memory splits, records calls."""
-
-    def __init__(self, splits: dict[str, list[dict]]) -> None:
-        self.splits = splits
-        self.calls: list[tuple[str, Optional[str], Optional[str]]] = []
-
-    def __call__(self, repo: str, config: Optional[str] = None, split: Optional[str] = None, **_: Any) -> Any:
-        import datasets
-
-        self.calls.append((repo, config, split))
-        if split is None:
-            return datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in self.splits.items()})
-        if split not in self.splits:
-            raise ValueError(f'Unknown split "{split}". Should be one of {list(self.splits)}.')
-        return datasets.Dataset.from_list(self.splits[split])
 
 
 def test_hub_analogy_and_relation(monkeypatch: pytest.MonkeyPatch) -> None:

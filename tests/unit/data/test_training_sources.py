@@ -18,24 +18,7 @@ from relbert_ds.data.training_sources import load_training_sources, per_source_v
 from relbert_ds.errors import ConfigError, DataError
 from relbert_ds.training.losses import NCELoss
 from relbert_ds.training.sampler import RelationAwareSampler
-
-
-def write_relations(folder: Path, n_relations: int, *, positives: int = 3, negatives: int = 2, tag: str = "g",
-                    parents: int = 0, splits: tuple[str, ...] = ("train", "validation")) -> Path:
-    """A folder of ``<split>.jsonl`` files in the relbert schema: ``n_relations`` relations named
-    ``<tag><r>``, with distinct pairs (and ``parent`` ``r % parents`` when ``parents``)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for split in splits:
-        with open(folder / f"{split}.jsonl", "w") as handle:
-            for r in range(n_relations):
-                word = f"{tag}{split[0]}"  # distinct words per source and split
-                record = {"relation_type": f"{tag}{r}",
-                          "positives": [[f"{word}h{r}n{i}", f"{word}t{r}n{i}"] for i in range(positives)],
-                          "negatives": [[f"{word}x{r}n{i}", f"{word}y{r}n{i}"] for i in range(negatives)]}
-                if parents:
-                    record["parent"] = str(r % parents)
-                handle.write(json.dumps(record) + "\n")
-    return folder
+from tests.fakes import write_relations
 
 
 @pytest.fixture(scope="module")

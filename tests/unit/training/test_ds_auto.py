@@ -12,7 +12,7 @@ from relbert_ds.errors import ConfigError
 from relbert_ds.training.ds_auto import auto_options, resolve_hf_auto
 from relbert_ds.training.engine import resolve_batch, resolve_precision
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 # The "ZeRO-2 Example" and "ZeRO-3 Example" auto-configuration files of the Hugging Face
 # Transformers DeepSpeed integration docs, https://huggingface.co/docs/transformers/main_classes/deepspeed

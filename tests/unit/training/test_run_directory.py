@@ -18,6 +18,7 @@ import torch
 from relbert_ds.errors import CheckpointError, ConfigError, DiskFullError
 from relbert_ds.training import checkpointing, run_directory
 from relbert_ds.training.run_directory import HistoryError, RunDirectory
+from tests.fakes import FakeEngine
 
 MARKER = run_directory.MARKER
 
@@ -244,29 +245,6 @@ def test_truncated_checkpoint_file_is_named(tmp_path):
 
 
 # ---------------------------------------------------------------------- the writer, one rank
-class FakeEngine:
-    """What save_checkpoint uses of a DeepSpeed engine: a checkpoint engine that writes files."""
-
-    class _CheckpointEngine:
-        def __init__(self, fail_with=None):
-            self.fail_with = fail_with
-
-        def save(self, state_dict, path):
-            torch.save(state_dict, path)
-            if self.fail_with is not None:
-                raise self.fail_with
-
-    def __init__(self, fail_with=None):
-        self.module = torch.nn.Linear(4, 4)
-        self.checkpoint_engine = self._CheckpointEngine(fail_with)
-
-    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
-        folder = Path(save_dir) / tag
-        self.checkpoint_engine.save({"module": self.module.state_dict(), **client_state},
-                                    str(folder / "mp_rank_00_model_states.pt"))
-        self.checkpoint_engine.save({"optimizer": {}}, str(folder / "zero_pp_rank_0_mp_rank_00_optim_states.pt"))
-
-
 def test_save_writes_the_marker_with_file_sizes(tmp_path):
     run = RunDirectory(tmp_path)
     tag_dir = checkpointing.save_checkpoint(FakeEngine(), run.path, 3, {"a": 1}, {"model": "m"}, keep_last=2)

@@ -15,6 +15,7 @@ from relbert_ds import RelationEncoder
 from relbert_ds.errors import ModelError
 from relbert_ds.model.backbones import check_safetensors_file, check_weight_files
 from relbert_ds.model.encoder import write_torch_weights
+from tests.assertions import assert_one_error_line, assert_one_line
 from tests.launch import REPO, rank_env, run
 
 
@@ -33,13 +34,6 @@ def copy(saved, tmp_path) -> Path:
 
 def truncate(path: Path, keep: float = 0.5) -> None:
     os.truncate(path, int(path.stat().st_size * keep))
-
-
-def assert_one_line(error: pytest.ExceptionInfo, *fragments: str) -> None:
-    message = str(error.value)
-    assert "\n" not in message and "fix:" in message, message
-    for fragment in fragments:
-        assert fragment in message, (fragment, message)
 
 
 def test_intact_folders_pass(saved, bundled_model_path):
@@ -168,7 +162,5 @@ def test_command_line_prints_one_error_line(copy, tool, fault):
         expect = (str(copy), "no tokenizer vocabulary", "fix:")
     result = run(_command(tool, copy), timeout=600, env=rank_env(), cwd=str(REPO))
     output = result.stdout + result.stderr
-    errors = [line for line in output.splitlines() if line.startswith("error:")]
     assert result.returncode == 2, output
-    assert len(errors) == 1 and all(f in errors[0] for f in expect), output
-    assert "Traceback" not in output
+    assert_one_error_line(output, *expect)

@@ -15,8 +15,9 @@ import pytest
 
 from relbert_ds.cli import plot as plot_cli
 from relbert_ds.training import plotting
+from tests.assertions import assert_one_error_line
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -125,10 +126,8 @@ def test_resumed_history_keeps_the_last_record_per_step(tmp_path):
 
 
 def _one_error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error: ") and "; fix: " in lines[0]
-    return lines[0]
+    assert len([line for line in err.splitlines() if line.strip()]) == 1, err  # nothing but the error
+    return assert_one_error_line(err, "; fix: ")
 
 
 def test_bad_run_dirs_are_one_error_line(tmp_path, capsys):
