@@ -66,7 +66,27 @@ def score_analogy(dataset: AnalogyDataset, lookup: Lookup, keep_predictions: boo
     Returns a JSON-ready dict (see :func:`summarize`) plus ``dataset``, ``split``, ``source``
     and, with ``keep_predictions``, one record per question under ``predictions``.
     """
-    results = answer_questions(dataset.questions, lookup)
+    return _entry(dataset, answer_questions(dataset.questions, lookup), keep_predictions)
+
+
+def score_analogies(datasets: Sequence[AnalogyDataset], lookup: Lookup, keep_predictions: bool = False) -> dict:
+    """:func:`score_analogy` of every split, keyed ``name/split``, plus ``name/full`` wherever a dataset
+    has both a validation and a test split (SAT-full: the two pooled, as the paper reports SAT)."""
+    out, answered = {}, {}
+    for dataset in datasets:
+        results = answer_questions(dataset.questions, lookup)
+        out[f"{dataset.name}/{dataset.split}"] = _entry(dataset, results, keep_predictions)
+        answered.setdefault(dataset.name, []).append((dataset, results))
+    for name, parts in answered.items():
+        if {d.split for d, _ in parts} >= {"validation", "test"}:
+            entry = {"dataset": name, "split": "full", "source": [d.source for d, _ in parts],
+                     "splits": [d.split for d, _ in parts]}
+            entry.update(summarize([q for d, _ in parts for q in d.questions], [r for _, rs in parts for r in rs]))
+            out[f"{name}/full"] = entry
+    return out
+
+
+def _entry(dataset: AnalogyDataset, results: Sequence[QuestionResult], keep_predictions: bool) -> dict:
     out = {"dataset": dataset.name, "split": dataset.split, "source": dataset.source}
     out.update(summarize(dataset.questions, results))
     if keep_predictions:

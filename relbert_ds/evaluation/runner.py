@@ -58,6 +58,7 @@ from relbert_ds.evaluation import classification as classification_mod
 from relbert_ds.evaluation import mapping as mapping_mod
 from relbert_ds.evaluation.sharding import encode_sharded, encode_sharing_ranks, forwards_are_collective
 from relbert_ds.model.batching import PairRows
+from relbert_ds.model.prompts import template_id
 from relbert_ds.parallel.collectives import all_gather_no_grad, world_info
 from relbert_ds.parallel.work_queue import shared_queue_available
 
@@ -406,23 +407,7 @@ def evaluate_tasks(encoder: Any, tasks: TaskSet, batch_size: int = 64,
                            "device": str(torch.device(device)) if device is not None else "cpu"}
 
     t = time.perf_counter()
-    answered: dict[str, list] = {}
-    for data in tasks.analogy:
-        results = analogy_mod.answer_questions(data.questions, lookup)
-        entry = {"dataset": data.name, "split": data.split, "source": data.source}
-        entry.update(analogy_mod.summarize(data.questions, results))
-        if keep_predictions:
-            entry["predictions"] = analogy_mod.question_records(data.questions, results)
-        result["analogy"][f"{data.name}/{data.split}"] = entry
-        answered.setdefault(data.name, []).append((data, results))
-    for name, parts in answered.items():
-        if {d.split for d, _ in parts} >= {"validation", "test"}:  # SAT-full and its kin
-            questions = [q for d, _ in parts for q in d.questions]
-            results = [r for _, rs in parts for r in rs]
-            entry = {"dataset": name, "split": "full", "source": [d.source for d, _ in parts],
-                     "splits": [d.split for d, _ in parts]}
-            entry.update(analogy_mod.summarize(questions, results))
-            result["analogy"][f"{name}/full"] = entry
+    result["analogy"] = analogy_mod.score_analogies(tasks.analogy, lookup, keep_predictions)
     timing["analogy_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -567,14 +552,6 @@ def _probe_note(results: dict[str, dict]) -> str:
             "validation macro F1 (without a validation split: the default grid point hidden 100, lr 1e-3).\n")
 
 
-def _template_label(template: Optional[str]) -> str:
-    """``d`` for the paper's template d, else the text itself."""
-    from relbert_ds.model.prompts import TEMPLATES
-
-    ids = [k for k, v in TEMPLATES.items() if v == template]
-    return ids[0] if ids else repr(template)
-
-
 def markdown_table(results: dict[str, dict]) -> str:
     """A markdown table of the metrics (in %), one column per evaluated model (side by side)."""
     labels = list(results)
@@ -583,9 +560,14 @@ def markdown_table(results: dict[str, dict]) -> str:
     for task, dataset, split, metric, n in _rows(results):
         cells = [_cell(results[label], task, dataset, split, metric) for label in labels]
         lines.append(f"| {task} | {dataset} | {split} | {metric} | {n} | " + " | ".join(cells) + " |")
-    models = "; ".join(f"{label} = {r['model'].get('name')} (template {_template_label(r['model'].get('template'))}, "
-                       f"pooling {r['model'].get('pooling')})" for label, r in results.items())
+    identities = {label: r["model"] for label, r in results.items()}
+    models = "; ".join(f"{label} = {m.get('name')} (template {_template_name(m.get('template'))}, "
+                       f"pooling {m.get('pooling')})" for label, m in identities.items())
     return "\n".join(lines) + f"\n\nModels: {models}\n" + _missing_note(results) + _probe_note(results)
+
+
+def _template_name(template: Optional[str]) -> str:
+    return template_id(template) or repr(template)
 
 
 def _missing_note(results: dict[str, dict]) -> str:

@@ -5,6 +5,7 @@ This is the one place that turns a word pair into prompt text.
 from __future__ import annotations
 
 import re
+from typing import Optional
 
 from relbert_ds.errors import ConfigError, ModelError
 
@@ -23,6 +24,11 @@ TEMPLATES: dict[str, str] = {
 DEFAULT_TEMPLATE = "d"
 
 _SLOT = re.compile(r"<subj>|<obj>|<mask>")
+
+
+def template_id(template: Optional[str]) -> Optional[str]:
+    """``"d"`` when ``template`` is the text of the paper's template d (a-e); None for any other."""
+    return next((key for key, text in TEMPLATES.items() if text == template), None)
 
 
 def resolve_template(template: str) -> str:

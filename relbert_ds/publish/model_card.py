@@ -24,6 +24,7 @@ import yaml
 
 from relbert_ds import __version__
 from relbert_ds.errors import UserError
+from relbert_ds.model.prompts import template_id
 
 TRAINING_FILE = "relbert_ds_training.json"  # written by Trainer.export
 DEFAULT_LICENSE = "apache-2.0"  # relbert-ds's own and the bundled backbone's licence
@@ -69,19 +70,6 @@ class CardError(UserError):
 
 
 # --------------------------------------------------------------------------- entry points
-
-
-def model_card(run: Any, resolved: Any, world_size: int, results: Optional[dict], best: Optional[dict],
-               template: str) -> str:
-    """The card the trainer's export writes (signature kept for ``Trainer._model_card``).
-
-    ``run`` is the RunConfig, ``resolved`` the ResolvedDeepSpeed (its ``config`` is the JSON
-    DeepSpeed ran with), ``results`` the exported epoch's validation record, ``best`` the best
-    epoch so far, ``template`` the prompt text the encoder used.
-    """
-    training = {**run.to_dict(), "deepspeed": resolved.config, "world_size": world_size,
-                "validation_results": results, "best": best}
-    return build_card(training, template=template)
 
 
 def card_from_folder(folder: Union[str, Path], results: Optional[Union[str, Path, dict]] = None,
@@ -333,13 +321,9 @@ def _results(evaluation: Optional[dict], entries: list[dict], training: dict) ->
     return lines + [""]
 
 
-def _template_label(template: str) -> str:
-    from relbert_ds.model.prompts import TEMPLATES
-
-    for key, text in TEMPLATES.items():
-        if text == template:
-            return f"{key} (`{template}`)"
-    return f"`{template}`"
+def _template_cell(template: str) -> str:
+    key = template_id(template)
+    return f"{key} (`{template}`)" if key else f"`{template}`"
 
 
 def _recipe(training: dict, template: str) -> list[str]:
@@ -364,7 +348,7 @@ def _recipe(training: dict, template: str) -> list[str]:
     lines = ["## Training recipe", "",
              "| | |", "|---|---|",
              f"| backbone | `{m.get('model')}` |",
-             f"| template | {_template_label(template)} |",
+             f"| template | {_template_cell(template)} |",
              f"| pooling | {m.get('pooling')}, max length {m.get('max_length')} tokens |",
              f"| data | {_sources(d)} ({d.get('train_split')} split) |",
              f"| global batch | {global_batch} relation groups per optimizer step over {world} rank(s), {accum} "
@@ -373,8 +357,8 @@ def _recipe(training: dict, template: str) -> list[str]:
              f"| steps | {steps if steps is not None else '?'} optimizer steps at export"
              + (f" (planned: {plan})" if plan else "") + " |",
              f"| loss | {loss_text} |",
-             f"| optimizer | {_json_inline(ds.get('optimizer')) or _own_optimizer(t)} |",
-             f"| schedule | {_json_inline(ds.get('scheduler')) or _own_schedule(t)} |",
+             f"| optimizer | {_json_inline(ds.get('optimizer')) or '?'} |",
+             f"| schedule | {_json_inline(ds.get('scheduler')) or training.get('schedule') or '?'} |",
              f"| precision, ZeRO | {precision}, ZeRO stage {zero} |",
              f"| seed | {d.get('seed')} |", "",
              "The DeepSpeed config the run used (as resolved by relbert-ds):", "", "```json",
@@ -393,18 +377,3 @@ def _sources(d: dict) -> str:
 
 def _json_inline(value: Any) -> str:
     return f"`{json.dumps(value, sort_keys=True)}`" if value else ""
-
-
-def _given(value: Any) -> str:
-    return "default" if value is None else str(value)
-
-
-def _own_optimizer(t: dict) -> str:
-    """The trainer's AdamW, used when the DeepSpeed config has no optimizer section."""
-    return f"AdamW (relbert-ds), lr {_given(t.get('lr'))}, weight decay {_given(t.get('weight_decay'))} " \
-           f"(defaults: lr 2e-5, weight decay 0)"
-
-
-def _own_schedule(t: dict) -> str:
-    return f"linear warm-up over {_given(t.get('warmup_steps'))} steps, then {_given(t.get('lr_schedule'))} " \
-           f"(relbert-ds; defaults: 10 steps, constant)"

@@ -145,7 +145,7 @@ class RunConfig:
         for name, klass in CONFIG_CLASSES.items():
             known = {f.name for f in dataclasses.fields(klass)}
             values = {k: v for k, v in (data.get(name) or {}).items() if k in known}
-            if name == "data" and isinstance(values.get("train_data"), str):  # relbert-ds 0.1: one source
+            if name == "data" and isinstance(values.get("train_data"), str):  # config.json of one source
                 values["train_data"] = [values["train_data"]]
             kwargs[name] = klass(**values)
         return cls(**kwargs)

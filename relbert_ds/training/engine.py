@@ -71,12 +71,6 @@ class ResolvedDeepSpeed:
     def relations_per_step(self) -> int:
         return self.batch.relations_per_step
 
-    @property
-    def offload(self) -> bool:
-        zero = self.config.get("zero_optimization", {})
-        return any(zero.get(k, {}).get("device", "none") not in ("none", None)
-                   for k in ("offload_optimizer", "offload_param"))
-
 
 def load_ds_config(path: Optional[str]) -> tuple[dict[str, Any], str]:
     """The user's DeepSpeed JSON (or the embedded default) and where it came from."""

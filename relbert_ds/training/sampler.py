@@ -19,7 +19,7 @@ How a step is divided:
    most one (``shard_by="prompt"``, the default): a relation's group may span ranks, and the
    loss, which gathers every rank's rows with their relation ids, scores it exactly as one
    process would. ``shard_by="relation"`` keeps whole groups on a rank (group counts differ by
-   at most one), the behaviour of relbert-ds 0.1. Concatenating the ranks' slices in rank order
+   at most one). Concatenating the ranks' slices in rank order
    gives the flattened micro batch, for any world size.
 
 Relation order per epoch: a permutation seeded by ``(seed, epoch)``. With ``parent_grouping``

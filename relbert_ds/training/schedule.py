@@ -27,9 +27,6 @@ class StepPlan:
         """Epochs started by the run (the last one may be partial)."""
         return math.ceil(self.total_steps / self.steps_per_epoch)
 
-    def position(self, optimizer_steps: int) -> tuple[int, int]:
-        """``(epoch, step within the epoch)`` of the next step after ``optimizer_steps`` done."""
-        return divmod(optimizer_steps, self.steps_per_epoch)
 
 
 def plan_steps(steps_per_epoch: int, epochs: Optional[int] = None, max_steps: Optional[int] = None) -> StepPlan:

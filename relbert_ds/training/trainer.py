@@ -724,17 +724,17 @@ class Trainer:
             from safetensors.torch import save_file
 
             save_file({k: v.contiguous() for k, v in extra.items()}, str(tmp / "relbert_ds_loss_head.safetensors"))
-        write_json(tmp / "relbert_ds_training.json", {**self.run.to_dict(), "deepspeed": self.resolved.config,
-                                                       "world_size": self.info.world_size,
-                                                       "relations_per_step": self.resolved.relations_per_step,
-                                                       "optimizer_steps": self.progress.optimizer_steps,
-                                                       "validation_results": epoch_results, "best": best})
-        (tmp / "README.md").write_text(self._model_card(epoch_results, best))
+        # One record: the export's relbert_ds_training.json, and what its model card is written from.
+        schedule = self.resolved.schedule
+        record = {**self.run.to_dict(), "deepspeed": self.resolved.config, "world_size": self.info.world_size,
+                  "relations_per_step": self.resolved.relations_per_step,
+                  "optimizer_steps": self.progress.optimizer_steps,
+                  "schedule": f"{schedule.describe()} (relbert-ds)" if schedule is not None else None,
+                  "validation_results": epoch_results, "best": best}
+        write_json(tmp / "relbert_ds_training.json", record)
+        from relbert_ds.publish.model_card import build_card
 
-    def _model_card(self, results: Optional[dict], best: Optional[dict]) -> str:
-        from relbert_ds.publish.model_card import model_card
-
-        return model_card(self.run, self.resolved, self.info.world_size, results, best, self.encoder.template)
+        (tmp / "README.md").write_text(build_card(record, template=self.encoder.template))
 
 
 class _StepMeter:

@@ -17,13 +17,12 @@ import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import yaml
 
 from relbert_ds.cli import push as push_cli
-from relbert_ds.publish.model_card import CITATION, model_card
+from relbert_ds.publish.model_card import CITATION, build_card
 from relbert_ds.training.config import RunConfig
 from relbert_ds.training.engine import EMBEDDED_DS_CONFIG
 from tests.assertions import assert_one_error_line
@@ -169,14 +168,15 @@ def export(tmp_path_factory):
     ds = json.loads(json.dumps(EMBEDDED_DS_CONFIG))
     ds.update(train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=2, train_batch_size=16)
     ds["bf16"]["enabled"], ds["fp16"]["enabled"] = False, False
+    ds["optimizer"] = {"type": "AdamW", "params": {"lr": 1e-4, "weight_decay": 0.0}}  # resolve_optimizer writes it
     validation = {"epoch": 3, "optimizer_step": 40, "analogy": {"semeval2012": 0.4556962, "sat": 0.3243243},
                   "analogy_mean": 0.39, "metric": "analogy_mean", "score": 0.39, "seconds": 1.0}
     best = {"epoch": 3, "metric": "analogy_mean", "score": 0.39}
-    (folder / "relbert_ds_training.json").write_text(json.dumps(
-        {**run.to_dict(), "deepspeed": ds, "world_size": 2, "relations_per_step": 16, "optimizer_steps": 40,
-         "validation_results": validation, "best": best}))
-    (folder / "README.md").write_text(model_card(run, SimpleNamespace(config=ds), 2, validation, best,
-                                                 encoder.template))
+    record = {**run.to_dict(), "deepspeed": ds, "world_size": 2, "relations_per_step": 16, "optimizer_steps": 40,
+              "schedule": "10 linear warm-up steps then constant (relbert-ds)", "validation_results": validation,
+              "best": best}
+    (folder / "relbert_ds_training.json").write_text(json.dumps(record))
+    (folder / "README.md").write_text(build_card(record, template=encoder.template))  # as the trainer does
     # The evaluator's own flow and writer, on the bundled SAT (valid, test, full) and a tiny probe.
     tasks = runner.prepare_tasks(analogy=["sat"], classification=[str(_tiny_classification_set(base / "cls"))],
                                  split=["validation", "test"])
@@ -272,6 +272,8 @@ def test_push_uploads_every_file_and_a_full_card(hub, export, capsys):
     body = card.split("---\n", 2)[2]
     assert "| global batch | 16 relation groups per optimizer step over 2 rank(s), 2 micro step(s) each" in body
     assert "| steps | 40 optimizer steps at export" in body and "nce (temperature 0.05)" in body
+    assert '| optimizer | `{"params": {"lr": 0.0001, "weight_decay": 0.0}, "type": "AdamW"}` |' in body
+    assert "| schedule | 10 linear warm-up steps then constant (relbert-ds) |" in body
     assert "I wasn’t aware of this relationship" in body and "average_no_mask" in body
     assert json.dumps(json.loads(json.dumps({k: v for k, v in json.loads(
         received["relbert_ds_training.json"])["deepspeed"].items()})), indent=2, sort_keys=True) in body
@@ -300,7 +302,7 @@ def test_card_without_results_uses_the_exports_validation(hub, export, capsys):
 
 def test_trainer_card_has_the_metadata(export):
     folder, _ = export
-    card = (folder / "README.md").read_text()  # written by the trainer's model_card(...) signature
+    card = (folder / "README.md").read_text()  # written as the trainer writes it
     meta = _front_matter(card)
     assert meta["base_model"] == "sentence-transformers/all-MiniLM-L6-v2"
     assert meta["pipeline_tag"] == "feature-extraction"
