@@ -233,12 +233,12 @@ def main() -> int:
     import torch
 
     plan = trainer.sampler.describe()
-    info = trainer.info
+    info = trainer.setup.info
     trainable = sum(int(getattr(q, "ds_numel", q.numel())) for q in engine.module.parameters() if q.requires_grad)
     document = {"rank": info.rank, "world_size": info.world_size, "backend": info.backend,
-                "hidden_size": int(trainer.encoder.hidden_size), "parameters": int(trainer.num_parameters),
-                "trainable_parameters": trainable, "zero_stage": trainer.resolved.zero_stage,
-                "precision": trainer.resolved.precision, "torch_threads": torch.get_num_threads(),
+                "hidden_size": int(trainer.encoder.hidden_size), "parameters": int(trainer.setup.num_parameters),
+                "trainable_parameters": trainable, "zero_stage": trainer.setup.resolved.zero_stage,
+                "precision": trainer.setup.resolved.precision, "torch_threads": torch.get_num_threads(),
                 "prompts_per_step": plan["prompts_per_step"],
                 "prompts_per_rank": plan["prompts_per_rank_first_step"][0], "steps": steps}
     Path(f"{args.result}.rank{info.rank}.json").write_text(json.dumps(document, indent=1) + "\n")

@@ -170,16 +170,17 @@ def worker_train(args: argparse.Namespace) -> int:
                                   args.relations_per_step)).prepare()
     records = [trainer.train_step() for _ in range(args.steps)]
     trainer.monitor.close()
-    if trainer.info.rank == 0:
+    if trainer.setup.info.rank == 0:
         name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
         bf16_peak = next((v for k, v in GPU_PEAK_FLOPS.items() if k in name), None)
         timed = records[2:] or records[-1:]  # the first steps warm up kernels, buckets and the allocator
         med = {k: statistics.median(r[k] for r in timed)
                for k in ("step_seconds", "tokens_per_s", "pairs_per_s", "tflops_per_device")}
-        doc = {"world_size": trainer.info.world_size, "backend": trainer.info.backend, "device": name,
-               "precision": trainer.resolved.precision, "precision_notes": trainer.resolved.notes[:1],
-               "zero_stage": trainer.resolved.zero_stage, "loss_scale": _loss_scale(trainer.engine),
-               "parameters": int(trainer.num_parameters), "relations_per_step": trainer.resolved.relations_per_step,
+        doc = {"world_size": trainer.setup.info.world_size, "backend": trainer.setup.info.backend, "device": name,
+               "precision": trainer.setup.resolved.precision, "precision_notes": trainer.setup.resolved.notes[:1],
+               "zero_stage": trainer.setup.resolved.zero_stage, "loss_scale": _loss_scale(trainer.engine),
+               "parameters": int(trainer.setup.num_parameters),
+               "relations_per_step": trainer.setup.resolved.relations_per_step,
                "prompts_per_step": trainer.sampler.describe()["prompts_per_step"], "steps": len(records),
                "timed_steps": len(timed), "median": med,
                "bf16_peak_tflops": bf16_peak / 1e12 if bf16_peak else None,
@@ -264,8 +265,8 @@ def worker_probe(args: argparse.Namespace) -> int:
     doc = {"largest_fitting_k": lo, "smallest_failing_k": hi, "prompts_per_copy": len(base),
            "largest_micro_batch_prompts": lo * len(base), "largest_micro_batch_relations": lo * 8,
            "search_capped": hi is None and not errors, "errors": errors, "tried": tried,
-           "zero_stage": trainer.resolved.zero_stage,
-           "precision": trainer.resolved.precision}
+           "zero_stage": trainer.setup.resolved.zero_stage,
+           "precision": trainer.setup.resolved.precision}
     Path(args.result).write_text(json.dumps(doc, indent=1) + "\n")
     return 0
 

@@ -139,7 +139,7 @@ def flops_per_step(tokens: float, pairs: float, trainer: Any) -> float:
     from relbert_ds.training.monitor import model_flops_per_token
 
     cfg = trainer.encoder.backbone.config
-    return tokens * model_flops_per_token(trainer.matmul_parameters, int(cfg.num_hidden_layers), cfg.hidden_size,
+    return tokens * model_flops_per_token(trainer.setup.matmul_parameters, int(cfg.num_hidden_layers), cfg.hidden_size,
                                           tokens / max(1, pairs))
 
 
@@ -203,9 +203,9 @@ def _measure(args: argparse.Namespace, head: dict[str, Any], trainer: Any, setup
     from relbert_ds import RelationEncoder
     from relbert_ds.training.sampler import RelationAwareSampler
 
-    peak, peak_source = trainer.peak_flops  # given, or measured once by prepare()
+    peak, peak_source = trainer.setup.peak_flops  # given, or measured once by prepare()
     bare = Bare(args.model, args.lr)
-    data = trainer.train_data
+    data = trainer.setup.train_data
     # The public scheme's arms share one model and optimizer (timing only); each has its own plan.
     arms: dict[str, tuple[Any, Any]] = {}
     if not args.no_public:
@@ -322,7 +322,8 @@ def _measure(args: argparse.Namespace, head: dict[str, Any], trainer: Any, setup
         if "public" in counts else float("nan")
 
     document = {**head, "config": {**vars(args), "world_size": 1, "torch_threads": threads,
-                                   "precision": trainer.resolved.precision, "zero_stage": trainer.resolved.zero_stage,
+                                   "precision": trainer.setup.resolved.precision,
+                                   "zero_stage": trainer.setup.resolved.zero_stage,
                                    "steps_per_epoch_ours": steps_per_epoch,
                                    "steps_per_epoch_public": arms["public"][1].steps_per_epoch if "public" in arms
                                    else None, "setup_s": setup_s},
@@ -371,8 +372,8 @@ def _measure(args: argparse.Namespace, head: dict[str, Any], trainer: Any, setup
             ["ranks x 8 relations", "sequences/step", "negatives/anchor", "negatives per encoded sequence"],
             [[w["world_size"], w["sequences_per_step"], w["negatives_per_anchor"], w["negatives_per_sequence"]]
              for w in by_world], digits=1)
-    table += (f"\nWorld size 1, {threads} torch threads, {trainer.resolved.precision}, "
-              f"ZeRO-{trainer.resolved.zero_stage}; "
+    table += (f"\nWorld size 1, {threads} torch threads, {trainer.setup.resolved.precision}, "
+              f"ZeRO-{trainer.setup.resolved.zero_stage}; "
               f"MFU against {peak / 1e12:.3f} TFLOP/s ({peak_source}); FLOPs = 6 x matmul params x real tokens + "
               f"attention (padding not counted); load average {head['loadavg_start']} -> {common.loadavg()}.\n")
     if real is not None:

@@ -271,3 +271,25 @@ def load_backbone(name: str, config: Any = None, trust_remote_code: bool = False
         # T5-style models: the relation vector comes from the encoder stack only.
         model = model.get_encoder()
     return model
+
+
+def override_dropout(model: Any, p: float) -> int:
+    """Set every dropout probability of ``model`` to ``p``: ``nn.Dropout`` modules and the float
+    ``*dropout*`` attributes some attention implementations read at forward time (and the
+    config's, for anything built later). Returns how many were set."""
+    import torch
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = p
+            count += 1
+        for name, value in list(vars(module).items()):
+            if "dropout" in name.lower() and isinstance(value, float):
+                setattr(module, name, p)
+                count += 1
+    config = getattr(model, "config", None)
+    for name, value in list(vars(config).items()) if config is not None else []:
+        if "dropout" in name.lower() and isinstance(value, float):
+            setattr(config, name, p)
+    return count

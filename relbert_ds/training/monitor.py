@@ -15,6 +15,8 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from relbert_ds.parallel import collectives
+
 # Dense bf16/fp16 tensor-core peaks (FLOP/s) of common training GPUs, by name fragment.
 GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A10G": 125e12, "L40S": 362e12, "L4": 121e12,
                   "V100": 125e12, "A6000": 155e12, "4090": 165e12}
@@ -141,3 +143,48 @@ class TrainingMonitor:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+
+class StepMeter:
+    """Accumulates the micro steps of one optimizer step into its history record: loss and metrics,
+    pairs and real tokens (summed over ranks), throughput, TFLOP/s and MFU, peak memory, timings."""
+
+    def __init__(self) -> None:
+        self.values: list[float] = []
+        self.metrics: dict[str, list[float]] = {}
+        self.pairs = 0
+        self.tokens = 0
+        self.seconds = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
+        self.start = time.perf_counter()  # a step's clock starts at its first micro step
+
+    def add(self, out: Any, pairs: int, tokens: int) -> None:
+        """One micro step: ``out`` is its LossOutput (``value`` and ``metrics``)."""
+        self.values.append(out.value)
+        for k, v in out.metrics.items():
+            self.metrics.setdefault(k, []).append(v)
+        self.pairs += pairs
+        self.tokens += tokens
+
+    def time(self, **seconds: float) -> None:
+        for k, v in seconds.items():
+            self.seconds[k] += v
+
+    def close(self, engine: Any, step: int, epoch: int, world: int, num_params: int, layers: int, hidden: int,
+              peak: float, lr: float) -> dict[str, Any]:
+        counts = torch.tensor([self.pairs, self.tokens], dtype=torch.float64)
+        pairs, tokens = collectives.all_reduce_sum(counts).tolist()
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        seq = tokens / max(pairs, 1)
+        flops = tokens * model_flops_per_token(num_params, layers, hidden, seq)
+        grad_norm = engine.get_global_grad_norm()
+        record = {"kind": "step", "optimizer_step": step, "epoch": epoch,
+                  "loss": sum(self.values) / len(self.values), "lr": lr,
+                  "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                  "pairs_per_s": pairs / elapsed, "tokens_per_s": tokens / elapsed,
+                  "tflops_per_device": flops / elapsed / world / 1e12,
+                  "mfu": (flops / elapsed / world / peak) if peak else 0.0,
+                  "peak_memory_mb": peak_memory_bytes() / 2**20, "step_seconds": elapsed,
+                  **{f"{k}_seconds": v for k, v in self.seconds.items()}}
+        for k, v in self.metrics.items():
+            record[k] = sum(v) / len(v)
+        return record

@@ -39,7 +39,7 @@ from relbert_ds.model import backbones
 from relbert_ds.model.encoder import RelationEncoder
 from relbert_ds.parallel import collectives, distributed
 from relbert_ds.training import checkpointing
-from relbert_ds.training.config import RunConfig, write_json
+from relbert_ds.training.config import RunConfig
 from relbert_ds.training.engine import (
     ResolvedDeepSpeed,
     initialize_engine,
@@ -48,16 +48,12 @@ from relbert_ds.training.engine import (
     resolve_batch,
     resolve_deepspeed_config,
 )
+from relbert_ds.training.export import consolidated_state_dict, training_record, write_export
 from relbert_ds.training.losses import LossOutput, build_loss
-from relbert_ds.training.monitor import (
-    TrainingMonitor,
-    device_peak_flops,
-    matmul_parameters,
-    model_flops_per_token,
-    peak_memory_bytes,
-)
+from relbert_ds.training.monitor import StepMeter, TrainingMonitor, device_peak_flops, matmul_parameters
 from relbert_ds.training.run_directory import HistoryError, RunDirectory
 from relbert_ds.training.sampler import LocalBatch, RelationAwareSampler
+from relbert_ds.training.schedule import StepPlan
 
 log = logging.getLogger("relbert_ds")
 
@@ -195,46 +191,29 @@ def prepare_run_dir(run_dir: Path, resume: Optional[str], overwrite: bool) -> No
         run.clear()
 
 
-def consolidated_state_dict(module: torch.nn.Module) -> Optional[dict[str, torch.Tensor]]:
-    """Full CPU state dict of ``module`` on rank 0 (None elsewhere), any ZeRO stage.
+@dataclass(frozen=True)
+class TrainingSetup:
+    """Everything :meth:`Trainer.prepare` checked, loaded and built; fixed for the rest of the run
+    (what changes as the run goes is :class:`TrainProgress`)."""
 
-    Under ZeRO-3 each parameter is gathered on its own (a collective on every rank), so the
-    peak extra memory is one parameter, not the whole model.
-    """
-    import deepspeed
+    info: distributed.DistInfo
+    train_data: RelationDataset
+    relation_weights: Optional[list[float]]
+    validation_relations: Optional[RelationDataset]  # the --validation_split of the training data, when used
+    analogy_sets: list[AnalogyDataset]
+    sampler: RelationAwareSampler
+    resolved: ResolvedDeepSpeed
+    resume_dir: Optional[Path]
+    encoder: RelationEncoder
+    engine: Any  # deepspeed.DeepSpeedEngine wrapping a RelationTrainingModule
+    num_parameters: int
+    matmul_parameters: int
+    layers: int
+    peak_flops: tuple[float, str]  # (FLOP/s per device, where the figure came from); rank 0 only
 
-    state = module.state_dict()  # buffers are whole; ZeRO-3 parameters are empty placeholders here
-    out: dict[str, torch.Tensor] = {}
-    for name, param in module.named_parameters():
-        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-            if distributed.is_main():
-                out[name] = param.detach().cpu().clone()
-    if not distributed.is_main():
-        return None
-    for name, value in state.items():
-        if name not in out:
-            out[name] = value.detach().cpu().clone()
-    return out
-
-
-def override_dropout(model: torch.nn.Module, p: float) -> int:
-    """Set every dropout probability of ``model`` to ``p``: ``nn.Dropout`` modules and the float
-    ``*dropout*`` attributes some attention implementations read at forward time (and the
-    config's, for anything built later). Returns how many were set."""
-    count = 0
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = p
-            count += 1
-        for name, value in list(vars(module).items()):
-            if "dropout" in name.lower() and isinstance(value, float):
-                setattr(module, name, p)
-                count += 1
-    config = getattr(model, "config", None)
-    for name, value in list(vars(config).items()) if config is not None else []:
-        if "dropout" in name.lower() and isinstance(value, float):
-            setattr(config, name, p)
-    return count
+    @property
+    def steps(self) -> StepPlan:
+        return self.resolved.steps
 
 
 class Trainer:
@@ -248,7 +227,25 @@ class Trainer:
         self.stop_flag = _StopFlag()
         self.progress = TrainProgress()
         self.monitor: Optional[TrainingMonitor] = None
-        self.prepared = False
+        self.setup: Optional[TrainingSetup] = None  # built by prepare()
+
+    def _ready(self) -> TrainingSetup:
+        if self.setup is None:
+            raise RuntimeError("Trainer.prepare() has not run; fix: call it first (train_step and fit call it)")
+        return self.setup
+
+    # The set-up's parts most callers want, by their own names.
+    @property
+    def encoder(self) -> RelationEncoder:
+        return self._ready().encoder
+
+    @property
+    def engine(self) -> Any:
+        return self._ready().engine
+
+    @property
+    def sampler(self) -> RelationAwareSampler:
+        return self._ready().sampler
 
     # ------------------------------------------------------------------ set-up
     def prepare(self) -> "Trainer":
@@ -257,31 +254,29 @@ class Trainer:
         Every check that user input can fail happens before the engine is built and is agreed
         across ranks (one message from rank 0, no rank left waiting).
         """
-        if self.prepared:
+        if self.setup is not None:
             return self
-        self.info = distributed.init_distributed()
-        distributed.set_threads(self.run.train.threads, self.info.local_world_size)
-        self._check_inputs()
-        self._log_startup()
-        self._build_engine()
+        info = distributed.init_distributed()
+        distributed.set_threads(self.run.train.threads, info.local_world_size)
+        inputs = self._check_inputs(info)
+        self._log_startup(info, inputs)
+        model = self._build_engine(info, inputs["resolved"])
         t = self.run.train
         # Measured before any RNG state is restored (it must not move the restored RNG).
-        self.peak_flops = device_peak_flops(t.peak_tflops, self.resolved.precision) if distributed.is_main() \
-            else (0.0, "")
+        peak = device_peak_flops(t.peak_tflops, inputs["resolved"].precision) if distributed.is_main() else (0.0, "")
+        self.setup = TrainingSetup(info=info, **inputs, **model, peak_flops=peak)
         # Resume first: a refused resume must leave the run's files as they were.
-        if self.resume_dir is not None:
+        if self.setup.resume_dir is not None:
             self._resume()
         distributed.agree(self._write_run_files, main_only=True)  # a full disk stops every rank
         self.monitor = TrainingMonitor(self.files.tensorboard if t.tensorboard else None, distributed.is_main(),
-                                       self.steps.total_steps, self.progress.optimizer_steps)
+                                       self.setup.steps.total_steps, self.progress.optimizer_steps)
         if distributed.is_main():
-            peak, source = self.peak_flops
-            log.info("MFU against %.2f TFLOP/s per device (%s)", peak / 1e12, source)
+            log.info("MFU against %.2f TFLOP/s per device (%s)", peak[0] / 1e12, peak[1])
         self.stop_flag.install()
-        self.prepared = True
         return self
 
-    def _check_inputs(self) -> None:
+    def _check_inputs(self, info: distributed.DistInfo) -> dict[str, Any]:
         """Everything that can fail on user input, agreed across ranks before any heavy work."""
         run = self.run
         distributed.agree(run.validate)
@@ -291,25 +286,26 @@ class Trainer:
             has = distributed.agree(lambda: checkpointing.latest_complete(self.run_dir) is not None)
             run.train.resume = "latest" if has else None
             run.train.overwrite = run.train.overwrite or not has
-        self.resume_dir = distributed.agree(lambda: checkpointing.find_checkpoint(self.run_dir, run.train.resume)) \
+        resume_dir = distributed.agree(lambda: checkpointing.find_checkpoint(self.run_dir, run.train.resume)) \
             if run.train.resume is not None else None
-        distributed.agree(self._load_inputs)
+        inputs = distributed.agree(lambda: self._load_inputs(info))
         # Last: bad input must leave no folder behind, and --overwrite must not clear a run that
         # this command then cannot replace.
         distributed.agree(lambda: prepare_run_dir(self.run_dir, run.train.resume, run.train.overwrite), main_only=True)
+        return {**inputs, "resume_dir": resume_dir}
 
-    def _load_inputs(self) -> None:
-        run, m = self.run, self.run.model
-        self.train_data = self._load_training_data()
-        self.validation_relations = self._load_validation_relations()
+    def _load_inputs(self, info: distributed.DistInfo) -> dict[str, Any]:
+        run, m, d = self.run, self.run.model, self.run.data
+        train_data, relation_weights = load_train_data(d.train_data, d.train_split, d.train_weights)
+        validation_relations = self._load_validation_relations()
         per_source = None
-        if len(run.data.train_data) > 1 and self.validation_relations is not None:
+        if len(d.train_data) > 1 and validation_relations is not None:
             from relbert_ds.data.training_sources import per_source_validation
 
-            per_source = per_source_validation(run.data.train_data, run.validation.validation_split)
-        self.analogy_sets: list[AnalogyDataset] = validation.load_validation_sets(
-            run.validation.analogy, self.validation_relations, run.validation.validation_split, per_source)
-        if run.validation.metric == "analogy" and not self.analogy_sets:
+            per_source = per_source_validation(d.train_data, run.validation.validation_split)
+        analogy_sets = validation.load_validation_sets(run.validation.analogy, validation_relations,
+                                                       run.validation.validation_split, per_source)
+        if run.validation.metric == "analogy" and not analogy_sets:
             from relbert_ds.errors import ConfigError
 
             raise ConfigError("--metric analogy needs at least one --analogy validation set; fix: name one, or use "
@@ -318,35 +314,27 @@ class Trainer:
         RelationEncoder.check_loadable(m.model, template=m.template, pooling=m.pooling, max_length=m.max_length,
                                        trust_remote_code=m.trust_remote_code)
         ds, source = load_ds_config(run.deepspeed_config)
-        batch = resolve_batch(ds, source, run.data.relations_per_step, self.info.world_size,
-                              run.data.relations_per_rank)
-        self.sampler = self._make_sampler(self.train_data, batch.relations_per_step, batch.accumulation)
+        batch = resolve_batch(ds, source, d.relations_per_step, info.world_size, d.relations_per_rank)
+        sampler = RelationAwareSampler(train_data, world_size=info.world_size, rank=info.rank,
+                                       relations_per_step=batch.relations_per_step, accumulation=batch.accumulation,
+                                       positives_per_relation=d.positives_per_relation,
+                                       negatives_per_relation=d.negatives_per_relation, seed=d.seed, tail=d.tail,
+                                       parent_grouping=d.parent_grouping, shard_by=d.shard_by,
+                                       relation_weights=relation_weights)
         from relbert_ds.training.ds_auto import hidden_size_of
 
         hidden = hidden_size_of(backbones.load_config(backbones.check_model_exists(m.model), m.trust_remote_code))
-        self.resolved: ResolvedDeepSpeed = resolve_deepspeed_config(
-            run.deepspeed_config, run, self.info.world_size, self.sampler.steps_per_epoch, hidden_size=hidden)
-        self.steps = self.resolved.steps
+        resolved = resolve_deepspeed_config(run.deepspeed_config, run, info.world_size, sampler.steps_per_epoch,
+                                            hidden_size=hidden)
         # DeepSpeed's own monitors (csv, wandb, comet, tensorboard) write into the run directory
         # unless the JSON says where: never into the working directory by surprise.
         for key in ("csv_monitor", "tensorboard", "wandb", "comet"):
-            section = self.resolved.config.get(key)
+            section = resolved.config.get(key)
             if isinstance(section, dict) and section.get("enabled") and key != "wandb":
                 section.setdefault("output_path", str(self.run_dir / "ds_monitor"))
-
-    def _load_training_data(self) -> RelationDataset:
-        d = self.run.data
-        data, self.relation_weights = load_train_data(d.train_data, d.train_split, d.train_weights)
-        return data
-
-    def _make_sampler(self, data: RelationDataset, relations_per_step: int, accumulation: int) -> RelationAwareSampler:
-        d = self.run.data
-        return RelationAwareSampler(data, world_size=self.info.world_size, rank=self.info.rank,
-                                    relations_per_step=relations_per_step, accumulation=accumulation,
-                                    positives_per_relation=d.positives_per_relation,
-                                    negatives_per_relation=d.negatives_per_relation, seed=d.seed, tail=d.tail,
-                                    parent_grouping=d.parent_grouping, shard_by=d.shard_by,
-                                    relation_weights=getattr(self, "relation_weights", None))
+        return {"train_data": train_data, "relation_weights": relation_weights,
+                "validation_relations": validation_relations, "analogy_sets": analogy_sets, "sampler": sampler,
+                "resolved": resolved}
 
     def _load_validation_relations(self) -> Optional[RelationDataset]:
         v, d = self.run.validation, self.run.data
@@ -360,61 +348,63 @@ class Trainer:
                 raise
             return None  # only the projector wanted it
 
-    def _build_engine(self) -> None:
+    def _build_engine(self, info: distributed.DistInfo, resolved: ResolvedDeepSpeed) -> dict[str, Any]:
         m, t = self.run.model, self.run.train
         torch.manual_seed(self.run.data.seed)  # identical initialisation of new parameters on every rank
-        with model_construction_context(self.resolved):
-            self.encoder = RelationEncoder.from_pretrained(
+        with model_construction_context(resolved):
+            encoder = RelationEncoder.from_pretrained(
                 m.model, template=m.template, pooling=m.pooling, max_length=m.max_length,
                 trust_remote_code=m.trust_remote_code, warn_untrained=False)
             if m.dropout is not None:
-                override_dropout(self.encoder.backbone, m.dropout)
+                backbones.override_dropout(encoder.backbone, m.dropout)
             if m.gradient_checkpointing:
-                self.encoder.backbone.gradient_checkpointing_enable()
-            loss = build_loss(t.loss, hidden_size=self.encoder.hidden_size, temperature=t.temperature,
+                encoder.backbone.gradient_checkpointing_enable()
+            loss = build_loss(t.loss, hidden_size=encoder.hidden_size, temperature=t.temperature,
                               margin=t.margin, classification=t.classification_loss)
-            module = RelationTrainingModule(self.encoder, loss)
-        self.num_parameters = sum(getattr(p, "ds_numel", p.numel()) for p in self.encoder.parameters())
-        self.matmul_parameters = matmul_parameters(self.encoder)
-        self.engine = initialize_engine(module, self.resolved)
+            module = RelationTrainingModule(encoder, loss)
+        num_parameters = sum(getattr(p, "ds_numel", p.numel()) for p in encoder.parameters())
+        n_matmul = matmul_parameters(encoder)
+        engine = initialize_engine(module, resolved)
         # Dropout differs per rank (like independent workers); the batch plan does not use RNG.
-        torch.manual_seed(self.run.data.seed * 1000 + self.info.rank + 1)
-        cfg = self.encoder.backbone.config
-        self._shape = (int(getattr(cfg, "num_hidden_layers", 0) or getattr(cfg, "n_layer", 0) or 0),
-                       int(self.encoder.hidden_size))
+        torch.manual_seed(self.run.data.seed * 1000 + info.rank + 1)
+        cfg = encoder.backbone.config
+        layers = int(getattr(cfg, "num_hidden_layers", 0) or getattr(cfg, "n_layer", 0) or 0)
+        return {"encoder": encoder, "engine": engine, "num_parameters": int(num_parameters),
+                "matmul_parameters": int(n_matmul), "layers": layers}
 
-    def _log_startup(self) -> None:
+    def _log_startup(self, info: distributed.DistInfo, inputs: dict[str, Any]) -> None:
         if not distributed.is_main():
             return
-        r = self.resolved
-        log.info("relbert-ds %s: %d rank(s) via %s, backend %s", __version__, self.info.world_size, self.info.launcher,
-                 self.info.backend)
+        r, data = inputs["resolved"], inputs["train_data"]
+        log.info("relbert-ds %s: %d rank(s) via %s, backend %s", __version__, info.world_size, info.launcher,
+                 info.backend)
         log.info("DeepSpeed config: %s", r.source)
         for note in r.notes:
             log.info("  %s", note)
-        plan = self.sampler.describe()
-        log.info("data: %s (%d relations); %d prompts per step, per rank %s", self.train_data.source,
-                 len(self.train_data), plan["prompts_per_step"], plan["prompts_per_rank_first_step"][0])
+        plan = inputs["sampler"].describe()
+        log.info("data: %s (%d relations); %d prompts per step, per rank %s", data.source, len(data),
+                 plan["prompts_per_step"], plan["prompts_per_rank_first_step"][0])
 
     def _write_run_files(self) -> None:
+        s = self.setup
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        record = {**self.run.to_dict(), "resolved": {"world_size": self.info.world_size, "launcher": self.info.launcher,
-                                                     "precision": self.resolved.precision,
-                                                     "zero_stage": self.resolved.zero_stage,
-                                                     "notes": self.resolved.notes,
-                                                     "relations_per_step": self.resolved.relations_per_step,
-                                                     "accumulation": self.resolved.accumulation,
-                                                     "steps_per_epoch": self.steps.steps_per_epoch,
-                                                     "total_steps": self.steps.total_steps,
+        record = {**self.run.to_dict(), "resolved": {"world_size": s.info.world_size, "launcher": s.info.launcher,
+                                                     "precision": s.resolved.precision,
+                                                     "zero_stage": s.resolved.zero_stage,
+                                                     "notes": s.resolved.notes,
+                                                     "relations_per_step": s.resolved.relations_per_step,
+                                                     "accumulation": s.resolved.accumulation,
+                                                     "steps_per_epoch": s.steps.steps_per_epoch,
+                                                     "total_steps": s.steps.total_steps,
                                                      "relbert_ds_version": __version__}}
         self.files.write_json(self.files.config, record)
-        self.files.write_json(self.files.ds_config, self.resolved.config)
+        self.files.write_json(self.files.ds_config, s.resolved.config)
 
     def _fingerprint(self) -> dict[str, Any]:
-        m = self.run.model
-        return {"world_size": self.info.world_size, "model": m.model, "template": self.encoder.template,
+        m, s = self.run.model, self.setup
+        return {"world_size": s.info.world_size, "model": m.model, "template": s.encoder.template,
                 "pooling": m.pooling, "max_length": m.max_length, "loss": self.run.train.loss,
-                "hidden_size": self.encoder.hidden_size, "num_parameters": int(self.num_parameters)}
+                "hidden_size": s.encoder.hidden_size, "num_parameters": s.num_parameters}
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> None:
@@ -427,19 +417,19 @@ class Trainer:
                                       self.run.train.keep_last)
 
     def _resume(self) -> None:
-        tag_dir = self.resume_dir
+        tag_dir, sampler = self.setup.resume_dir, self.setup.sampler
         meta = checkpointing.read_meta(tag_dir)
         distributed.agree(lambda: checkpointing.check_compatible(meta, self._fingerprint(), tag_dir))
-        client = checkpointing.load_checkpoint(self.engine, tag_dir)
+        client = checkpointing.load_checkpoint(self.setup.engine, tag_dir)
         state = client.get("relbert_ds") or {}
         if "progress" not in state:
             raise CheckpointError(f"{tag_dir} has no relbert-ds progress state; fix: resume from a checkpoint written "
                                   f"by this version of relbert-ds, or start a new run")
 
         def restore() -> TrainProgress:
-            self.sampler.check_state(state.get("sampler"))
+            sampler.check_state(state.get("sampler"))
             progress = TrainProgress.from_dict(state["progress"])
-            self.sampler.check_position(progress.epoch, progress.step_in_epoch)
+            sampler.check_position(progress.epoch, progress.step_in_epoch)
             return progress
 
         self.progress = distributed.agree(restore)
@@ -468,20 +458,18 @@ class Trainer:
         """Run the next optimizer step of the plan (its micro steps, backward, DeepSpeed's step),
         advance :attr:`progress`, log; return the step's record (the same on every rank except
         for timings)."""
-        if not self.prepared:
-            self.prepare()
-        p, engine, sampler = self.progress, self.engine, self.sampler
+        setup = self.prepare().setup
+        p, engine, sampler = self.progress, setup.engine, setup.sampler
         engine.train()
-        meter = _StepMeter()
+        meter = StepMeter()
         epoch, step = p.epoch, p.step_in_epoch
-        for micro in range(self.resolved.accumulation):
+        for micro in range(setup.resolved.accumulation):
             batch = sampler.local_batch(epoch, step, micro)
             out, tokens, lr = self._forward_backward_step(batch, meter)
             meter.add(out, len(batch), tokens)
         p.advance(sampler.steps_per_epoch)
-        layers, hidden = self._shape
-        record = meter.close(engine, p.optimizer_steps, epoch, self.info.world_size, self.matmul_parameters, layers,
-                             hidden, self.peak_flops[0], lr)
+        record = meter.close(engine, p.optimizer_steps, epoch, setup.info.world_size, setup.matmul_parameters,
+                             setup.layers, setup.encoder.hidden_size, setup.peak_flops[0], lr)
         if distributed.is_main():
             self._append_history(record)
             if p.optimizer_steps % self.run.train.log_every_steps == 0:
@@ -496,10 +484,8 @@ class Trainer:
         """Forward, backward and DeepSpeed's step on a batch the caller built (memory probes,
         experiments); :attr:`progress`, the history and the monitors are left alone. Every rank
         must call it (the loss gathers across ranks)."""
-        if not self.prepared:
-            self.prepare()
-        self.engine.train()
-        out, _, _ = self._forward_backward_step(batch, _StepMeter())
+        self.prepare().engine.train()
+        out, _, _ = self._forward_backward_step(batch, StepMeter())
         return out
 
     def _write_deepspeed_monitor(self, scalars: dict[str, float]) -> None:
@@ -511,7 +497,7 @@ class Trainer:
             monitor.write_events([(f"relbert_ds/{name}", float(value), step) for name, value in scalars.items()
                                   if isinstance(value, (int, float)) and math.isfinite(value)])
 
-    def _forward_backward_step(self, batch: LocalBatch, meter: "_StepMeter") -> tuple[LossOutput, int, float]:
+    def _forward_backward_step(self, batch: LocalBatch, meter: StepMeter) -> tuple[LossOutput, int, float]:
         device = self.engine.device
         t0 = time.perf_counter()
         tokens = self.encoder.tokenize(batch.pairs, device=device)
@@ -549,7 +535,7 @@ class Trainer:
                 self.monitor.close()
 
     def _train(self) -> TrainResult:
-        outcome = "epoch_end" if self.progress.optimizer_steps < self.steps.total_steps else "done"
+        outcome = "epoch_end" if self.progress.optimizer_steps < self.setup.steps.total_steps else "done"
         while outcome == "epoch_end":
             outcome = self._run_epoch()
         preempted = outcome == "preempted"
@@ -578,7 +564,7 @@ class Trainer:
         t, p = self.run.train, self.progress
         while True:
             self.train_step()
-            done = p.optimizer_steps >= self.steps.total_steps
+            done = p.optimizer_steps >= self.setup.steps.total_steps
             epoch_end = p.step_in_epoch == 0
             saved = False
             if self._validation_due(epoch_end, done):
@@ -644,18 +630,19 @@ class Trainer:
         v, p = self.run.validation, self.progress
         start = time.perf_counter()
         result: dict[str, Any] = {"epoch": p.epoch, "optimizer_step": p.optimizer_steps}
-        if self.analogy_sets:
-            result["analogy"] = validation.analogy_accuracies(self.encoder, self.analogy_sets, v.batch_size)
+        s = self._ready()
+        if s.analogy_sets:
+            result["analogy"] = validation.analogy_accuracies(s.encoder, s.analogy_sets, v.batch_size)
             result["analogy_mean"] = sum(result["analogy"].values()) / len(result["analogy"])
-        if self.validation_relations is not None and v.metric != "none":
+        if s.validation_relations is not None and v.metric != "none":
             result["loss"] = self._validation_loss()
         if v.metric == "analogy":
             result["metric"], result["score"] = "analogy_mean", result["analogy_mean"]
         elif v.metric == "loss":
             result["metric"], result["score"] = "loss", -result["loss"]
-        projector = v.projector and self.validation_relations is not None and self.run.train.tensorboard
-        pairs = [pair for g in self.validation_relations.relations for pair in g.positives] if projector else []
-        vectors = validation.encode_pairs(self.encoder, pairs, v.batch_size) if pairs else None
+        projector = v.projector and s.validation_relations is not None and self.run.train.tensorboard
+        pairs = [pair for g in s.validation_relations.relations for pair in g.positives] if projector else []
+        vectors = validation.encode_pairs(s.encoder, pairs, v.batch_size) if pairs else None
         result["seconds"] = time.perf_counter() - start
         if distributed.is_main():
             scalars = {f"val/analogy/{k}": a for k, a in result.get("analogy", {}).items()}
@@ -672,10 +659,11 @@ class Trainer:
     def _validation_loss(self) -> float:
         """Mean loss over the validation relations (no gradients), with the training loss and
         the training batch size (capped at the validation relations' count)."""
-        data = self.validation_relations
-        per_step = min(self.resolved.relations_per_step // self.resolved.accumulation, len(data))
+        s = self.setup
+        data = s.validation_relations
+        per_step = min(s.resolved.relations_per_step // s.resolved.accumulation, len(data))
         try:
-            sampler = RelationAwareSampler(data, world_size=self.info.world_size, rank=self.info.rank,
+            sampler = RelationAwareSampler(data, world_size=s.info.world_size, rank=s.info.rank,
                                            relations_per_step=per_step,
                                            positives_per_relation=self.run.data.positives_per_relation,
                                            negatives_per_relation=self.run.data.negatives_per_relation,
@@ -698,85 +686,22 @@ class Trainer:
         return sum(values) / len(values)
 
     def _write_projector(self, vectors: torch.Tensor, step: int) -> None:
-        labels = [(group.relation_type, group.parent or "") for group in self.validation_relations.relations
+        labels = [(group.relation_type, group.parent or "") for group in self.setup.validation_relations.relations
                   for _ in group.positives]
         self.monitor.embeddings(step, vectors, labels, ["relation", "parent"], tag="validation_relations")
 
     # ------------------------------------------------------------------ export
     def export(self, directory: Path, epoch_results: Optional[dict] = None, best: Optional[dict] = None) -> Path:
         """Write a Hugging Face folder (all ranks call: ZeRO-3 weights are gathered)."""
-        state = consolidated_state_dict(self.engine.module)
+        s = self._ready()
+        state = consolidated_state_dict(s.engine.module)
+        record = training_record(self.run, s.resolved, s.info.world_size, self.progress.optimizer_steps,
+                                 epoch_results, best)
         # Rank 0 writes; agreed, so that a full disk stops every rank with one line (not a
         # traceback on rank 0 and a peer left in a barrier).
-        distributed.agree(lambda: self.files.write_folder(
-            directory, lambda tmp: self._write_export(tmp, state, epoch_results, best)), main_only=True)
+        distributed.agree(lambda: self.files.write_folder(directory, lambda tmp: write_export(
+            tmp, s.encoder, state, record, self.run.train.relbert_compatible)), main_only=True)
         return directory
-
-    def _write_export(self, tmp: Path, state: dict[str, torch.Tensor], epoch_results: Optional[dict],
-                      best: Optional[dict]) -> None:
-        """Rank 0: the export's files into ``tmp`` (which then replaces the export folder)."""
-        prefix = "encoder.backbone."
-        backbone_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        self.encoder.save_pretrained(tmp, state_dict=backbone_state,
-                                     relbert_compatible=self.run.train.relbert_compatible)
-        extra = {k: v for k, v in state.items() if k.startswith("loss.")}
-        if extra:
-            from safetensors.torch import save_file
-
-            save_file({k: v.contiguous() for k, v in extra.items()}, str(tmp / "relbert_ds_loss_head.safetensors"))
-        # One record: the export's relbert_ds_training.json, and what its model card is written from.
-        schedule = self.resolved.schedule
-        record = {**self.run.to_dict(), "deepspeed": self.resolved.config, "world_size": self.info.world_size,
-                  "relations_per_step": self.resolved.relations_per_step,
-                  "optimizer_steps": self.progress.optimizer_steps,
-                  "schedule": f"{schedule.describe()} (relbert-ds)" if schedule is not None else None,
-                  "validation_results": epoch_results, "best": best}
-        write_json(tmp / "relbert_ds_training.json", record)
-        from relbert_ds.publish.model_card import build_card
-
-        (tmp / "README.md").write_text(build_card(record, template=self.encoder.template))
-
-
-class _StepMeter:
-    """Accumulates the micro steps of one optimizer step for its record."""
-
-    def __init__(self) -> None:
-        self.values: list[float] = []
-        self.metrics: dict[str, list[float]] = {}
-        self.pairs = 0
-        self.tokens = 0
-        self.seconds = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
-        self.start = time.perf_counter()  # a step's clock starts at its first micro step
-
-    def add(self, out: LossOutput, pairs: int, tokens: int) -> None:
-        self.values.append(out.value)
-        for k, v in out.metrics.items():
-            self.metrics.setdefault(k, []).append(v)
-        self.pairs += pairs
-        self.tokens += tokens
-
-    def time(self, **seconds: float) -> None:
-        for k, v in seconds.items():
-            self.seconds[k] += v
-
-    def close(self, engine: Any, step: int, epoch: int, world: int, num_params: int, layers: int, hidden: int,
-              peak: float, lr: float) -> dict[str, Any]:
-        pairs, tokens = _sum_across_ranks([self.pairs, self.tokens])
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
-        seq = tokens / max(pairs, 1)
-        flops = tokens * model_flops_per_token(num_params, layers, hidden, seq)
-        grad_norm = engine.get_global_grad_norm()
-        record = {"kind": "step", "optimizer_step": step, "epoch": epoch,
-                  "loss": sum(self.values) / len(self.values), "lr": lr,
-                  "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                  "pairs_per_s": pairs / elapsed, "tokens_per_s": tokens / elapsed,
-                  "tflops_per_device": flops / elapsed / world / 1e12,
-                  "mfu": (flops / elapsed / world / peak) if peak else 0.0,
-                  "peak_memory_mb": peak_memory_bytes() / 2**20, "step_seconds": elapsed,
-                  **{f"{k}_seconds": v for k, v in self.seconds.items()}}
-        for k, v in self.metrics.items():
-            record[k] = sum(v) / len(v)
-        return record
 
 
 def _validation_line(result: dict[str, Any]) -> str:
