@@ -57,8 +57,10 @@ def worker(args: argparse.Namespace) -> int:
 
     import torch
 
-    from relbert_ds import RelationEncoder
+    from relbert_ds import RelationEncoder, evaluation
     from relbert_ds.evaluation import classification, runner
+    from relbert_ds.evaluation import tasks as tasks_mod
+    from relbert_ds.evaluation.classification import ProbeOptions
     from relbert_ds.evaluation.sharding import encode_sharded, encode_sharing_ranks
     from relbert_ds.parallel import distributed
     from relbert_ds.parallel.collectives import all_gather_no_grad
@@ -66,14 +68,14 @@ def worker(args: argparse.Namespace) -> int:
     info = common.setup_single_process()
     distributed.set_threads(None, info.local_world_size)
     encoder = RelationEncoder.from_pretrained(args.model)
-    tasks = runner.prepare_tasks(analogy=args.analogy, classification=args.classification,
+    tasks = evaluation.prepare_tasks(analogy=args.analogy, classification=args.classification,
                                  split=["validation", "test"])
-    first = runner.classification_pairs(tasks)
+    first = tasks_mod.classification_pairs(tasks)
     in_first = set(first)
     rest = [p for p in dict.fromkeys(tasks.pairs()) if p not in in_first]
     lookup = (common.vectors_lookup(args.vectors) if args.vectors else
               runner.table_lookup(first, encode_sharded(encoder, first, batch_size=args.batch_size)))
-    order = runner.probe_order(tasks)
+    order = tasks_mod.probe_order(tasks)
 
     def comparable(reports: Sequence[dict]) -> str:
         return json.dumps([{k: v for k, v in r.items() if k not in ("time_s", "device")} for r in reports],
@@ -85,13 +87,15 @@ def worker(args: argparse.Namespace) -> int:
             distributed.barrier()
             start = time.perf_counter()
             if arm == "queue":
-                jobs = classification.torch_probe_jobs(tasks.classification, lookup, max_iter=args.max_iter)
+                jobs = classification.torch_probe_jobs(tasks.classification, lookup,
+                                                       options=ProbeOptions(max_iter=args.max_iter))
                 shared = encode_sharing_ranks(encoder, rest, [jobs[i] for i in order], batch_size=args.batch_size)
                 reports = classification.gather_probe_reports(
                     {order[j]: r for j, r in shared.job_results.items()}, len(order))
                 table, ranks = shared.table, shared.ranks
             else:
-                reports = classification.run_classifications(tasks.classification, lookup, max_iter=args.max_iter)
+                reports = classification.run_classifications(tasks.classification, lookup,
+                                                             options=ProbeOptions(max_iter=args.max_iter))
                 probes_s = time.perf_counter() - start
                 table = encode_sharded(encoder, rest, batch_size=args.batch_size)
                 ranks = [{"probes_s": probes_s, "encode_s": time.perf_counter() - start - probes_s}]

@@ -91,10 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_sets(analogy: Optional[Sequence[str]], splits: Sequence[str]) -> list[Any]:
     """The analogy datasets the evaluator will load (bundled defaults lacking a split skipped)."""
-    from relbert_ds.evaluation import runner
+    from relbert_ds import evaluation
 
     names = ["validation" if s == "valid" else s for s in splits]
-    return runner.prepare_tasks(analogy=analogy, classification="none", split=names).analogy
+    return evaluation.prepare_tasks(analogy=analogy, classification="none", split=names).analogy
 
 
 def question_pairs(datasets: Sequence[Any]) -> tuple[int, int]:
@@ -189,10 +189,10 @@ def _vectors_from_cache(classification: Sequence[str], cache_dir: Path, vectors:
     the cache entry that holds it; returns what is known of its timing (the entry's write time)."""
     import numpy as np
 
-    from relbert_ds.evaluation import runner
+    from relbert_ds import evaluation
     from relbert_ds.evaluation.cache import pairs_hash
 
-    pairs = runner.prepare_tasks(analogy=None, classification=list(classification),
+    pairs = evaluation.prepare_tasks(analogy=None, classification=list(classification),
                                  split=["validation", "test"]).pairs()
     wanted = pairs_hash(pairs)
     for entry in sorted(cache_dir.glob("*.npz")):
@@ -223,7 +223,7 @@ def _probe_run(job: tuple[str, str, int, str, str]) -> dict:
     import torch
 
     from relbert_ds.data import load_classification_dataset
-    from relbert_ds.evaluation.classification import run_classification
+    from relbert_ds.evaluation.classification import ProbeOptions, run_classification
 
     vectors, source, seed, arm, out = job
     if Path(out).is_file():
@@ -234,7 +234,8 @@ def _probe_run(job: tuple[str, str, int, str, str]) -> dict:
     probe, protocol = PROBE_ARMS[arm]
     load_before = common.loadavg()
     t, cpu = time.perf_counter(), time.process_time()
-    res = run_classification(dataset, lookup, split="test", seed=seed, probe=probe, protocol=protocol, blas_threads=1)
+    res = run_classification(dataset, lookup, split="test",
+                             options=ProbeOptions(probe=probe, protocol=protocol, seed=seed, blas_threads=1))
     # CPU seconds as well as wall seconds: on a shared CPU the wall time mostly measures the neighbours.
     row = {"dataset": dataset.name, "seed": seed, "arm": arm, "probe": probe, "protocol": protocol,
            "n_train": len(dataset.splits["train"]), "n_test": len(dataset.splits["test"]),

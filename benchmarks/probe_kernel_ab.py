@@ -80,13 +80,14 @@ def _accept_points(module: ModuleType) -> None:
 def fit_with(kernel: ModuleType, dataset: Any, lookup: Any, seed: int, protocol: str, max_iter: int) -> dict:
     """One whole probe of ``dataset`` with ``kernel`` as the evaluator's probe module; CPU seconds added."""
     from relbert_ds.evaluation import classification
+    from relbert_ds.evaluation.classification import ProbeOptions
 
     before = classification.probe_mod
     classification.probe_mod = kernel
     try:
         start = time.process_time()
-        result = classification.run_classification(dataset, lookup, max_iter=max_iter, seed=seed, probe="torch",
-                                                   protocol=protocol, keep_predictions=True)
+        options = ProbeOptions(max_iter=max_iter, seed=seed, probe="torch", protocol=protocol)
+        result = classification.run_classification(dataset, lookup, options=options, keep_predictions=True)
         result["cpu_s"] = time.process_time() - start
     finally:
         classification.probe_mod = before

@@ -14,11 +14,10 @@ import argparse
 import datetime as _dt
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from relbert_ds.errors import ConfigError, ModelError
+from relbert_ds.errors import ConfigError
 
 SPLIT_CHOICES = ("test", "valid", "validation")
 
@@ -126,100 +125,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
-# --------------------------------------------------------------------------- models
-
-
-@dataclass(frozen=True)
-class ResolvedModel:
-    """A model spec checked cheaply (no weights read yet); ``load()`` does the heavy part."""
-
-    spec: str
-    resolved: str  # local folder, hub id, or a checkpoint's tag folder
-    kind: str  # "huggingface" (folder, hub id or backbone name) or "deepspeed_checkpoint"
-    template: Optional[str] = None
-    pooling: Optional[str] = None
-    max_length: Optional[int] = None
-    trained: bool = False  # carries a relbert_config (a trained RelBERT model or a checkpoint)
-
-    def load(self, device: Any = None) -> Any:
-        if self.kind == "deepspeed_checkpoint":
-            from relbert_ds.training.checkpointing import encoder_from_checkpoint
-
-            encoder = encoder_from_checkpoint(Path(self.resolved), template=self.template, pooling=self.pooling)
-        else:
-            from relbert_ds.model.encoder import RelationEncoder
-            from relbert_ds.parallel import distributed
-
-            # an untrained backbone is said once (rank 0), not once per rank
-            encoder = RelationEncoder.from_pretrained(self.resolved, template=self.template, pooling=self.pooling,
-                                                      max_length=self.max_length, warn_untrained=distributed.is_main())
-        encoder.name = self.spec  # the name the user gave (the results name the model by it)
-        return encoder.to(device) if device is not None else encoder
-
-
-def looks_like_deepspeed_checkpoint(path: Path) -> bool:
-    """A trainer run folder, its ``checkpoints`` folder, or one ``global_step<N>`` tag folder."""
-    from relbert_ds.training.run_directory import RunDirectory
-
-    return RunDirectory(path).looks_like_checkpoint()
-
-
-def looks_like_run_directory(path: Path) -> bool:
-    """A trainer's output folder: checkpoints and the run's history next to its config."""
-    from relbert_ds.training.run_directory import RunDirectory
-
-    return RunDirectory(path).is_run_directory()
-
-
-def resolve_model(spec: str, template: Optional[str] = None, pooling: Optional[str] = None,
-                  max_length: Optional[int] = None, override_prompt: bool = False) -> ResolvedModel:
-    """Check a ``--model``/``--baseline`` spec without loading weights.
-
-    Branches: a trainer's run folder (refused: it holds several models, the user picks one); a
-    DeepSpeed checkpoint folder of the trainer (``<run>/checkpoints`` = its latest tag, or one
-    ``global_step<N>`` folder; any ZeRO stage); otherwise a Hugging Face folder, hub id or
-    backbone name. A trained RelBERT model (or checkpoint) is evaluated with the prompt it was
-    trained with: an explicit different ``template``/``pooling`` is refused unless
-    ``override_prompt`` (an ablation), since the result would silently describe another model.
-    """
-    from relbert_ds.model import backbones
-    from relbert_ds.model.encoder import read_relbert_config
-    from relbert_ds.model.prompts import resolve_template
-    from relbert_ds.training import checkpointing
-    from relbert_ds.training.run_directory import RunDirectory
-
-    path = Path(spec).expanduser()
-    if looks_like_run_directory(path):
-        run = RunDirectory(path)
-        raise ModelError(f"{spec} is a relbert-ds training run, which holds several models; fix: pass "
-                         f"{run.best_model} (the epoch chosen on validation), {run.model} (the last "
-                         f"epoch) or {run.checkpoints} (its latest checkpoint)")
-    if looks_like_deepspeed_checkpoint(path) and not (path / "config.json").is_file():
-        tag_dir = checkpointing.resolve_tag_dir(path)
-        meta = checkpointing.read_meta(tag_dir)
-        if override_prompt:
-            raise ModelError(f"--override_prompt does not apply to the checkpoint {spec}: its weights are read "
-                             f"into the backbone it names with the prompt it was trained with; fix: export it "
-                             f"first (or drop --override_prompt)")
-        # Checked now, before any weights are read, so that every rank agrees on the error.
-        checkpointing.check_prompt(meta, tag_dir, template, pooling)
-        backbones.check_model_exists(meta["model"])
-        return ResolvedModel(spec=spec, resolved=str(tag_dir), kind="deepspeed_checkpoint", trained=True)
-    resolved = backbones.check_model_exists(spec)
-    saved = read_relbert_config(backbones.load_config(resolved, False))
-    if saved and not override_prompt:
-        if template is not None and saved.get("template") and resolve_template(template) != saved["template"]:
-            raise ModelError(f"{spec} is a RelBERT model trained with template {saved['template']!r}, not "
-                             f"{resolve_template(template)!r}; fix: drop --template (the saved one is used), or "
-                             f"pass --override_prompt to evaluate it with another prompt on purpose")
-        if pooling is not None and saved.get("aggregation_mode") and pooling != saved["aggregation_mode"]:
-            raise ModelError(f"{spec} is a RelBERT model trained with pooling {saved['aggregation_mode']!r}, not "
-                             f"{pooling!r}; fix: drop --pooling (the saved one is used), or pass --override_prompt "
-                             f"to evaluate it with another pooling on purpose")
-    return ResolvedModel(spec=spec, resolved=resolved, kind="huggingface", template=template, pooling=pooling,
-                         max_length=max_length, trained=bool(saved))
-
-
 # --------------------------------------------------------------------------- main
 
 
@@ -233,8 +138,12 @@ def _run(args: argparse.Namespace, info: Any, start: float) -> int:
 
     import relbert_ds
     from relbert_ds.evaluation import classification as classification_mod
-    from relbert_ds.evaluation import runner
+    from relbert_ds.evaluation.classification import ProbeOptions
+    from relbert_ds.evaluation.report import markdown_table, write_outputs
+    from relbert_ds.evaluation.runner import EncodingOptions, evaluate_tasks
+    from relbert_ds.evaluation.tasks import prepare_tasks
     from relbert_ds.parallel import distributed
+    from relbert_ds.training.model_specs import resolve_model, zero_shot_like
 
     # The paper's table gets the paper's probe protocol unless another one is named. Checked before any
     # loading, agreed so that one rank reports it.
@@ -252,43 +161,33 @@ def _run(args: argparse.Namespace, info: Any, start: float) -> int:
 
         analogy = analogy if analogy is not None else list(PAPER_ANALOGY)
         classification = classification if classification is not None else list(PAPER_CLASSIFICATION)
-    tasks = runner.prepare_tasks(analogy=analogy, classification=classification, mapping=args.mapping,
-                                 split=splits, data_dir=args.data_dir)
-    model = distributed.agree(lambda: resolve_model(args.model, args.template, args.pooling, args.max_length,
-                                                          override_prompt=args.override_prompt))
-    baseline = distributed.agree(lambda: resolve_model(args.baseline, args.baseline_template,
-                                                             args.baseline_pooling, args.max_length,
-                                                             override_prompt=args.override_prompt)) \
-        if args.baseline else None
+    tasks = prepare_tasks(analogy=analogy, classification=classification, mapping=args.mapping, split=splits,
+                          data_dir=args.data_dir)
+    specs = {"model": (args.model, args.template, args.pooling)}
+    if args.baseline:
+        specs["baseline"] = (args.baseline, args.baseline_template, args.baseline_pooling)
+    resolved = {label: distributed.agree(lambda spec=spec: resolve_model(*spec, args.max_length,
+                                                                          override_prompt=args.override_prompt))
+                for label, spec in specs.items()}
     device = _device(info.local_rank)
-    kwargs = dict(batch_size=args.batch_size, max_iter=args.max_iter, seed=args.seed,
-                  keep_predictions=bool(args.predictions), show_progress=args.progress,
-                  keep_vectors=bool(args.vectors), fit_workers=threads, probe=args.probe,
-                  # sklearn: one thread per fit (workers run several); the torch probe always trains on
-                  # one CPU thread (classification.TORCH_PROBE_THREADS: more would change its numbers).
-                  blas_threads=1,
-                  probe_features=args.probe_features, device=device, cache_dir=args.cache_dir,
-                  probe_protocol=protocol)
+    encoding = EncodingOptions(batch_size=args.batch_size, show_progress=args.progress, cache_dir=args.cache_dir)
+    # sklearn: one thread per fit (workers run several); the torch probe always trains on one CPU thread
+    # (classification.TORCH_PROBE_THREADS: more would change its numbers).
+    probe = ProbeOptions(probe=args.probe, features=args.probe_features, protocol=protocol, max_iter=args.max_iter,
+                         seed=args.seed, device=device, blas_threads=1, workers=threads)
     results: dict[str, dict] = {}
     load_s: dict[str, float] = {}
-    t = time.perf_counter()
-    encoder = distributed.agree(lambda: model.load(device))
-    load_s["model"] = time.perf_counter() - t
-    results["model"] = runner.evaluate_tasks(encoder, tasks, **kwargs)
-    results["model"]["model"].update(path=model.resolved, kind=model.kind)
-    if baseline is not None:
-        # Zero-shot comparison: same prompt and pooling as the model unless told otherwise (a
-        # trained baseline keeps its own).
-        if not baseline.trained:
-            baseline = ResolvedModel(**{**baseline.__dict__, "template": baseline.template or encoder.template,
-                                        "pooling": baseline.pooling or encoder.pooling,
-                                        "max_length": baseline.max_length or encoder.max_length})
-        del encoder
+    encoder = None
+    for label, model in resolved.items():
+        if label == "baseline":
+            model = zero_shot_like(model, encoder)
+        del encoder  # one model in memory at a time
         t = time.perf_counter()
-        encoder = distributed.agree(lambda: baseline.load(device))
-        load_s["baseline"] = time.perf_counter() - t
-        results["baseline"] = runner.evaluate_tasks(encoder, tasks, **kwargs)
-        results["baseline"]["model"].update(path=baseline.resolved, kind=baseline.kind)
+        encoder = distributed.agree(lambda model=model: model.load(device))
+        load_s[label] = time.perf_counter() - t
+        results[label] = evaluate_tasks(encoder, tasks, encoding, probe, keep_predictions=bool(args.predictions),
+                                        keep_vectors=bool(args.vectors))
+        results[label]["model"].update(path=model.resolved, kind=model.kind)
     header = {
         "relbert_ds_version": relbert_ds.__version__,
         "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -311,10 +210,10 @@ def _run(args: argparse.Namespace, info: Any, start: float) -> int:
     }
     if args.vectors and distributed.is_main():
         _save_vectors(args.vectors, results)
-    runner.write_outputs(results, header, output=args.output, predictions=args.predictions,
+    write_outputs(results, header, output=args.output, predictions=args.predictions,
                          tensorboard_dir=args.tensorboard_dir)
     if distributed.is_main():
-        print(runner.markdown_table(results), flush=True)
+        print(markdown_table(results), flush=True)
         print(f"wall time {header['wall_time_s']:.1f} s on {info.world_size} rank(s)"
               + (f"; results in {args.output}" if args.output else ""), flush=True)
     return 0

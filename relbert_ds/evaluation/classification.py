@@ -161,6 +161,49 @@ def check_probe(probe: str, features: str = DEFAULT_FEATURES, protocol: Optional
     return protocol or ("fast" if probe == "torch" else "paper")
 
 
+@dataclass(frozen=True)
+class ProbeOptions:
+    """How the classification probe is fitted: one object from the command line to the fit.
+
+    Checked on construction (an unknown probe, feature or protocol name, or sklearn with the fast
+    protocol, is a ConfigError); ``protocol=None`` becomes the probe's default (torch ``fast``,
+    sklearn ``paper``).
+
+    - ``probe``: ``"torch"`` (batched grid, datasets split over ranks) or ``"sklearn"`` (reference);
+    - ``features``: ``"mean"`` or ``"sum"`` (the vectors scaled by their pooled token counts, as
+      relbert's summed pooling), recorded in the result (the lookup carries it);
+    - ``protocol``: ``"paper"`` (every grid point trained to sklearn's training-loss stopping) or
+      ``"fast"`` (torch only: the grid cut by successive halving on validation macro F1,
+      ``FAST_PRUNE_AT``, the points kept trained as in ``"paper"``). Without a grid search both fit
+      the default point alike;
+    - ``max_iter``, ``seed``: the MLP's epochs cap and seed;
+    - ``search``: force the grid search on or off; default: on iff a validation split exists and
+      the evaluated split is not it;
+    - ``device``: where the torch probe trains (default CPU);
+    - ``blas_threads``: sklearn only: BLAS threads of one fit, fixed so that results do not depend on
+      the number of ranks (the torch probe always trains on ``TORCH_PROBE_THREADS`` CPU threads);
+    - ``workers``: sklearn only: fit that many configurations of a rank at once.
+    """
+
+    probe: str = DEFAULT_PROBE
+    features: str = DEFAULT_FEATURES
+    protocol: Optional[str] = None
+    max_iter: int = DEFAULT_MAX_ITER
+    seed: int = 0
+    search: Optional[bool] = None
+    device: Any = None
+    blas_threads: Optional[int] = 1
+    workers: int = 1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "protocol", check_probe(self.probe, self.features, self.protocol))
+
+    def describe(self) -> dict:
+        """What a result records of the probe."""
+        return {"implementation": self.probe, "features": self.features, "protocol": self.protocol,
+                "device": str(torch.device(self.device)) if self.device is not None else "cpu"}
+
+
 @dataclass
 class _Fit:
     """One fitted configuration: its predictions, epochs run and why it stopped.
@@ -269,8 +312,7 @@ def _fit_torch(problem: _Problem, max_iter: int, seed: int, device: Any, protoco
 
 
 def _report(dataset: ClassificationDataset, split: str, problem: _Problem,
-            fitted: Sequence[_Fit], max_iter: int, seed: int, probe: str, features: str, protocol: str,
-            keep_predictions: bool) -> dict:
+            fitted: Sequence[_Fit], options: ProbeOptions, keep_predictions: bool) -> dict:
     """The result dict from every configuration's predictions (selection on validation macro F1)."""
     labels = dataset.labels
     scores = [classification_metrics(problem.y_val, f.pred_val, labels)["f1_macro"] if problem.search else float("nan")
@@ -290,12 +332,12 @@ def _report(dataset: ClassificationDataset, split: str, problem: _Problem,
         "n_validation": len(validation) if validation is not None else 0,
         "n_eval": len(evaluated),
         "labels": labels,
-        "probe": probe,
-        "features": features,
-        "protocol": protocol,
+        "probe": options.probe,
+        "features": options.features,
+        "protocol": options.protocol,
         "selected_on": "validation" if problem.search else None,
         "default_reason": default_reason,
-        "config": {**problem.configs[best], "max_iter": max_iter, "random_state": seed},
+        "config": {**problem.configs[best], "max_iter": options.max_iter, "random_state": options.seed},
         "n_iter": int(fitted[best].n_iter),
         "grid": [{**c, "validation_f1_macro": (float(scores[i]) if problem.search else None),
                   "n_iter": int(fitted[i].n_iter), "stopped_by": fitted[i].stopped_by}
@@ -359,46 +401,26 @@ def _all_gather_json(items: dict[int, dict]) -> dict[int, dict]:
 
 
 def run_classifications(items: Sequence[tuple[ClassificationDataset, str]], lookup: Lookup,
-                        max_iter: int = DEFAULT_MAX_ITER, seed: int = 0, blas_threads: Optional[int] = 1,
-                        search: Optional[bool] = None, keep_predictions: bool = False, workers: int = 1,
-                        probe: str = DEFAULT_PROBE, features: str = DEFAULT_FEATURES, device: Any = None,
-                        protocol: Optional[str] = None) -> list[dict]:
+                        options: ProbeOptions = ProbeOptions(), keep_predictions: bool = False) -> list[dict]:
     """Fit the probe of every ``(dataset, split)`` and report it (a collective: every rank calls it).
 
-    Args:
-        items: each dataset needs ``train`` and its split; ``validation`` enables the grid search.
-        lookup: pairs -> vectors (the shared table of :func:`encode_sharded`; for ``features="sum"``
-            already scaled by the pooled token counts).
-        search: force the grid search on or off; default: on iff a validation split exists and
-            the split is not it.
-        blas_threads: sklearn only: BLAS threads of one fit, fixed so that results do not depend on the
-            number of ranks (the torch probe always trains on ``TORCH_PROBE_THREADS`` CPU threads).
-        workers: sklearn only: fit that many configurations of a rank at once.
-        probe: ``"torch"`` (batched grid, datasets split over ranks) or ``"sklearn"`` (reference).
-        features: ``"mean"`` or ``"sum"``, recorded in the result (the lookup carries it).
-        device: where the torch probe trains (default CPU).
-        protocol: ``"paper"`` (every grid point trained to sklearn's training-loss stopping) or
-            ``"fast"`` (torch only: the grid cut by successive halving on validation macro F1,
-            ``FAST_PRUNE_AT``, the points kept trained as in ``"paper"``); default
-            :func:`check_probe`. Without a grid search both fit the default point alike.
-
-    Returns one JSON-ready dict per item, identical on every rank.
+    ``items``: each dataset needs ``train`` and its split; ``validation`` enables the grid search.
+    ``lookup``: pairs -> vectors (the shared table of :func:`encode_sharded`; for ``features="sum"``
+    already scaled by the pooled token counts). Returns one JSON-ready dict per item, identical on
+    every rank.
     """
-    protocol = check_probe(probe, features, protocol)
-    if probe == "sklearn":
+    if options.probe == "sklearn":
         out = []
         for dataset, split in items:
             start = time.perf_counter()
-            problem = _problem(dataset, lookup, split, search)
-            fitted = _gather_sklearn(problem, max_iter, seed, blas_threads, workers)
-            result = _report(dataset, split, problem, fitted, max_iter, seed, probe, features, protocol,
-                             keep_predictions)
+            problem = _problem(dataset, lookup, split, options.search)
+            fitted = _gather_sklearn(problem, options.max_iter, options.seed, options.blas_threads, options.workers)
+            result = _report(dataset, split, problem, fitted, options, keep_predictions)
             out.append({**result, "time_s": time.perf_counter() - start})
         return out
-    jobs = torch_probe_jobs(items, lookup, max_iter=max_iter, seed=seed, search=search,
-                            keep_predictions=keep_predictions, features=features, device=device, protocol=protocol)
+    jobs = torch_probe_jobs(items, lookup, options, keep_predictions)
     rank, world = world_info()
-    mine = {index: jobs[index]() for index, owner in enumerate(owners(probe_costs(items, search), world))
+    mine = {index: jobs[index]() for index, owner in enumerate(owners(probe_costs(items, options.search), world))
             if owner == rank}
     return gather_probe_reports(mine, len(items))
 
@@ -409,22 +431,21 @@ def probe_costs(items: Sequence[tuple[ClassificationDataset, str]], search: Opti
 
 
 def torch_probe_jobs(items: Sequence[tuple[ClassificationDataset, str]], lookup: Lookup,
-                     max_iter: int = DEFAULT_MAX_ITER, seed: int = 0, search: Optional[bool] = None,
-                     keep_predictions: bool = False, features: str = DEFAULT_FEATURES, device: Any = None,
-                     protocol: Optional[str] = None) -> list[Callable[[], dict]]:
+                     options: ProbeOptions = ProbeOptions(),
+                     keep_predictions: bool = False) -> list[Callable[[], dict]]:
     """One job per item: fit the torch probe of that ``(dataset, split)`` and return its report (with
     ``time_s`` and ``device``). A job runs on any one rank and gives the same report on every rank (its
     arithmetic is fixed: ``TORCH_PROBE_THREADS`` CPU threads, or the device). Collect the reports with
     :func:`gather_probe_reports`. Arguments as :func:`run_classifications`."""
-    protocol = check_probe("torch", features, protocol)
+    if options.probe != "torch":
+        raise ValueError(f"torch_probe_jobs needs probe='torch', got {options.probe!r}")
 
     def job(dataset: ClassificationDataset, split: str) -> dict:
         start = time.perf_counter()
-        problem = _problem(dataset, lookup, split, search)
-        fitted = _fit_torch(problem, max_iter, seed, device, protocol)
-        result = _report(dataset, split, problem, fitted, max_iter, seed, "torch", features, protocol,
-                         keep_predictions)
-        return {**result, "time_s": time.perf_counter() - start, "device": str(torch.device(device or "cpu"))}
+        problem = _problem(dataset, lookup, split, options.search)
+        fitted = _fit_torch(problem, options.max_iter, options.seed, options.device, options.protocol)
+        result = _report(dataset, split, problem, fitted, options, keep_predictions)
+        return {**result, "time_s": time.perf_counter() - start, "device": str(torch.device(options.device or "cpu"))}
 
     return [lambda dataset=dataset, split=split: job(dataset, split) for dataset, split in items]
 
@@ -438,14 +459,9 @@ def gather_probe_reports(mine: dict[int, dict], n_items: int) -> list[dict]:
 
 
 def run_classification(dataset: ClassificationDataset, lookup: Lookup, split: str = "test",
-                       max_iter: int = DEFAULT_MAX_ITER, seed: int = 0, blas_threads: Optional[int] = 1,
-                       search: Optional[bool] = None, keep_predictions: bool = False, workers: int = 1,
-                       probe: str = DEFAULT_PROBE, features: str = DEFAULT_FEATURES, device: Any = None,
-                       protocol: Optional[str] = None) -> dict:
+                       options: ProbeOptions = ProbeOptions(), keep_predictions: bool = False) -> dict:
     """Fit the probe on ``train`` and report it on ``split``: :func:`run_classifications` of one dataset."""
-    return run_classifications([(dataset, split)], lookup, max_iter=max_iter, seed=seed, blas_threads=blas_threads,
-                               search=search, keep_predictions=keep_predictions, workers=workers, probe=probe,
-                               features=features, device=device, protocol=protocol)[0]
+    return run_classifications([(dataset, split)], lookup, options, keep_predictions)[0]
 
 
 def scale_by_counts(lookup: Lookup, counts: Callable[[Sequence[Pair]], np.ndarray]) -> Lookup:

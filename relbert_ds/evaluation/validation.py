@@ -19,7 +19,7 @@ from relbert_ds.errors import DataError
 
 # The analogy questions built from a relational-similarity set's validation split (RelBERT's model
 # selection) have the same name in the evaluator's --analogy.
-from relbert_ds.evaluation.runner import DERIVED_ANALOGY
+from relbert_ds.evaluation.tasks import DERIVED_ANALOGY
 
 
 def load_validation_sets(names: Sequence[str], validation_relations: Optional[RelationDataset],
@@ -42,12 +42,13 @@ def load_validation_sets(names: Sequence[str], validation_relations: Optional[Re
 
 def analogy_accuracies(encoder: Any, sets: Sequence[AnalogyDataset], batch_size: int = 64) -> dict[str, float]:
     """Accuracy per analogy validation set (by dataset name), one sharded encoding for all."""
-    from relbert_ds.evaluation.runner import TaskSet, evaluate_tasks
+    from relbert_ds.evaluation.runner import EncodingOptions, evaluate_tasks
+    from relbert_ds.evaluation.tasks import TaskSet
 
     if not sets:
         return {}
     tasks = TaskSet(splits=tuple(sorted({d.split for d in sets})), analogy=list(sets))
-    result = evaluate_tasks(encoder, tasks, batch_size=batch_size)
+    result = evaluate_tasks(encoder, tasks, EncodingOptions(batch_size=batch_size))
     return {entry["dataset"]: entry["accuracy"] for key, entry in result["analogy"].items()
             if entry["split"] != "full"}
 

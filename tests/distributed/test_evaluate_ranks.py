@@ -140,5 +140,6 @@ def test_bad_input_one_error_line_every_rank_exits(tmp_path):
     r = run(_torchrun(2) + ["--model", "all-MiniLM-L6-v2", "--analogy", str(bad), "--classification", "none"],
             timeout=90)
     assert r.returncode != 0
-    assert_one_error_line(r.stdout + r.stderr, "line 2: answer index 7 is out of range for 2 choices")
+    assert_one_error_line(r.stdout + r.stderr, "line 2: answer index 7 is out of range for 2 choices",
+                          launcher="torchrun")
     assert "| task |" not in r.stdout  # nothing was evaluated

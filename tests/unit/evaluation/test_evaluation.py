@@ -13,9 +13,12 @@ import numpy as np
 import pytest
 import torch
 
+from relbert_ds import evaluation
 from relbert_ds.data.schemas import AnalogyDataset, AnalogyQuestion, ClassificationDataset, LexicalPair
 from relbert_ds.errors import ConfigError, DataError, ModelError, UserError
 from relbert_ds.evaluation import analogy, classification, mapping, runner, sharding
+from relbert_ds.evaluation.classification import ProbeOptions
+from relbert_ds.evaluation.runner import EncodingOptions
 from relbert_ds.evaluation.sharding import deal_batches, encode_sharded
 from relbert_ds.model.batching import fixed_batches, length_order
 from tests.fakes import FakeEncoder, hashed_vector
@@ -169,8 +172,8 @@ def _synthetic_classification(n_train=30, n_val=9, n_test=12, with_validation=Tr
 @pytest.mark.parametrize("probe", ["torch", "sklearn"])
 def test_classification_learns_separable_data(probe):
     data, lookup = _synthetic_classification()
-    out = classification.run_classification(data, lookup, split="test", max_iter=300, keep_predictions=True,
-                                            probe=probe)
+    out = classification.run_classification(data, lookup, split="test", options=ProbeOptions(max_iter=300, probe=probe),
+                                            keep_predictions=True)
     assert out["probe"] == probe and out["features"] == "mean"
     assert out["accuracy"] == 1.0 and out["f1_macro"] == 1.0 and out["f1_micro"] == 1.0
     assert out["f1_per_class"] == {"hyper": 1.0, "mero": 1.0, "random": 1.0}
@@ -182,8 +185,8 @@ def test_classification_learns_separable_data(probe):
 
 def test_parallel_fits_change_nothing():
     data, lookup = _synthetic_classification()
-    one = classification.run_classification(data, lookup, max_iter=20, workers=1, probe="sklearn")
-    two = classification.run_classification(data, lookup, max_iter=20, workers=2, probe="sklearn")
+    one = classification.run_classification(data, lookup, options=ProbeOptions(max_iter=20, workers=1, probe="sklearn"))
+    two = classification.run_classification(data, lookup, options=ProbeOptions(max_iter=20, workers=2, probe="sklearn"))
     for out in (one, two):
         out.pop("time_s")
     assert one == two
@@ -220,7 +223,7 @@ def test_grid_selection_uses_validation(monkeypatch):
     _scripted_fit.y_val = np.array([code[p.relation] for p in data.splits["validation"]])
     fit, calls = _scripted_fit(good_config=7)
     monkeypatch.setattr(classification, "fit_predict", fit)
-    out = classification.run_classification(data, lookup, split="test", probe="sklearn")
+    out = classification.run_classification(data, lookup, options=ProbeOptions(probe="sklearn"), split="test")
     assert sorted(calls) == list(range(9))
     assert out["config"]["learning_rate_init"] == 1e-5 and out["config"]["hidden_layer_sizes"] == 150
     assert out["grid"][7]["validation_f1_macro"] == 1.0
@@ -230,16 +233,17 @@ def test_grid_selection_uses_validation(monkeypatch):
     # Ties go to the first configuration in grid order.
     fit, _ = _scripted_fit(good_config=5, also_good=(2,))
     monkeypatch.setattr(classification, "fit_predict", fit)
-    assert classification.run_classification(data, lookup, probe="sklearn")["config"]["hidden_layer_sizes"] == 200
+    out = classification.run_classification(data, lookup, options=ProbeOptions(probe="sklearn"))
+    assert out["config"]["hidden_layer_sizes"] == 200
 
 
 def test_no_validation_or_validation_reported_uses_default(monkeypatch):
     data, lookup = _synthetic_classification(with_validation=False)
-    out = classification.run_classification(data, lookup, split="test", max_iter=50)
+    out = classification.run_classification(data, lookup, options=ProbeOptions(max_iter=50), split="test")
     assert out["selected_on"] is None and len(out["grid"]) == 1
     assert out["config"]["learning_rate_init"] == 1e-3 and out["config"]["hidden_layer_sizes"] == 100
     data, lookup = _synthetic_classification()
-    out = classification.run_classification(data, lookup, split="validation", max_iter=50)
+    out = classification.run_classification(data, lookup, options=ProbeOptions(max_iter=50), split="validation")
     assert out["selected_on"] is None and out["n_eval"] == 9
     assert classification.needed_splits(data, "validation") == ["train", "validation"]
     assert classification.needed_splits(data, "test") == ["train", "validation", "test"]
@@ -332,11 +336,11 @@ def _write_jsonl(path, rows):
 
 
 def test_default_tasks_list_missing_splits_instead_of_failing():
-    tasks = runner.prepare_tasks(classification="none", split="test")
+    tasks = evaluation.prepare_tasks(classification="none", split="test")
     assert [d.name for d in tasks.analogy] == ["sat", "u2"]
     assert {(m["dataset"], m["split"]) for m in tasks.missing} == {("u4", "test"), ("google", "test"),
                                                                      ("bats", "test")}
-    tasks = runner.prepare_tasks(analogy=["sat"], classification="none", split=["valid", "test"])
+    tasks = evaluation.prepare_tasks(analogy=["sat"], classification="none", split=["valid", "test"])
     assert [(d.name, d.split, len(d)) for d in tasks.analogy] == [("sat", "validation", 37), ("sat", "test", 337)]
 
 
@@ -352,7 +356,7 @@ def test_default_tasks_list_missing_splits_instead_of_failing():
 def test_bad_input_fails_with_one_line(kwargs, fragment):
     kwargs.setdefault("classification", "none")
     with pytest.raises((DataError, ConfigError), match=fragment) as info:
-        runner.prepare_tasks(**kwargs)
+        evaluation.prepare_tasks(**kwargs)
     assert "\n" not in str(info.value)
 
 
@@ -366,20 +370,20 @@ def test_bad_files_fail_before_encoding(tmp_path):
     for name, rows in cases.items():
         _write_jsonl(tmp_path / name / "test.jsonl", rows)
     with pytest.raises(DataError, match="line 2: is not valid JSON"):
-        runner.prepare_tasks(analogy=[str(tmp_path / "malformed")], classification="none")
+        evaluation.prepare_tasks(analogy=[str(tmp_path / "malformed")], classification="none")
     with pytest.raises(DataError, match="answer index 5 is out of range"):
-        runner.prepare_tasks(analogy=[str(tmp_path / "out_of_range")], classification="none")
+        evaluation.prepare_tasks(analogy=[str(tmp_path / "out_of_range")], classification="none")
     with pytest.raises(DataError, match="no split 'test'"):
-        runner.prepare_tasks(analogy=[str(tmp_path / "empty_dir")], classification="none")
+        evaluation.prepare_tasks(analogy=[str(tmp_path / "empty_dir")], classification="none")
     cls = tmp_path / "cls"
     _write_jsonl(cls / "train.jsonl", [{"head": "a", "tail": "b", "relation": "hyper"}])
     _write_jsonl(cls / "test.jsonl", [{"head": "c", "tail": "d", "relation": "mero"}])
     with pytest.raises(DataError, match="label 'mero' occurs in split 'test' but never in train"):
-        runner.prepare_tasks(analogy="none", classification=[str(cls)])
+        evaluation.prepare_tasks(analogy="none", classification=[str(cls)])
     only_train = tmp_path / "only_train"
     _write_jsonl(only_train / "train.jsonl", [{"head": "a", "tail": "b", "relation": "hyper"}])
     with pytest.raises(DataError, match="needs train.jsonl and test.jsonl"):
-        runner.prepare_tasks(analogy="none", classification=[str(only_train)])
+        evaluation.prepare_tasks(analogy="none", classification=[str(only_train)])
 
 
 # --------------------------------------------------------------------------- runner end to end
@@ -398,7 +402,7 @@ def _runner_case(tmp_path):
         _write_jsonl(cls / f"{split}.jsonl", [{"head": f"{split}h{i}", "tail": f"{split}t{i}",
                                                "relation": ["a", "b", "c"][i % 3]} for i in range(n)])
     _write_jsonl(tmp_path / "map.jsonl", [{"source": ["x1", "x2", "x3"], "target": ["y1", "y2", "y3"]}])
-    return runner.prepare_tasks(analogy=[str(tmp_path / "ana")], classification=[str(cls)],
+    return evaluation.prepare_tasks(analogy=[str(tmp_path / "ana")], classification=[str(cls)],
                                 mapping=[str(tmp_path / "map.jsonl")], split=["valid", "test"])
 
 
@@ -406,7 +410,8 @@ def test_runner_end_to_end_with_fake_encoder(tmp_path):
     tasks = _runner_case(tmp_path)
     assert len(tasks.pairs()) == len(set(tasks.pairs()))
     enc = FakeEncoder()
-    res = runner.evaluate_tasks(enc, tasks, batch_size=5, max_iter=30, keep_predictions=True)
+    res = runner.evaluate_tasks(enc, tasks, encoding=EncodingOptions(batch_size=5), probe=ProbeOptions(max_iter=30),
+                                keep_predictions=True)
     ana = res["analogy"]
     assert set(ana) == {"ana/validation", "ana/test", "ana/full"}
     assert ana["ana/validation"]["accuracy"] == 1.0 and ana["ana/test"]["accuracy"] == 1.0  # choice == stem
@@ -424,7 +429,7 @@ def test_runner_end_to_end_with_fake_encoder(tmp_path):
     assert sorted(embedded) == sorted(tasks.pairs())
 
     out = tmp_path / "out"
-    doc = runner.write_outputs({"model": res, "baseline": res}, {"world_size": 1}, output=out / "r.json",
+    doc = evaluation.write_outputs({"model": res, "baseline": res}, {"world_size": 1}, output=out / "r.json",
                                predictions=out / "p.jsonl", tensorboard_dir=out / "tb")
     saved = json.loads((out / "r.json").read_text())
     assert saved == json.loads(json.dumps(doc))
@@ -434,17 +439,17 @@ def test_runner_end_to_end_with_fake_encoder(tmp_path):
     assert sum(r["task"] == "analogy" and r["model"] == "model" for r in records) == 9
     assert any(p.name.startswith("events.out.tfevents") for p in (out / "tb").iterdir())
 
-    table = runner.markdown_table({"model": res, "baseline": res})
+    table = evaluation.markdown_table({"model": res, "baseline": res})
     assert "| analogy | ana | full | accuracy | 9 | 100.0 | 100.0 |" in table
     assert "| classification | cls | test | f1_macro | 9 |" in table
 
 
 def test_markdown_shows_missing_bundled_split():
-    tasks = runner.prepare_tasks(analogy=["sat"], classification="none", split="validation")
+    tasks = evaluation.prepare_tasks(analogy=["sat"], classification="none", split="validation")
     tasks.missing.append({"task": "analogy", "dataset": "u4", "split": "test", "reason": "no test split in the "
                                                                                            "bundled data"})
     res = runner.evaluate_tasks(FakeEncoder(), tasks)
-    table = runner.markdown_table({"model": res})
+    table = evaluation.markdown_table({"model": res})
     assert "| u4 |" not in table  # only what was measured is a row
     assert "Not measured: u4 test (no test split in the bundled data)" in table
     assert "| analogy | sat | validation | accuracy | 37 |" in table
@@ -453,7 +458,7 @@ def test_markdown_shows_missing_bundled_split():
 def test_semeval2012_is_one_name_in_the_trainer_and_the_evaluator():
     from relbert_ds.evaluation import validation
 
-    tasks = runner.prepare_tasks(analogy=["semeval2012"], classification="none", split=["validation", "test"])
+    tasks = evaluation.prepare_tasks(analogy=["semeval2012"], classification="none", split=["validation", "test"])
     assert [(d.name, d.split, len(d)) for d in tasks.analogy] == [("semeval2012", "validation", 79)]
     assert tasks.missing == [{"task": "analogy", "dataset": "semeval2012", "split": "test",
                               "reason": "SemEval-2012 questions exist for validation only"}]
@@ -463,7 +468,7 @@ def test_semeval2012_is_one_name_in_the_trainer_and_the_evaluator():
     trainer_set = validation.load_validation_sets(["semeval2012"], relations)[0]
     assert trainer_set.questions == tasks.analogy[0].questions
     with pytest.raises(DataError, match="validation split only"):
-        runner.prepare_tasks(analogy=["semeval2012"], classification="none", split="test")
+        evaluation.prepare_tasks(analogy=["semeval2012"], classification="none", split="test")
 
 
 def test_evaluate_with_real_encoder_is_usable_from_python(minilm, tmp_path):
@@ -480,6 +485,7 @@ def test_evaluate_with_real_encoder_is_usable_from_python(minilm, tmp_path):
 
 def test_cli_parsing_and_model_resolution(tmp_path):
     from relbert_ds.cli import evaluate as cli
+    from relbert_ds.training.model_specs import resolve_model
 
     args = cli.parse_args(["--model", "m", "--analogy", "sat", "u2", "--split", "valid", "test",
                            "--classification", "none", "--local_rank=1"])
@@ -492,20 +498,20 @@ def test_cli_parsing_and_model_resolution(tmp_path):
     (ckpt / "checkpoints" / "global_step10").mkdir(parents=True)
     (ckpt / "checkpoints" / "latest").write_text("global_step10")
     with pytest.raises(UserError, match="not a complete"):  # a tag folder without its completion marker
-        cli.resolve_model(str(ckpt / "checkpoints"))
+        resolve_model(str(ckpt / "checkpoints"))
     (ckpt / "history.jsonl").write_text("")
     with pytest.raises(ModelError, match=r"training run.*best_model.*checkpoints"):
-        cli.resolve_model(str(ckpt))
+        resolve_model(str(ckpt))
     with pytest.raises(ModelError, match="does not exist"):
-        cli.resolve_model(str(tmp_path / "missing_model"))
-    assert cli.resolve_model("all-MiniLM-L6-v2").kind == "huggingface"
+        resolve_model(str(tmp_path / "missing_model"))
+    assert resolve_model("all-MiniLM-L6-v2").kind == "huggingface"
 
 
 def test_trained_model_keeps_its_prompt_unless_overridden(tiny_bert, tmp_path):
     """A saved RelBERT model is evaluated with the template/pooling it was trained with."""
     from relbert_ds import RelationEncoder
-    from relbert_ds.cli import evaluate as cli
     from relbert_ds.model.prompts import TEMPLATES
+    from relbert_ds.training import model_specs as cli
 
     RelationEncoder.from_pretrained(tiny_bert, template="b", pooling="average").save_pretrained(tmp_path / "m")
     saved = str(tmp_path / "m")
@@ -532,7 +538,7 @@ def _without_timing(res: dict) -> dict:
 def test_classification_prompts_both_directions_encoded_once(tmp_path):
     tasks = _runner_case(tmp_path)
     enc = FakeEncoder()
-    runner.evaluate_tasks(enc, tasks, max_iter=5)
+    runner.evaluate_tasks(enc, tasks, probe=ProbeOptions(max_iter=5))
     embedded = [p for call in enc.calls for p in call]
     assert len(embedded) == len(set(embedded))  # nothing encoded twice
     data, _ = tasks.classification[0]
@@ -545,14 +551,17 @@ def test_vector_cache_second_run_does_not_encode_and_gives_the_same_metrics(tmp_
     tasks = _runner_case(tmp_path)
     cache = tmp_path / "cache"
     first_encoder = FakeEncoder()
-    first = runner.evaluate_tasks(first_encoder, tasks, max_iter=20, cache_dir=cache)
+    first = runner.evaluate_tasks(first_encoder, tasks, encoding=EncodingOptions(cache_dir=cache),
+                                  probe=ProbeOptions(max_iter=20))
     assert first["cache_hit"] is False and first_encoder.calls
     files = list(cache.glob("*.npz"))
     assert len(files) == 1 and str(files[0]) == first["cache_file"]
     second_encoder = FakeEncoder()
-    second = runner.evaluate_tasks(second_encoder, tasks, max_iter=20, cache_dir=cache, probe="sklearn")
+    second = runner.evaluate_tasks(second_encoder, tasks, encoding=EncodingOptions(cache_dir=cache),
+                                   probe=ProbeOptions(max_iter=20, probe="sklearn"))
     assert second["cache_hit"] is True and second_encoder.calls == []  # not one forward
-    third = runner.evaluate_tasks(FakeEncoder(), tasks, max_iter=20, cache_dir=cache)
+    third = runner.evaluate_tasks(FakeEncoder(), tasks, encoding=EncodingOptions(cache_dir=cache),
+                                  probe=ProbeOptions(max_iter=20))
     assert _without_timing(third) == _without_timing(first)
     assert second["analogy"] == first["analogy"] and second["classification"]["cls/test"]["probe"] == "sklearn"
 
@@ -560,12 +569,14 @@ def test_vector_cache_second_run_does_not_encode_and_gives_the_same_metrics(tmp_
 def test_corrupt_or_foreign_cache_file_is_ignored_with_a_warning(tmp_path):
     tasks = _runner_case(tmp_path)
     cache = tmp_path / "cache"
-    reference = runner.evaluate_tasks(FakeEncoder(), tasks, max_iter=10, cache_dir=cache)
+    reference = runner.evaluate_tasks(FakeEncoder(), tasks, encoding=EncodingOptions(cache_dir=cache),
+                                      probe=ProbeOptions(max_iter=10))
     path = Path(reference["cache_file"])
     path.write_bytes(path.read_bytes()[:100])  # truncated, as by an interrupted copy
     enc = FakeEncoder()
     with pytest.warns(UserWarning, match="unreadable vector cache file"):
-        again = runner.evaluate_tasks(enc, tasks, max_iter=10, cache_dir=cache)
+        again = runner.evaluate_tasks(enc, tasks, encoding=EncodingOptions(cache_dir=cache),
+                                      probe=ProbeOptions(max_iter=10))
     assert enc.calls and _without_timing(again) == _without_timing(reference)
     # A well-formed file under the wrong key (copied by hand) is refused too, then rewritten.
     from relbert_ds.evaluation.cache import VectorCache
@@ -624,14 +635,16 @@ def test_sum_features_are_relbert_summed_pooling(minilm):
 
 def test_probe_and_features_are_reported_in_json_and_table(tmp_path):
     tasks = _runner_case(tmp_path)
-    res = runner.evaluate_tasks(FakeEncoder(), tasks, max_iter=5, probe="sklearn")
+    res = runner.evaluate_tasks(FakeEncoder(), tasks, probe=ProbeOptions(max_iter=5, probe="sklearn"))
     assert res["probe"] == {"implementation": "sklearn", "features": "mean", "protocol": "paper", "device": "cpu"}
-    assert "sklearn probe on cpu (paper protocol)" in runner.markdown_table({"model": res})
-    res = runner.evaluate_tasks(FakeEncoder(), tasks, max_iter=5)  # the torch probe: fast unless told
+    assert "sklearn probe on cpu (paper protocol)" in evaluation.markdown_table({"model": res})
+    res = runner.evaluate_tasks(FakeEncoder(), tasks,
+                                probe=ProbeOptions(max_iter=5))  # the torch probe: fast unless told
     assert res["probe"]["protocol"] == "fast" and res["classification"]["cls/test"]["protocol"] == "fast"
-    assert "torch probe on cpu (fast protocol: grid cut by successive halving" in runner.markdown_table({"model": res})
+    table = evaluation.markdown_table({"model": res})
+    assert "torch probe on cpu (fast protocol: grid cut by successive halving" in table
     with pytest.raises(ConfigError, match="features 'sum' need the encoder's tokenizer"):
-        runner.evaluate_tasks(FakeEncoder(), tasks, max_iter=5, probe_features="sum")
+        runner.evaluate_tasks(FakeEncoder(), tasks, probe=ProbeOptions(max_iter=5, features="sum"))
 
 
 # --------------------------------------------------------------------------- the paper's sets by name
@@ -657,7 +670,7 @@ def _hub_copy(root, with_validation=True):
 def test_paper_sets_by_name_and_hub_id_from_a_data_dir(tmp_path, monkeypatch):
     root = tmp_path / "hub"
     _hub_copy(root, with_validation=False)
-    tasks = runner.prepare_tasks(analogy=["scan", "relbert/analogy_questions:t_rex_relational_similarity"],
+    tasks = evaluation.prepare_tasks(analogy=["scan", "relbert/analogy_questions:t_rex_relational_similarity"],
                                  classification=["CogALexV", "relbert/lexical_relation_classification:ROOT09"],
                                  data_dir=root)
     assert [d.name for d in tasks.analogy] == ["scan", "relbert/analogy_questions:t_rex_relational_similarity"]
@@ -665,13 +678,14 @@ def test_paper_sets_by_name_and_hub_id_from_a_data_dir(tmp_path, monkeypatch):
     assert [d.name for d, _ in tasks.classification] == ["CogALexV", "relbert/lexical_relation_classification:ROOT09"]
     # The environment variable does the same as the argument.
     monkeypatch.setenv("RELBERT_DS_DATA", str(root))
-    assert runner.prepare_tasks(analogy="none", classification=["cogalex-v"]).classification[0][0].name == "CogALexV"
+    assert evaluation.prepare_tasks(analogy="none",
+                                    classification=["cogalex-v"]).classification[0][0].name == "CogALexV"
     # CogALex-V has no validation split: the default grid point, and the table says so.
-    res = runner.evaluate_tasks(FakeEncoder(), tasks, max_iter=5)
+    res = runner.evaluate_tasks(FakeEncoder(), tasks, probe=ProbeOptions(max_iter=5))
     cogalex = res["classification"]["CogALexV/test"]
     assert cogalex["selected_on"] is None and cogalex["default_reason"] == "no validation split"
     assert res["classification"]["relbert/lexical_relation_classification:ROOT09/test"]["selected_on"] == "validation"
-    table = runner.markdown_table({"model": res})
+    table = evaluation.markdown_table({"model": res})
     assert "| classification | CogALexV | test | f1_macro | 8 |" in table
     assert "(default grid point: no validation split)" in table
 
@@ -684,7 +698,7 @@ def test_preset_paper_selects_every_set(tmp_path):
     _hub_copy(tmp_path / "hub")
     args = cli.parse_args(["--model", "m", "--preset", "paper", "--data_dir", str(tmp_path / "hub")])
     assert args.preset == "paper" and args.probe == "torch" and args.probe_features == "mean"
-    tasks = runner.prepare_tasks(analogy=PAPER_ANALOGY, classification=PAPER_CLASSIFICATION,
+    tasks = evaluation.prepare_tasks(analogy=PAPER_ANALOGY, classification=PAPER_CLASSIFICATION,
                                  data_dir=tmp_path / "hub")
     assert len(tasks.analogy) == 9 and len(tasks.classification) == 5
     assert {d.name.split(":")[1] for d in tasks.analogy} >= {"sat", "scan", "nell_relational_similarity"}
@@ -699,12 +713,12 @@ def test_named_hub_set_missing_offline_is_one_line_naming_the_layout(tmp_path, m
     monkeypatch.setattr(datasets, "load_dataset", offline)
     monkeypatch.delenv("RELBERT_DS_DATA", raising=False)
     with pytest.raises(DataError) as exc:
-        runner.prepare_tasks(analogy=["scan"], classification="none", data_dir=tmp_path)
+        evaluation.prepare_tasks(analogy=["scan"], classification="none", data_dir=tmp_path)
     message = str(exc.value)
     assert "\n" not in message and "OfflineModeIsEnabled" in message
     assert f"{tmp_path}/relbert/analogy_questions/scan/<split>.jsonl" in message
     with pytest.raises(DataError, match=r"\$RELBERT_DS_DATA/relbert/lexical_relation_classification/EVALution"):
-        runner.prepare_tasks(analogy="none", classification=["EVALution"])
+        evaluation.prepare_tasks(analogy="none", classification=["EVALution"])
 
 
 @pytest.mark.parametrize("extra, protocol", [([], "paper"), (["--probe_protocol", "fast"], "fast")])
@@ -751,7 +765,7 @@ def test_encode_table_encodes_first_pairs_in_batches_of_their_own_and_runs_jobs_
         return [lambda: {"first_vector": lookup([first[0]])[0].tolist()}, lambda: time.sleep(0.3) or "second"]
 
     start = time.perf_counter()
-    encoded = runner.encode_table(enc, pairs, batch_size=5, first=first, make_jobs=make_jobs)
+    encoded = runner.encode_table(enc, pairs, encoding=EncodingOptions(batch_size=5), first=first, make_jobs=make_jobs)
     wall = time.perf_counter() - start
     # The first pairs' batches hold first pairs only; the rest's, the others only; each batch of 5 or fewer.
     in_first = set(first)
@@ -777,13 +791,14 @@ def test_encode_table_encodes_first_pairs_in_batches_of_their_own_and_runs_jobs_
 
 def test_encode_table_under_lockstep_forwards_runs_no_jobs_and_gives_the_same_table():
     pairs, first = _pairs_first_rest()
-    free = runner.encode_table(BatchSensitiveEncoder(), pairs, batch_size=5, first=first,
+    free = runner.encode_table(BatchSensitiveEncoder(), pairs, encoding=EncodingOptions(batch_size=5), first=first,
                                make_jobs=lambda lookup: [lambda: 1])
     zero3 = BatchSensitiveEncoder()
     zero3.weight = torch.nn.Parameter(torch.zeros(1))
     zero3.weight.ds_id = 0  # what a ZeRO-3 partitioned parameter carries
     assert sharding.forwards_are_collective(zero3) and not sharding.forwards_are_collective(BatchSensitiveEncoder())
-    lockstep = runner.encode_table(zero3, pairs, batch_size=5, first=first, make_jobs=lambda lookup: [lambda: 1])
+    lockstep = runner.encode_table(zero3, pairs, encoding=EncodingOptions(batch_size=5), first=first,
+                                   make_jobs=lambda lookup: [lambda: 1])
     assert lockstep.job_results is None and "shared_queue" not in lockstep.timing
     assert free.job_results == {0: 1}
     assert np.array_equal(free.table, lockstep.table)

@@ -11,6 +11,7 @@ import torch
 
 from relbert_ds.data.schemas import ClassificationDataset, LexicalPair
 from relbert_ds.evaluation import classification, probe
+from relbert_ds.evaluation.classification import ProbeOptions
 
 GRID = [probe.GridPoint(c["hidden_layer_sizes"], c["learning_rate_init"]) for c in classification.search_grid()]
 
@@ -160,8 +161,8 @@ def _dataset(with_validation: bool = True, seed: int = 0, k: int = 3):
 
 def test_torch_and_sklearn_probes_agree_on_a_synthetic_dataset():
     data, lookup = _dataset()
-    torch_out = classification.run_classification(data, lookup, max_iter=100, probe="torch")
-    sklearn_out = classification.run_classification(data, lookup, max_iter=100, probe="sklearn")
+    torch_out = classification.run_classification(data, lookup, options=ProbeOptions(max_iter=100, probe="torch"))
+    sklearn_out = classification.run_classification(data, lookup, options=ProbeOptions(max_iter=100, probe="sklearn"))
     assert torch_out["probe"] == "torch" and sklearn_out["probe"] == "sklearn"
     assert abs(torch_out["f1_macro"] - sklearn_out["f1_macro"]) < 0.06
     assert len(torch_out["grid"]) == 9 and torch_out["selected_on"] == "validation"
@@ -170,7 +171,8 @@ def test_torch_and_sklearn_probes_agree_on_a_synthetic_dataset():
 @pytest.mark.parametrize("protocol", ["paper", "fast"])
 def test_selection_is_the_best_validation_macro_f1_and_reports_its_predictions(protocol):
     data, lookup = _dataset()
-    out = classification.run_classification(data, lookup, max_iter=40, keep_predictions=True, protocol=protocol)
+    out = classification.run_classification(data, lookup, options=ProbeOptions(max_iter=40, protocol=protocol),
+                                            keep_predictions=True)
     assert out["protocol"] == protocol
     scores = [g["validation_f1_macro"] for g in out["grid"]]
     best = scores.index(max(scores))  # first among ties
@@ -192,11 +194,11 @@ def test_selection_is_the_best_validation_macro_f1_and_reports_its_predictions(p
 
 def test_without_validation_the_default_grid_point_is_used_and_said():
     data, lookup = _dataset(with_validation=False)
-    out = classification.run_classification(data, lookup, max_iter=30)
+    out = classification.run_classification(data, lookup, options=ProbeOptions(max_iter=30))
     assert out["selected_on"] is None and out["default_reason"] == "no validation split"
     assert [(g["hidden_layer_sizes"], g["learning_rate_init"]) for g in out["grid"]] == [(100, 1e-3)]
     data, lookup = _dataset()
-    out = classification.run_classification(data, lookup, split="validation", max_iter=30)
+    out = classification.run_classification(data, lookup, options=ProbeOptions(max_iter=30), split="validation")
     assert out["default_reason"] == "the validation split is the one reported"
 
 
@@ -211,9 +213,9 @@ def test_unknown_probe_or_features_is_one_clear_error():
 
     data, lookup = _dataset()
     with pytest.raises(ConfigError, match="unknown probe 'keras'; fix: use one of torch, sklearn"):
-        classification.run_classification(data, lookup, probe="keras")
+        classification.run_classification(data, lookup, options=ProbeOptions(probe="keras"))
     with pytest.raises(ConfigError, match="unknown probe features"):
-        classification.run_classification(data, lookup, features="max")
+        classification.run_classification(data, lookup, options=ProbeOptions(features="max"))
 
 
 def _without_time(out: dict) -> dict:
@@ -239,8 +241,8 @@ def test_the_evaluators_torch_probe_trains_on_one_thread_whatever_the_rank_has(m
         outs = []
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            outs.append(classification.run_classification(data, lookup, max_iter=40, keep_predictions=True,
-                                                          blas_threads=threads))
+            options = ProbeOptions(max_iter=40, blas_threads=threads)
+            outs.append(classification.run_classification(data, lookup, options=options, keep_predictions=True))
             assert torch.get_num_threads() == threads  # restored after the fit
     finally:
         torch.set_num_threads(before)

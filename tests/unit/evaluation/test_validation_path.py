@@ -8,7 +8,7 @@ import pytest
 from relbert_ds.data import load_analogy_dataset, load_relation_dataset
 from relbert_ds.data.derived import relation_analogy_questions
 from relbert_ds.evaluation import validation
-from relbert_ds.evaluation.runner import evaluate
+from relbert_ds.evaluation.runner import EncodingOptions, evaluate
 from relbert_ds.evaluation.sharding import encode_sharded
 
 
@@ -38,7 +38,7 @@ def test_trainer_validation_equals_the_evaluator(tiny):
     assert [s.name for s in sets] == ["semeval2012", "sat"] and len(sets[0]) == 79
     got = validation.analogy_accuracies(tiny, sets, batch_size=16)
     # the evaluator on the same questions, computed independently of the validation module
-    want = evaluate(tiny, analogy=("sat",), classification=(), split="valid", batch_size=16)
+    want = evaluate(tiny, encoding=EncodingOptions(batch_size=16), analogy=("sat",), classification=(), split="valid")
     assert got["sat"] == want["analogy"]["sat/validation"]["accuracy"]
     derived = relation_analogy_questions(relations)
     vectors = tiny.encode([p for q in derived.questions for p in (q.stem, *q.choices)])

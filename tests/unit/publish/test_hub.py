@@ -154,8 +154,10 @@ def export(tmp_path_factory):
     record, README from the trainer's model_card call) and a real evaluator results JSON for it."""
     import torch
 
-    from relbert_ds import RelationEncoder
+    from relbert_ds import RelationEncoder, evaluation
     from relbert_ds.evaluation import runner
+    from relbert_ds.evaluation.classification import ProbeOptions
+    from relbert_ds.evaluation.runner import EncodingOptions
     from tests.tiny_models import make_tiny_bert
 
     torch.set_num_threads(1)
@@ -178,15 +180,18 @@ def export(tmp_path_factory):
     (folder / "relbert_ds_training.json").write_text(json.dumps(record))
     (folder / "README.md").write_text(build_card(record, template=encoder.template))  # as the trainer does
     # The evaluator's own flow and writer, on the bundled SAT (valid, test, full) and a tiny probe.
-    tasks = runner.prepare_tasks(analogy=["sat"], classification=[str(_tiny_classification_set(base / "cls"))],
+    tasks = evaluation.prepare_tasks(analogy=["sat"], classification=[str(_tiny_classification_set(base / "cls"))],
                                  split=["validation", "test"])
     encoder.name = str(folder)
-    results = {"model": runner.evaluate_tasks(encoder, tasks, batch_size=128, max_iter=50)}
+    results = {"model": runner.evaluate_tasks(encoder, tasks, encoding=EncodingOptions(batch_size=128),
+                                              probe=ProbeOptions(max_iter=50))}
     baseline = RelationEncoder.from_pretrained(make_tiny_bert(base / "baseline", seed=1), template="d")
     baseline.name = "tiny-baseline"
-    results["baseline"] = runner.evaluate_tasks(baseline, tasks, batch_size=128, max_iter=50)
+    results["baseline"] = runner.evaluate_tasks(baseline, tasks, encoding=EncodingOptions(batch_size=128),
+                                                probe=ProbeOptions(max_iter=50))
     results_path = base / "results.json"
-    runner.write_outputs(results, {"created_utc": "2026-11-30T00:00:00+00:00", "world_size": 1}, output=results_path)
+    evaluation.write_outputs(results, {"created_utc": "2026-11-30T00:00:00+00:00", "world_size": 1},
+                             output=results_path)
     return folder, results_path
 
 

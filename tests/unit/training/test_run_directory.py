@@ -107,22 +107,20 @@ def test_prune_keeps_the_newest_and_latest(tmp_path):
 
 
 def test_is_run_directory_and_looks_like_checkpoint(tmp_path):
-    from relbert_ds.cli.evaluate import looks_like_deepspeed_checkpoint, looks_like_run_directory
-
     run = RunDirectory(tmp_path / "run")
     assert not run.is_run_directory() and not run.looks_like_checkpoint()
     make_checkpoint(run, 2)
     assert not run.is_run_directory()  # checkpoints alone: a copied checkpoints folder's parent
     assert run.looks_like_checkpoint()
     run.history.write_text("")
-    assert run.is_run_directory() and looks_like_run_directory(run.path)
-    assert looks_like_deepspeed_checkpoint(run.path) and looks_like_deepspeed_checkpoint(run.checkpoints)
-    assert looks_like_deepspeed_checkpoint(run.tag_dir(2))
-    assert not looks_like_deepspeed_checkpoint(tmp_path / "elsewhere")
+    assert run.is_run_directory()
+    assert RunDirectory(run.checkpoints).looks_like_checkpoint()
+    assert RunDirectory(run.tag_dir(2)).looks_like_checkpoint()
+    assert not RunDirectory(tmp_path / "elsewhere").looks_like_checkpoint()
     hf = tmp_path / "hf"
     hf.mkdir()
     (hf / "config.json").write_text("{}")
-    assert not looks_like_deepspeed_checkpoint(hf) and not looks_like_run_directory(hf)
+    assert not RunDirectory(hf).looks_like_checkpoint() and not RunDirectory(hf).is_run_directory()
 
 
 def test_existing_run_files_and_clear(tmp_path):
