@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 from relbert_ds.parallel.distributed import free_port  # noqa: F401 (the one copy; re-exported for launches)
+from relbert_ds.training.run_directory import read_history  # noqa: F401 (the one history.jsonl reader)
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -301,17 +302,6 @@ def run(cmd: Sequence[str], timeout: float = 3600, env: Optional[dict] = None, e
         raise RuntimeError(f"{' '.join(cmd)} failed with exit {proc.returncode}\nstdout:\n{out[-3000:]}\n"
                            f"stderr:\n{err[-6000:]}")
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
-
-
-def read_history(run_dir: Path | str) -> tuple[list[dict], list[dict]]:
-    """(step records, epoch records) of a trainer run's history.jsonl."""
-    steps, epochs = [], []
-    for line in (Path(run_dir) / "history.jsonl").read_text().splitlines():
-        if not line.strip():
-            continue
-        record = json.loads(line)
-        (epochs if record.get("kind") == "epoch" else steps).append(record)
-    return steps, epochs
 
 
 def setup_single_process(threads: Optional[int] = None) -> Any:

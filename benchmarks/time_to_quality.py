@@ -52,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import common  # noqa: E402
 from benchmarks.arms import PublicScheme, PublicTrainer, accuracy, build_ours, ours_step, semeval_questions  # noqa: E402,E501
+from relbert_ds.errors import UserError  # noqa: E402
 
 REFERENCE_TARGET = 0.456  # public trainer, one epoch (23 min) at lr 2e-5 on this kind of machine
 ARMS = ("real", "ours", "public")  # the order of every table: the real public trainer is quoted first
@@ -134,10 +135,12 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
             done = proc.poll() is not None
             now = time.perf_counter() - start
             if history.exists():
-                for line in history.read_text().splitlines():
-                    if '"kind": "epoch"' in line:
-                        epoch = json.loads(line)["epoch"]
-                        arrivals.setdefault(epoch, now)
+                try:
+                    evals = common.read_history(run_dir)[1]
+                except UserError:  # caught mid-line: read it again next time
+                    evals = []
+                for record in evals:
+                    arrivals.setdefault(record["epoch"], now)
             if done:
                 break
             if now > budget:

@@ -259,6 +259,74 @@ def macro_f1_columns(y: torch.Tensor, pred: torch.Tensor, k: int) -> list[float]
     return (f1.sum(1) / present.sum(1).clamp_min(1)).tolist()
 
 
+@dataclass
+class _PointState:
+    """One grid point while the grid trains: its weights and Adam moments (between packings), epochs run,
+    curves, and sklearn's stopping state."""
+
+    weights: list[torch.Tensor]
+    moments: list[torch.Tensor]
+    n_iter: int = 0
+    stopped_by: str = ""  # "loss", "max_iter" or "pruned" once it stopped
+    losses: list[float] = field(default_factory=list)
+    validation: list[float] = field(default_factory=list)
+    watched: dict[str, list[float]] = field(default_factory=dict)
+    best_loss: float = math.inf
+    stale: int = 0
+
+    def record(self, loss: float, max_iter: int, tol: float, n_iter_no_change: int) -> bool:
+        """Count one epoch with training loss ``loss``; True when sklearn's rule (no improvement by more
+        than ``tol`` for more than ``n_iter_no_change`` epochs running) or ``max_iter`` stops the point."""
+        self.n_iter += 1
+        self.losses.append(loss)
+        self.stale = self.stale + 1 if loss > self.best_loss - tol else 0
+        self.best_loss = min(self.best_loss, loss)
+        if self.stale > n_iter_no_change:
+            self.stopped_by = "loss"
+        elif self.n_iter >= max_iter:
+            self.stopped_by = "max_iter"
+        return bool(self.stopped_by)
+
+
+class _Epochs:
+    """The mini-batch plumbing of one packing of the active points: every epoch's row order, the reused
+    batch buffer and the slots each step writes its loss terms into (made once per packing, not per
+    mini-batch: each view costs as much as a small kernel)."""
+
+    def __init__(self, packed: _Packed, xt: torch.Tensor, yt: torch.Tensor, batch: int,
+                 order_rng: torch.Generator) -> None:
+        n, dim = xt.shape
+        groups = packed.groups
+        self.packed, self.xt, self.yt, self.batch, self.order_rng = packed, xt, yt, batch, order_rng
+        self.ye = torch.empty_like(yt)  # the epoch's labels in order
+        xb = xt.new_empty(batch, dim)  # one mini-batch's rows
+        # Every mini-batch's labels, spread over the points, in the epoch's order (``ye`` is refilled each epoch).
+        self.targets = self.ye.view(n, 1, 1).expand(n, groups, 1).split(batch)
+        self.rows_in = {len(t): xb[:len(t)] for t in self.targets}
+        # Per mini-batch, where its step writes: each point's summed log-likelihood, and its two squared weight
+        # norms (||W1||^2, ||W2||^2), float32 as computed; every slot is overwritten each epoch.
+        n_batches = -(-n // batch)
+        self.parts = torch.empty(3, n_batches, groups, device=xt.device)
+        self.slots = [(self.parts[0, b], [(self.parts[1, b, g], self.parts[2, b, g]) for g in range(groups)])
+                      for b in range(n_batches)]
+
+    def run(self, alpha: float, step: int) -> tuple[list[float], int]:
+        """One epoch of every packed point; (each point's training loss, the Adam step count after it)."""
+        n = self.xt.shape[0]
+        order = torch.randperm(n, generator=self.order_rng).to(self.xt.device)
+        torch.index_select(self.yt, 0, order, out=self.ye)
+        for rows, target, (cross_entropy, squares) in zip(order.split(self.batch), self.targets, self.slots):
+            step += 1
+            # The batch's rows gathered into one reused buffer that both products then read from cache
+            # (cheaper than gathering the whole epoch at once, which streams it through memory twice).
+            xs = self.rows_in[len(rows)]
+            torch.index_select(self.xt, 0, rows, out=xs)
+            _step(self.packed, xs, target, alpha, step, cross_entropy, squares)
+        # The epoch's loss adds the batches' float32 terms up in float64.
+        sums = torch.stack((self.parts[0], self.parts[1] + self.parts[2])).double().sum(dim=1)
+        return ((-sums[0] + 0.5 * alpha * sums[1]) / n).tolist(), step
+
+
 def fit_grid(x: np.ndarray, y: np.ndarray, points: Sequence[GridPoint], n_classes: int, max_iter: int = 200,
              seed: int = 0, device: Optional[torch.device] = None, alpha: float = ALPHA, tol: float = TOL,
              n_iter_no_change: int = N_ITER_NO_CHANGE, batch_size: int = MAX_BATCH,
@@ -292,85 +360,53 @@ def fit_grid(x: np.ndarray, y: np.ndarray, points: Sequence[GridPoint], n_classe
         raise ValueError("prune_at needs validation data")
     n, dim = x.shape
     k = int(n_classes)
-    batch = min(batch_size, n)
-    n_batches = -(-n // batch)
     xt, yt = on_device(x, y)
-    xb, ye = xt.new_empty(batch, dim), torch.empty_like(yt)  # one mini-batch's rows; the epoch's labels in order
-    count = len(points)
-    weights = [[t.to(device) for t in initial_weights(i, p, dim, k, seed)] for i, p in enumerate(points)]
-    moments = [[torch.zeros_like(t) for t in w] * 2 for w in weights]
-    n_iter, stopped_by = [0] * count, [""] * count
-    curves: list[list[float]] = [[] for _ in points]
-    val_curves: list[list[float]] = [[] for _ in points]
     watched = {name: on_device(mx, my) for name, (mx, my) in (monitor or {}).items()}
-    watched_curves: dict[str, list[list[float]]] = {name: [[] for _ in points] for name in watched}
-    best = [math.inf] * count
-    stale = [0] * count
-    running = set(range(count))  # not cut by pruning
+    state = []
+    for i, p in enumerate(points):
+        weights = [t.to(device) for t in initial_weights(i, p, dim, k, seed)]
+        state.append(_PointState(weights, [torch.zeros_like(t) for t in weights] * 2,
+                                 watched={name: [] for name in watched}))
+    running = set(range(len(points)))  # not cut by pruning
     cuts = sorted({int(e) for e in prune_at if 0 < int(e) < max_iter})
-    active = list(range(count))
+    active = list(range(len(points)))
     order_rng = torch.Generator().manual_seed(int(seed))
     step = 0
     while active:
-        packed = _Packed([weights[i] for i in active], [moments[i] for i in active], [points[i] for i in active], k)
+        packed = _Packed([state[i].weights for i in active], [state[i].moments for i in active],
+                         [points[i] for i in active], k)
+        epochs = _Epochs(packed, xt, yt, min(batch_size, n), order_rng)
         stopped: list[int] = []
-        # Views made once per packing, not per mini-batch (each costs as much as a small kernel): every
-        # mini-batch's labels, spread over the points, in the epoch's order (``ye`` is refilled each epoch).
-        targets = ye.view(n, 1, 1).expand(n, len(active), 1).split(batch)
-        rows_in = {len(t): xb[:len(t)] for t in targets}
-        # Per mini-batch, where its step writes: each point's summed log-likelihood, and its two squared weight
-        # norms (||W1||^2, ||W2||^2), float32 as computed; every slot is overwritten each epoch.
-        parts = torch.empty(3, n_batches, len(active), device=device)
-        slots = [(parts[0, b], [(parts[1, b, g], parts[2, b, g]) for g in range(len(active))])
-                 for b in range(n_batches)]
         # Train epochs with this packing until one of its points stops.
         while not stopped:
-            epoch = n_iter[active[0]]  # every active point has run the same number of epochs
-            order = torch.randperm(n, generator=order_rng).to(device)
-            torch.index_select(yt, 0, order, out=ye)
-            for rows, target, (cross_entropy, squares) in zip(order.split(batch), targets, slots):
-                step += 1
-                # The batch's rows gathered into one reused buffer that both products then read from cache
-                # (cheaper than gathering the whole epoch at once, which streams it through memory twice).
-                xs = rows_in[len(rows)]
-                torch.index_select(xt, 0, rows, out=xs)
-                _step(packed, xs, target, alpha, step, cross_entropy, squares)
-            # The epoch's loss adds the batches' float32 terms up in float64.
-            sums = torch.stack((parts[0], parts[1] + parts[2])).double().sum(dim=1)
-            losses = ((-sums[0] + 0.5 * alpha * sums[1]) / n).tolist()
+            epoch = state[active[0]].n_iter  # every active point has run the same number of epochs
+            losses, step = epochs.run(alpha, step)
             # With pruning, validation is scored until the last cut (nothing reads it after that).
             scores = packed.macro_f1(xv, yv) if xv is not None and (cuts or not prune_at) else []
             for name, (mx, my) in watched.items():
                 for i, score in zip(active, packed.macro_f1(mx, my)):
-                    watched_curves[name][i].append(score)
+                    state[i].watched[name].append(score)
             for slot, i in enumerate(active):
-                n_iter[i] = epoch + 1
-                curves[i].append(losses[slot])
                 if scores:
-                    val_curves[i].append(scores[slot])
-                # sklearn's rule: no improvement by more than tol, more than n_iter_no_change epochs running.
-                stale[i] = stale[i] + 1 if losses[slot] > best[i] - tol else 0
-                best[i] = min(best[i], losses[slot])
-                if stale[i] > n_iter_no_change:
+                    state[i].validation.append(scores[slot])
+                if state[i].record(losses[slot], max_iter, tol, n_iter_no_change):
                     stopped.append(i)
-                    stopped_by[i] = "loss"
-                elif n_iter[i] >= max_iter:
-                    stopped.append(i)
-                    stopped_by[i] = "max_iter"
             if cuts and epoch + 1 == cuts[0]:
                 cuts.pop(0)
                 # Everyone still in the running competes, including points that already stopped on their own.
-                ranked = sorted(running, key=lambda i: (-max(val_curves[i]), i))
+                ranked = sorted(running, key=lambda i: (-max(state[i].validation), i))
                 for i in ranked[max(1, math.ceil(len(ranked) * keep_fraction)):]:
                     running.discard(i)
                     if i in active and i not in stopped:
                         stopped.append(i)
-                        stopped_by[i] = "pruned"
+                        state[i].stopped_by = "pruned"
         for i, (w, mo) in zip(active, packed.unpack()):
-            weights[i], moments[i] = w, mo
+            state[i].weights, state[i].moments = w, mo
         active = [i for i in active if i not in stopped]
-    return FittedGrid(points=list(points), weights=[tuple(w) for w in weights], n_iter=n_iter, loss_curves=curves,
-                      validation_curves=val_curves, monitor_curves=watched_curves, stopped_by=stopped_by)
+    return FittedGrid(points=list(points), weights=[tuple(s.weights) for s in state], n_iter=[s.n_iter for s in state],
+                      loss_curves=[s.losses for s in state], validation_curves=[s.validation for s in state],
+                      monitor_curves={name: [s.watched[name] for s in state] for name in watched},
+                      stopped_by=[s.stopped_by for s in state])
 
 
 def _step(packed: _Packed, xb: torch.Tensor, target: torch.Tensor, alpha: float, step: int,

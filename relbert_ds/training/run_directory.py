@@ -327,3 +327,40 @@ def says_disk_full(exc: BaseException) -> bool:
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
     return "No space left" in str(exc) or "Disk quota exceeded" in str(exc)
+
+
+VALIDATION_KINDS = ("epoch", "eval")  # validation records at the epoch cadence, or every N steps
+
+
+def read_history(run_dir: Union[str, Path]) -> tuple[list[dict], list[dict]]:
+    """(step records, validation records) of a run's ``history.jsonl``, each sorted by optimizer step: the
+    one reader of the file (figures, benchmarks, tests).
+
+    ``run_dir`` is a run directory or its ``history.jsonl``. A resumed run may repeat a step (the trainer
+    truncates history on resume; an older file may not be): the last record wins. A missing file or a
+    line that is not a record is a :class:`ConfigError` naming it.
+    """
+    path = Path(run_dir).expanduser()
+    fix = f"fix: pass a relbert-ds run directory (the --output_dir of a training run, which holds {HISTORY})"
+    if not path.exists():
+        raise ConfigError(f"{path} does not exist; {fix}")
+    if path.is_dir():
+        if not (path / HISTORY).is_file():
+            raise ConfigError(f"{path} has no {HISTORY}, so it is not a relbert-ds run directory; {fix}")
+        path = path / HISTORY
+    steps: dict[int, dict] = {}
+    evals: dict[tuple, dict] = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            kind, step = record.get("kind"), int(record["optimizer_step"])
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ConfigError(f"{path}:{number} is not a history record ({exc.__class__.__name__}); fix: pass the "
+                              f"{HISTORY} the trainer wrote") from exc
+        if kind == "step":
+            steps[step] = record
+        elif kind in VALIDATION_KINDS:
+            evals[(step, record.get("epoch"))] = record
+    return [steps[k] for k in sorted(steps)], [evals[k] for k in sorted(evals, key=lambda k: (k[0], k[1] or 0))]

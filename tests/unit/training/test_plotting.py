@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from benchmarks import make_figures
 from relbert_ds.cli import plot as plot_cli
 from relbert_ds.training import plotting
 from tests.assertions import assert_one_error_line
@@ -87,7 +88,7 @@ def test_axes_carry_the_history_numbers(tmp_path):
     assert [r["optimizer_step"] for r in read_steps] == list(range(1, 31))
     assert [r["optimizer_step"] for r in read_evals] == [10, 20, 30]
 
-    fig, axes = plotting._figure(ncols=4)
+    fig, axes = plotting.new_figure(ncols=4)
     plotting._draw_loss(axes[0][0], read_steps, read_evals)
     lines = {line.get_label(): line for line in axes[0][0].get_lines()}
     np.testing.assert_allclose(lines["training loss (per step)"].get_ydata(), [r["loss"] for r in steps])
@@ -165,7 +166,7 @@ def test_benchmark_figures_from_the_committed_results(tmp_path):
         assert width >= 800 and height >= 400 and 0.02 < _drawn_fraction(tmp_path / name) < 0.6
     # the curves drawn are the arms' curves of the results file
     doc = json.loads((ROOT / "benchmarks" / "results" / "time_to_quality.json").read_text())
-    axes = _axes_drawn(plotting.plot_time_to_quality, "time_to_quality.json", tmp_path)
+    axes = _axes_drawn(make_figures.plot_time_to_quality, "time_to_quality.json", tmp_path)
     drawn = [line for line in axes[0].get_lines() if line.get_label().startswith(("relbert-ds", "public"))]
     assert list(doc["arms"]) == ["real", "ours", "public"] and len(drawn) == 3
     assert drawn[0].get_label().startswith("public relbert 2.0.2")  # the real trainer, drawn and named first
@@ -174,13 +175,13 @@ def test_benchmark_figures_from_the_committed_results(tmp_path):
 
 
 def test_wrong_benchmark_file_is_a_plot_error(tmp_path):
-    with pytest.raises(plotting.PlotError, match="is not a memory result"):
-        plotting.plot_memory(ROOT / "benchmarks" / "results" / "time_to_quality.json", tmp_path / "m.png")
+    with pytest.raises(make_figures.FigureError, match="is not a memory result"):
+        make_figures.plot_memory(ROOT / "benchmarks" / "results" / "time_to_quality.json", tmp_path / "m.png")
 
 
 def test_throughput_figure_draws_every_arm_of_the_results_real_trainer_first(tmp_path):
     doc = json.loads((ROOT / "benchmarks" / "results" / "train_throughput.json").read_text())
-    axes = _axes_drawn(plotting.plot_throughput, "train_throughput.json", tmp_path)
+    axes = _axes_drawn(make_figures.plot_throughput, "train_throughput.json", tmp_path)
     tokens = axes[0]
     arms = [a for a in ("real", "ours", "bare", "public", "public_longest") if a in doc["arms"]]
     assert arms[0] == "real"
