@@ -180,7 +180,7 @@ def _run_loading_script(path, config):
 
 
 def test_loading_scripts_serve_the_bundled_data_under_the_hub_names(tmp_path):
-    from benchmarks.public_relbert import write_loading_scripts
+    from benchmarks.relbert_venv import write_loading_scripts
     from relbert_ds.data import load_analogy_dataset, load_relation_dataset
     from relbert_ds.data.sources import BUNDLED_ANALOGY
 
@@ -206,7 +206,7 @@ def test_loading_scripts_serve_the_bundled_data_under_the_hub_names(tmp_path):
 def test_backbone_converted_to_pytorch_model_bin_has_the_same_tensors(tiny_bert, tmp_path):
     from safetensors.torch import load_file
 
-    from benchmarks.public_relbert import convert_backbone
+    from benchmarks.relbert_venv import convert_backbone
 
     out = convert_backbone(tmp_path / "converted", tiny_bert)
     loaded = torch.load(out / "pytorch_model.bin", weights_only=True)
@@ -223,6 +223,7 @@ def test_backbone_converted_to_pytorch_model_bin_has_the_same_tensors(tiny_bert,
 
 def test_real_arm_command_line_is_relbert_train_with_the_reference_recipe():
     from benchmarks import public_relbert as pr
+    from benchmarks import relbert_driver
     from relbert_ds.model.prompts import resolve_template
 
     args = pr.relbert_train_args("/b", "/o", lr=3e-5, num_negative=100)
@@ -234,9 +235,9 @@ def test_real_arm_command_line_is_relbert_train_with_the_reference_recipe():
     assert (opts["-w"], opts["--temperature"]) == ("10", "0.05")
     assert opts["--aggregation-mode"] == "average_no_mask" and opts["--gradient-accumulation"] == "1"
     cmd = pr.driver_command("/venv/bin/python", args, threads=2)
-    assert cmd[:2] == ["/venv/bin/python", str(Path(pr.__file__).resolve())]
-    parsed = pr.build_parser().parse_args(cmd[2:])  # what the driver in relbert's venv receives
-    assert parsed.driver and parsed.threads == 2 and parsed.train_args == args
+    assert cmd[:2] == ["/venv/bin/python", str(Path(relbert_driver.__file__).resolve())]
+    parsed = relbert_driver.build_parser().parse_args(cmd[2:])  # what the driver in relbert's venv receives
+    assert parsed.threads == 2 and parsed.train_args == args
 
 
 def test_real_trainer_reports_a_child_that_dies_with_its_log(tmp_path):
@@ -260,7 +261,7 @@ def test_real_trainer_reports_a_child_that_dies_with_its_log(tmp_path):
 
 
 def test_relbert_venv_reused_by_its_stamp_and_a_foreign_folder_never_deleted(tmp_path):
-    from benchmarks.public_relbert import STAMP_NAME, ensure_venv
+    from benchmarks.relbert_venv import STAMP_NAME, ensure_venv
 
     built = tmp_path / "built"
     (built / "bin").mkdir(parents=True)
@@ -274,26 +275,3 @@ def test_relbert_venv_reused_by_its_stamp_and_a_foreign_folder_never_deleted(tmp
     with pytest.raises(RuntimeError, match="was not built by relbert-ds"):
         ensure_venv(foreign, log=log.append)
     assert (foreign / "bin").is_dir() and log == []
-
-
-def test_probe_schedule_replay_counts_work_and_selects_like_the_protocols():
-    """benchmarks/probe_schedule.py replays schedules on recorded curves: a hand-checked 9-point case."""
-    from benchmarks.probe_schedule import replay
-
-    widths = [100, 150, 200] * 3
-    # Point 4 leads late only (a slow starter); point 2 leads early and ends second.
-    validation = [[0.1 * (i % 3) + 0.01 * e for e in range(20)] for i in range(9)]
-    validation[2] = [0.5 + 0.01 * e for e in range(20)]
-    validation[4] = [0.0] * 10 + [0.9] * 10
-    test = [[v + 0.05 for v in curve] for curve in validation]
-    run = {"points": [[w, 1e-3] for w in widths], "n_iter": [20] * 9, "validation": validation, "test": test}
-    paper = replay(run)
-    assert paper["chosen"] == [150, 1e-3] and paper["cost"] == 20 * sum(widths)  # point 4: best final F1
-    assert paper["test_f1_macro"] == pytest.approx(95.0)
-    fast = replay(run, halving=(3, 6))
-    # After 3 epochs the best three by F1 so far are 2, 5, 8 (then 1...); point 4 is cut, 2 wins at 6.
-    assert fast["chosen"] == [200, 1e-3] and fast["test_f1_macro"] == pytest.approx(100 * (0.5 + 0.19 + 0.05))
-    assert fast["cost"] == 3 * sum(widths) + (6 - 3) * (200 + 200 + 200) + (20 - 6) * 200
-    stopped = replay(run, patience=2)
-    # Point 4: 3 epochs without improvement (more than 2) end it after its 4th; the others improve every epoch.
-    assert stopped["cost"] == 20 * sum(widths) - (20 - 4) * 150

@@ -226,7 +226,7 @@ np.save(sys.argv[2], np.array(model.get_embedding([list(p) for p in {pairs!r}]))
 
 @pytest.mark.slow
 @pytest.mark.skipif(not RELBERT_VENV_PYTHON.exists(),
-                    reason="the public relbert 2.0.2 venv is not built (benchmarks/public_relbert.py builds it)")
+                    reason="the public relbert 2.0.2 venv is not built (benchmarks/relbert_venv.py builds it)")
 def test_export_loads_in_public_relbert_2_0_2(tiny_bert, tmp_path):
     """The real peer: relbert 2.0.2 (transformers 4.21) reads the export as written, same vector directions."""
     import os

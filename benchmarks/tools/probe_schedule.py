@@ -17,7 +17,7 @@ Cost is in grid-point epochs weighted by hidden width (what the matrix products 
 ratio to ``paper``. Input: a vectors file (arrays ``pairs`` and ``model_vectors``, as
 ``eval_throughput.py --probe_table`` or ``relbert-ds-evaluate --vectors`` write it).
 
-    python benchmarks/probe_schedule.py --vectors runs/probe_table/backbone.npz --seed 0
+    python benchmarks/tools/probe_schedule.py --vectors runs/probe_table/backbone.npz --seed 0
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks import common  # noqa: E402
 

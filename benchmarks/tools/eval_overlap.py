@@ -15,7 +15,7 @@ bundled analogy sets' valid and test splits):
 Reported per arm: the phase's wall time (slowest rank), each rank's probe and encoding time, the ratio
 after / queue, and whether both arms gave the same probe reports and the same vectors (they must).
 
-    python benchmarks/eval_overlap.py --model runs/default/best_model --vectors <its vectors.npz>
+    python benchmarks/tools/eval_overlap.py --model runs/default/best_model --vectors <its vectors.npz>
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks import common  # noqa: E402
 

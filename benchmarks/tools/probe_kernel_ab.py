@@ -11,7 +11,7 @@ from another commit: ``git show <rev>:relbert_ds/evaluation/probe.py > /tmp/old_
 repeat rather than trust one run.
 
     git show 3cc9660:relbert_ds/evaluation/probe.py > /tmp/probe_3cc9660.py
-    python benchmarks/probe_kernel_ab.py --vectors runs/probe_table/trained.npz --dataset BLESS \\
+    python benchmarks/tools/probe_kernel_ab.py --vectors runs/probe_table/trained.npz --dataset BLESS \\
         --seeds 0 1 2 --kernels /tmp/probe_3cc9660.py current
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Optional, Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks import common  # noqa: E402
 
