@@ -1,28 +1,13 @@
 #!/usr/bin/env python
 """The REAL public relbert 2.0.2 trainer as a benchmark arm, driven step by step from relbert-ds.
 
-relbert 2.0.2 pins ``transformers<=4.21.2`` (which wants ``tokenizers<0.13``, without a wheel for
-Python 3.11), so it runs in a virtual environment of its own, built on first use exactly as
-``../shared/docs/RELBERT_INTEROP.md`` says (:func:`ensure_venv`; a stamp file records how long
-the build took, and later calls reuse it). Four pieces make it a fair arm:
-
-- **Data**: relbert calls ``load_dataset('relbert/semeval2012_relational_similarity', split=...)``.
-  ``datasets`` 2.10 resolves that name to ``relbert/<name>/<name>.py`` under the working
-  directory, so :func:`write_loading_scripts` generates small loading scripts there that read
-  relbert-ds's bundled JSONL files (``relbert_ds/resources/data``) with the hub's splits and
-  features. No relbert file is copied or changed.
-- **Backbone**: the bundled all-MiniLM-L6-v2 ships ``model.safetensors``, which transformers
-  4.21 cannot read; :func:`convert_backbone` writes the same tensors to ``pytorch_model.bin``
-  next to its config and tokenizer files.
-- **Trainer**: the relbert venv's python runs this file as a driver (``--driver``), which calls
-  relbert's own ``relbert-train`` entry point (``relbert.relbert_cl.train.main``) with the
-  command line of :func:`relbert_train_args`. Hooks around three relbert functions pause it
-  after its tokenization and after every optimizer step (its scheduler step) and wait for the
-  next command on stdin (``step``, ``save DIR``, ``stop``), so the benchmarks can interleave it
-  with the other arms and time each unit of its work. Nothing inside a step is altered.
-- **Scoring**: a checkpoint is written with relbert's own ``RelBERT.save`` and read back with
-  ``relbert_ds.RelationEncoder.from_pretrained`` (relbert's folders load as they are), then
-  scored by the same code as the other arms (SemEval-2012 validation analogy questions).
+Three pieces: ``relbert_venv.py`` builds relbert's own virtual environment (exactly as
+``../shared/docs/RELBERT_INTEROP.md`` says) with offline loading scripts for relbert-ds's bundled data and
+a backbone transformers 4.21 can read; ``relbert_driver.py`` runs inside it, calls relbert's own
+``relbert-train`` and pauses it after each optimizer step; this module is the arm (:class:`RealArm`,
+:class:`RealTrainer`) that starts the driver with :func:`relbert_train_args`, steps it, saves checkpoints
+with relbert's own ``RelBERT.save`` and scores them with ``relbert_ds.RelationEncoder.from_pretrained``
+and the same SemEval-2012 validation questions as the other arms.
 
 Every run is bounded: a time budget, a step limit, a per-command timeout; the child is killed
 with its process group when the parent stops.
