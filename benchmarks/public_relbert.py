@@ -1,13 +1,13 @@
 #!/usr/bin/env python
 """The REAL public relbert 2.0.2 trainer as a benchmark arm, driven step by step from relbert-ds.
 
-Three pieces: ``relbert_venv.py`` builds relbert's own virtual environment (exactly as
-``../shared/docs/RELBERT_INTEROP.md`` says) with offline loading scripts for relbert-ds's bundled data and
-a backbone transformers 4.21 can read; ``relbert_driver.py`` runs inside it, calls relbert's own
-``relbert-train`` and pauses it after each optimizer step; this module is the arm (:class:`RealArm`,
-:class:`RealTrainer`) that starts the driver with :func:`relbert_train_args`, steps it, saves checkpoints
-with relbert's own ``RelBERT.save`` and scores them with ``relbert_ds.RelationEncoder.from_pretrained``
-and the same SemEval-2012 validation questions as the other arms.
+Three pieces: ``relbert_venv.py`` builds relbert's own virtual environment with offline loading scripts
+for relbert-ds's bundled data and a backbone transformers 4.21 can read; ``relbert_driver.py`` runs
+inside it, calls relbert's own ``relbert-train`` and pauses it after each optimizer step; this module is
+the arm (:class:`RealArm`, :class:`RealTrainer`) that starts the driver with :func:`relbert_train_args`,
+steps it, saves checkpoints with relbert's own ``RelBERT.save`` and scores them with
+``relbert_ds.RelationEncoder.from_pretrained`` and the same SemEval-2012 validation questions as the
+other arms.
 
 Every run is bounded: a time budget, a step limit, a per-command timeout; the child is killed
 with its process group when the parent stops.
@@ -18,7 +18,7 @@ Measure once (builds the venv if needed, runs a few real steps, scores a checkpo
 
 The three-arm time-to-quality run. The arms take turns, so the wall time is the sum of the
 budgets: about 45 minutes of an otherwise idle 2-core machine (the real arm needs ~23 minutes
-for its first epoch of 79 steps at 16.9 s, REFERENCE_RUN.md; its venv build, ~3 minutes once,
+for its first epoch of 79 steps at 16.9 s, docs/PERFORMANCE.md; its venv build, ~3 minutes once,
 is not counted)::
 
     python benchmarks/time_to_quality.py --real_budget_min 26 --public_budget_min 15 --ours_budget_min 4
@@ -57,7 +57,8 @@ REPO = Path(__file__).resolve().parent.parent
 DRIVER = Path(__file__).resolve().with_name("relbert_driver.py")
 DEFAULT_WORK = REPO / "runs" / "benchmarks" / "public_relbert"
 
-# relbert-train's recipe of REFERENCE_RUN.md (nce, 10 positives, 400 negatives, warm-up 10, batch 32).
+# relbert-train's recipe of the public trainer's reference run (nce, 10 positives, 400 negatives, warm-up 10,
+# batch 32; docs/PERFORMANCE.md).
 TEMPLATE_D = ("I wasn\u2019t aware of this relationship, but I just read in the encyclopedia that <subj> is the "
               "<mask> of <obj>")
 
@@ -68,7 +69,7 @@ TEMPLATE_D = ("I wasn\u2019t aware of this relationship, but I just read in the 
 def relbert_train_args(backbone: Path | str, output_dir: Path | str, lr: float = 2e-5, epochs: int = 100,
                        num_positive: int = 10, num_negative: int = 400, batch: int = 32, seed: int = 0,
                        max_length: int = 64, template: str = TEMPLATE_D) -> list[str]:
-    """``relbert-train``'s options for the recipe of REFERENCE_RUN.md (the arm's settings).
+    """``relbert-train``'s options for the recipe of the public trainer's reference run (the arm's settings).
 
     ``epochs`` is only an upper bound: the benchmark stops the run by its own budget.
     """

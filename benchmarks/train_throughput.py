@@ -4,7 +4,7 @@
 Arms, interleaved repetition by repetition (the order rotates every repetition):
 
 - ``real``: the REAL public relbert 2.0.2 trainer (``relbert-train``, its recipe of
-  REFERENCE_RUN.md) in its own venv and process (benchmarks/public_relbert.py; the venv is built
+  the reference run of docs/PERFORMANCE.md) in its own venv and process (benchmarks/public_relbert.py; the venv is built
   on first use and its build time reported), paused between its optimizer steps: each
   repetition times ``--real_steps`` of its steps from here, and its epoch of 79 steps is
   extrapolated from them. Quoted first. ``--skip_real`` leaves it out (no venv needed).

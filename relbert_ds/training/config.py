@@ -102,8 +102,8 @@ class TrainConfig:
     export_best: bool = _f(True, "export the best validated model to output_dir/best_model")
     relbert_compatible: bool = _f(True, "exports also hold pytorch_model.bin, which the public relbert package "
                                         "(transformers 4.21) needs")
-    push_to_hub: Optional[str] = _f(None, "after the export, upload output_dir/model to this hub repository "
-                                          "(rank 0; needs a token)")
+    push_to_hub: Optional[str] = _f(None, "at the end, upload output_dir/best_model (output_dir/model "
+                                          "without one) to this hub repository (rank 0; needs a token)")
     dry_run: bool = _f(False, "print the batch plan (per-rank prompt counts, steps) and exit: no model, no ranks")
     world_size: Optional[int] = _f(None, "with --dry_run: the world size to plan for (default: this job's)")
 

@@ -5,7 +5,7 @@ talk to DeepSpeed.
 DeepSpeed's JSON is the source of truth for what is DeepSpeed's. relbert-ds resolves what is
 left open in it and records each decision (``ResolvedDeepSpeed.notes``, logged at start-up):
 - ``"auto"`` precision: bf16 on GPUs that have it, fp16 with dynamic loss scaling on older
-  GPUs, fp32 on CPU (bf16 matmuls were ~50x slower than fp32 on the CPUs we measured);
+  GPUs, fp32 on CPU (bf16 pays on a CPU only with bf16 instructions such as AMX; ``true`` asks for it);
 - the global batch: ``train_batch_size`` (or ``--relations_per_step``) is the number of
   relations per optimizer step over all ranks, whatever the world size (:func:`resolve_batch`);
   the sampler divides its prompts over the ranks, so DeepSpeed's per-rank micro batch is only
@@ -115,7 +115,7 @@ def resolve_precision(ds: dict[str, Any], source: str, gpu: Optional[tuple[bool,
     if want_bf16 is True:
         precision, why = "bf16", "asked for in the DeepSpeed config"
         if not has_gpu:
-            why += " (on CPU bf16 is much slower than fp32: set bf16.enabled to \"auto\" for fp32)"
+            why += " (on CPU, bf16 is fast only with bf16 instructions such as AMX: \"auto\" runs fp32)"
         elif not has_bf16:
             raise ConfigError(f"{source} asks for bf16 but {device} does not support it; fix: set bf16.enabled to "
                               f"\"auto\" (fp16 with loss scaling on this GPU)")
