@@ -173,26 +173,14 @@ def _phase(name: str, fn: Callable) -> Callable:
 
 
 def build_run(args: argparse.Namespace) -> Any:
-    from relbert_ds.training.config import RunConfig
+    from benchmarks.arms import measurement_run
 
-    run = RunConfig()
-    run.deepspeed_config = args.deepspeed_config
-    run.model.model = args.model
-    run.model.dropout = 0.0
-    run.data.relations_per_step = args.relations_per_step
-    run.data.positives_per_relation = args.positives_per_relation
-    run.data.negatives_per_relation = args.negatives_per_relation
-    run.train.output_dir = args.output_dir
-    run.train.overwrite = True
-    run.train.max_steps = args.steps
-    run.train.tensorboard = False
-    run.train.export_best = False
-    run.train.threads = args.threads
-    run.train.peak_tflops = args.peak_tflops  # a fixed figure: no matmul peak measured per run
-    run.validation.metric = "none"
-    run.validation.analogy = []
-    run.validation.projector = False
-    return run
+    # A fixed peak_tflops: no matmul peak measured per run.
+    return measurement_run(args.deepspeed_config, args.model, args.output_dir, dropout=0.0,
+                           relations_per_step=args.relations_per_step,
+                           positives_per_relation=args.positives_per_relation,
+                           negatives_per_relation=args.negatives_per_relation, max_steps=args.steps,
+                           threads=args.threads, peak_tflops=args.peak_tflops)
 
 
 def main() -> int:

@@ -161,29 +161,40 @@ class PublicTrainer:
 # --------------------------------------------------------------------------- ours and bare
 
 
-def build_ours(args: argparse.Namespace, run_dir: str) -> Any:
-    """relbert-ds's trainer through its public API: ``Trainer(run).prepare()`` joins the (one-rank)
-    job, checks and loads everything and builds the DeepSpeed engine, as ``fit`` does before its loop.
-    No validation sets, TensorBoard or projector (the benchmarks score the model themselves)."""
+def measurement_run(deepspeed_config: Optional[str], model: str, output_dir: str, **fields: Any) -> Any:
+    """The RunConfig of a measured run: the given DeepSpeed JSON, backbone and folder (overwritten), no
+    validation sets, TensorBoard, projector or best-model export (the benchmarks score and time the model
+    themselves). ``fields`` set more options by name (``lr=1e-4``, ``relations_per_step=8``), each in the
+    config section that has it; an unknown name is an error."""
     from relbert_ds.training.config import RunConfig
-    from relbert_ds.training.trainer import Trainer
 
     run = RunConfig()
-    run.deepspeed_config = args.deepspeed_config
-    run.model.model = args.model
-    run.data.relations_per_step = args.relations_per_step
-    run.data.positives_per_relation = args.positives_per_relation
-    run.data.negatives_per_relation = args.negatives_per_relation
-    run.train.output_dir = run_dir
-    run.train.overwrite = True
-    run.train.lr = args.lr
-    run.train.epochs = getattr(args, "epochs", None)  # sizes the LR schedule; the benchmarks stop by themselves
-    run.train.tensorboard = False
-    run.train.threads = args.threads
-    run.train.peak_tflops = getattr(args, "peak_tflops", None)  # None: prepare() measures this CPU's peak
-    run.validation.metric = "none"
-    run.validation.analogy = []
-    run.validation.projector = False
+    run.deepspeed_config = deepspeed_config
+    run.model.model = model
+    run.train.output_dir, run.train.overwrite = output_dir, True
+    run.train.tensorboard, run.train.export_best = False, False
+    run.validation.metric, run.validation.analogy, run.validation.projector = "none", [], False
+    sections = (run.model, run.data, run.train, run.validation)
+    for name, value in fields.items():
+        section = next((s for s in sections if name in vars(s)), None)
+        if section is None:
+            raise TypeError(f"no run option {name!r}")
+        setattr(section, name, value)
+    return run
+
+
+def build_ours(args: argparse.Namespace, run_dir: str) -> Any:
+    """relbert-ds's trainer through its public API: ``Trainer(run).prepare()`` joins the (one-rank)
+    job, checks and loads everything and builds the DeepSpeed engine, as ``fit`` does before its loop."""
+    from relbert_ds.training.trainer import Trainer
+
+    run = measurement_run(args.deepspeed_config, args.model, run_dir, relations_per_step=args.relations_per_step,
+                          positives_per_relation=args.positives_per_relation,
+                          negatives_per_relation=args.negatives_per_relation, lr=args.lr,
+                          # epochs sizes the LR schedule (the benchmarks stop by themselves); no peak_tflops:
+                          # prepare() measures this CPU's peak
+                          epochs=getattr(args, "epochs", None), threads=args.threads,
+                          peak_tflops=getattr(args, "peak_tflops", None))
     return Trainer(run).prepare()
 
 

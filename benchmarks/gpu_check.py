@@ -121,23 +121,10 @@ def fp32_config(work: Path) -> str:
 
 
 def _run_config(args: argparse.Namespace, output_dir: str, steps: int, relations_per_step: int) -> Any:
-    from relbert_ds.training.config import RunConfig
+    from benchmarks.arms import measurement_run
 
-    run = RunConfig()
-    run.deepspeed_config = args.deepspeed_config
-    run.model.model = args.model
-    run.model.dropout = 0.0
-    run.data.relations_per_step = relations_per_step
-    run.train.output_dir = output_dir
-    run.train.overwrite = True
-    run.train.max_steps = steps
-    run.train.warmup_steps = 1
-    run.train.tensorboard = False
-    run.train.export_best = False
-    run.validation.metric = "none"
-    run.validation.analogy = []
-    run.validation.projector = False
-    return run
+    return measurement_run(args.deepspeed_config, args.model, output_dir, dropout=0.0,
+                           relations_per_step=relations_per_step, max_steps=steps, warmup_steps=1)
 
 
 def _loss_scale(engine: Any) -> Optional[float]:

@@ -275,3 +275,14 @@ def test_relbert_venv_reused_by_its_stamp_and_a_foreign_folder_never_deleted(tmp
     with pytest.raises(RuntimeError, match="was not built by relbert-ds"):
         ensure_venv(foreign, log=log.append)
     assert (foreign / "bin").is_dir() and log == []
+
+
+def test_measurement_run_sets_each_option_in_its_section_and_refuses_unknown_ones():
+    from benchmarks.arms import measurement_run
+
+    run = measurement_run("ds_configs/zero2.json", "m", "/tmp/out", lr=1e-4, relations_per_step=8, dropout=0.0)
+    assert (run.train.lr, run.data.relations_per_step, run.model.dropout, run.model.model) == (1e-4, 8, 0.0, "m")
+    assert run.validation.metric == "none" and not run.train.tensorboard and not run.train.export_best
+    run.validate()  # a valid run config
+    with pytest.raises(TypeError, match="no run option 'learning_rate'"):
+        measurement_run(None, "m", "/tmp/out", learning_rate=1e-4)
