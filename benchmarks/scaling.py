@@ -529,8 +529,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 f"stated assumptions. Produced by\n\n    {command}\n\n(wall time per world size: {measured_at}"
                 f"{'; tables re-rendered from the kept measurements with --reuse' if args.reuse else ''}; "
                 f"results: `{_relative(out)}`"
-                + (f", figure: `{args.figure}`" if args.figure else "") + f"; {doc['created_utc']}, commit "
-                f"{doc['git_commit']}).\n\n"
+                + (f", figure: `{args.figure}`" if args.figure else "")
+                + ", which records the commit, date and machine load).\n\n"
                 + (f"![scaling]({os.path.relpath(args.figure, Path(args.markdown).parent)})"
                                                 f"\n\n" if args.figure else "") + table + _METHOD)
         Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)

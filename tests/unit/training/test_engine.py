@@ -51,7 +51,8 @@ def test_precision_errors():
     with pytest.raises(ConfigError, match="does not support it"):
         resolve_precision({"bf16": {"enabled": True}}, "ds.json", V100)
     precision, why = resolve_precision({"bf16": {"enabled": True}}, "ds.json", CPU)
-    assert precision == "bf16" and "slower" in why
+    # An explicit bf16 on CPU is honoured, and the reason says why "auto" would not have picked it.
+    assert precision == "bf16" and "AMX" in why and '"auto" runs fp32' in why
 
 
 def test_global_batch_resolution():
