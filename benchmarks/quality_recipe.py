@@ -27,6 +27,7 @@ from typing import Any, Optional, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import common  # noqa: E402
+from relbert_ds.training.run_directory import RunDirectory  # noqa: E402
 
 # Validation sets the trainer selects on (runs and epochs). U4/Google/BATS stay held out.
 SELECTION_SETS = ("semeval2012", "sat", "u2")
@@ -192,7 +193,7 @@ def recipe(args: argparse.Namespace) -> int:
     epochs = args.epochs or RECIPE["epochs"]
     work_dir = Path(args.work_dir)
     trained = train(f"recipe_{name}", config, epochs, work_dir, args.model, args.nproc, args.launcher, args.max_steps)
-    model_dir = Path(trained["run_dir"]) / "best_model"
+    model_dir = RunDirectory(trained["run_dir"]).best_model
     eval_json = work_dir / f"recipe_{name}_evaluation.json"
     eval_args = ["--model", str(model_dir), "--baseline", args.model, "--split", "valid", "test",
                  "--output", str(eval_json)]

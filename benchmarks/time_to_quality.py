@@ -53,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import common  # noqa: E402
 from benchmarks.arms import PublicScheme, PublicTrainer, accuracy, build_ours, ours_step, semeval_questions  # noqa: E402,E501
 from relbert_ds.errors import UserError  # noqa: E402
+from relbert_ds.training.run_directory import RunDirectory  # noqa: E402
 
 REFERENCE_TARGET = 0.456  # public trainer, one epoch (23 min) at lr 2e-5 on this kind of machine
 ARMS = ("real", "ours", "public")  # the order of every table: the real public trainer is quoted first
@@ -118,7 +119,7 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
                   *args.ours_args]
     cmd = common.launch_cmd("launchers/train.py", train_args, args.nproc, args.launcher)
     print("$ " + " ".join(cmd), file=sys.stderr, flush=True)
-    history = run_dir / "history.jsonl"
+    history = RunDirectory(run_dir).history
     if history.exists():
         history.unlink()
     log_path = Path(args.work_dir) / "ours.log"

@@ -550,7 +550,7 @@ class Trainer:
                 from relbert_ds.publish.hub import push_to_hub
 
                 # the model chosen on validation when there is one; repeated pushes update the repo
-                chosen = self.run_dir / "best_model"
+                chosen = self.files.best_model
                 push_to_hub(str(chosen if chosen.exists() else final), self.run.train.push_to_hub, exist_ok=True)
         best_dir = self.files.best_model
         b = self.progress.best
