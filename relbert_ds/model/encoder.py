@@ -205,6 +205,8 @@ class RelationEncoder(torch.nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         self.backbone.config.update({RELBERT_CONFIG_KEY: self.relbert_config()})
         self.backbone.save_pretrained(str(directory), state_dict=state_dict)
+        if state_dict is not None:
+            _record_weights_dtype(directory / "config.json", state_dict)
         self.tokenizer.save_pretrained(str(directory))
         if relbert_compatible:
             write_torch_weights(directory)
@@ -242,7 +244,7 @@ class RelationEncoder(torch.nn.Module):
 
     # ---------------------------------------------------------------- compute
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B, L) tokens -> (B, H) relation vectors in the backbone's dtype."""
+        """(B, L) tokens -> (B, H) relation vectors (fp32 for a 16-bit or fp32 backbone: see ``pool``)."""
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return pool(hidden, input_ids, attention_mask, self.pooling, self.mask_token_id)
 
@@ -316,6 +318,25 @@ class RelationEncoder(torch.nn.Module):
         scores = np.atleast_1d(self.similarity(stem, choices, batch_size=batch_size))
         order = np.argsort(-scores, kind="stable")
         return [RankedChoice(choices[i], float(scores[i]), int(i)) for i in order]
+
+
+def _record_weights_dtype(config_file: Path, state_dict: dict[str, torch.Tensor]) -> None:
+    """Make config.json's ``dtype`` name the dtype of the weights written, not the in-memory model's.
+
+    transformers records the model's dtype (bf16 after bf16 training) even when ``state_dict``
+    holds fp32 master weights, and transformers 5 loads a model in the dtype config.json names.
+    """
+    dtypes = {v.dtype for v in state_dict.values() if v.is_floating_point()}
+    if len(dtypes) != 1:
+        return
+    name = str(dtypes.pop()).removeprefix("torch.")
+    config = json.loads(config_file.read_text())
+    if config.get("dtype") == name and config.get("torch_dtype", name) == name:
+        return
+    config["dtype"] = name
+    if "torch_dtype" in config:
+        config["torch_dtype"] = name
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def write_torch_weights(directory: str | Path) -> list[Path]:

@@ -43,7 +43,13 @@ def token_weights(input_ids: torch.Tensor, attention_mask: torch.Tensor, mode: s
 
 def pool(hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, mode: str,
          mask_token_id: int | None) -> torch.Tensor:
-    """(B, L, H) hidden states -> (B, H) relation vectors, in the hidden states' dtype."""
+    """(B, L, H) hidden states -> (B, H) relation vectors in fp32 (fp64 stays fp64), whatever the model's dtype.
+
+    The mean is taken in fp32 so that bf16/fp16 training does not round the relation vectors to
+    16 bits (8 bits of mantissa in bf16) before the loss, which computes in fp32.
+    """
+    if hidden.dtype != torch.float64:
+        hidden = hidden.float()
     weights = token_weights(input_ids, attention_mask, mode, mask_token_id).to(hidden.dtype)
     counts = weights.sum(dim=1, keepdim=True).clamp_min(1.0)
     return torch.einsum("bl,blh->bh", weights, hidden) / counts

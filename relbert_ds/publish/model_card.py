@@ -340,8 +340,10 @@ def _recipe(training: dict, template: str) -> list[str]:
     if t.get("classification_loss"):
         loss_text += " + classification loss"
     zero = (ds.get("zero_optimization") or {}).get("stage", 0)
-    precision = "bf16" if (ds.get("bf16") or {}).get("enabled") is True else \
-        "fp16" if (ds.get("fp16") or {}).get("enabled") is True else "fp32"
+    precision = training.get("precision") or ("bf16" if (ds.get("bf16") or {}).get("enabled") is True else
+                                              "fp16" if (ds.get("fp16") or {}).get("enabled") is True else "fp32")
+    if precision != "fp32":
+        precision += " training, weights saved in fp32 (the optimizer's master copy)"
     steps = training.get("optimizer_steps", validation.get("optimizer_step"))
     plan = ", ".join(x for x in (f"{t['epochs']} epoch(s)" if t.get("epochs") else "",
                                  f"max_steps {t['max_steps']}" if t.get("max_steps") else "") if x)

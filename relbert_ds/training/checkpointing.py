@@ -348,9 +348,11 @@ def consolidated_weights(tag_dir: Path) -> dict[str, torch.Tensor]:
 
     ZeRO 1-3 keep fp32 master weights in the optimizer shards: DeepSpeed's zero_to_fp32 rebuilds
     them (it reads its own pickles with weights_only=False). Without ZeRO the module state in
-    ``mp_rank_00_model_states.pt`` is read with weights_only=True.
+    ``mp_rank_00_model_states.pt`` is read with weights_only=True; after 16-bit training the fp32
+    masters are taken from the optimizer state saved beside it.
     """
-    if any(tag_dir.glob("zero_pp_rank_*_optim_states.pt")) or any(tag_dir.glob("*zero_pp_rank_*model_states.pt")):
+    # bf16 runs name their optimizer shards bf16_zero_pp_rank_*: their module states hold bf16 copies
+    if any(tag_dir.glob("*zero_pp_rank_*_optim_states.pt")) or any(tag_dir.glob("*zero_pp_rank_*model_states.pt")):
         import io
 
         from deepspeed.utils.zero_to_fp32 import (
@@ -362,7 +364,28 @@ def consolidated_weights(tag_dir: Path) -> dict[str, torch.Tensor]:
     states = tag_dir / "mp_rank_00_model_states.pt"
     if not states.exists():
         raise CheckpointError(f"{tag_dir} holds no DeepSpeed model states; fix: point at a complete checkpoint")
-    return torch.load(states, map_location="cpu", weights_only=True)["module"]
+    return _with_fp32_masters(torch.load(states, map_location="cpu", weights_only=True))
+
+
+def _with_fp32_masters(saved: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The module state of a ZeRO-0 checkpoint, trainable parameters replaced by their fp32 masters.
+
+    After bf16/fp16 training without ZeRO, ``module`` holds the 16-bit copies; DeepSpeed's FP16
+    optimizer wrappers save the fp32 masters as ``optimizer.fp32_groups``, parameter for parameter
+    in the module's order of trainable parameters (what relbert-ds hands to deepspeed.initialize).
+    The shapes are checked one by one: a checkpoint that does not line up keeps its module state.
+    """
+    module = saved["module"]
+    groups = (saved.get("optimizer") or {}).get("fp32_groups") if isinstance(saved.get("optimizer"), dict) else None
+    if not groups:
+        return module
+    masters = [t for group in groups for t in group]
+    buffers = set(saved.get("buffer_names") or ())
+    frozen = set((saved.get("frozen_param_shapes") or {}).keys())
+    names = [k for k, v in module.items() if k not in buffers and k not in frozen and v.is_floating_point()]
+    if len(names) != len(masters) or any(module[n].shape != m.shape for n, m in zip(names, masters)):
+        return module
+    return {**module, **{n: m for n, m in zip(names, masters)}}
 
 
 def check_prompt(meta: dict[str, Any], tag_dir: Path, template: Optional[str] = None,

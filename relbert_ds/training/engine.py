@@ -98,7 +98,9 @@ def _gpu_info() -> tuple[bool, bool, str]:
 
     if not torch.cuda.is_available():
         return False, False, "no GPU"
-    return True, bool(torch.cuda.is_bf16_supported()), torch.cuda.get_device_name()
+    # Native bf16 only (compute capability 8.0+, or ROCm): torch's default also counts GPUs that
+    # merely emulate it (V100, T4), where bf16 runs several times slower than fp16.
+    return True, bool(torch.cuda.is_bf16_supported(including_emulation=False)), torch.cuda.get_device_name()
 
 
 def resolve_precision(ds: dict[str, Any], source: str, gpu: Optional[tuple[bool, bool, str]] = None) -> tuple[str, str]:
@@ -244,14 +246,72 @@ def resolve_optimizer(ds: dict[str, Any], source: str, run: RunConfig, total_ste
         schedule = WarmupSchedule(t.warmup_steps if t.warmup_steps is not None else DEFAULT_WARMUP_STEPS,
                                   t.lr_schedule or "constant", total_steps)
         notes.append(f"scheduler: {schedule.describe()} (relbert-ds options)")
-    opt_params = ds["optimizer"].setdefault("params", {})
-    if on_cpu and ds["optimizer"].get("type", "").lower() in ("adam", "adamw") and "torch_adam" not in opt_params:
-        # DeepSpeed's fused/CPU Adam kernels are JIT-compiled on first use (minutes); torch's AdamW
-        # is as fast on CPU for these model sizes and needs no compiler.
-        opt_params["torch_adam"] = True
-        ds.setdefault("zero_force_ds_cpu_optimizer", False)
-        notes.append("CPU: torch's AdamW instead of DeepSpeed's compiled Adam kernels (torch_adam: true)")
+    if ds["optimizer"].get("type", "").lower() in ("adam", "adamw"):
+        notes.append(_choose_adam_kernel(ds, source, on_cpu))
     return notes, schedule
+
+
+def _offload_device(ds: dict[str, Any]) -> Optional[str]:
+    offload = (ds.get("zero_optimization") or {}).get("offload_optimizer") or {}
+    device = offload.get("device") if isinstance(offload, dict) else None
+    return device if device in ("cpu", "nvme") else None
+
+
+def _deepspeed_op_prebuilt(name: str) -> bool:
+    """Whether DeepSpeed was installed with op ``name`` compiled (DS_BUILD_...=1): no JIT then."""
+    try:
+        from deepspeed.git_version_info import installed_ops
+    except ImportError:
+        return False
+    return bool(installed_ops.get(name))
+
+
+def _compiler_for(op: str) -> Optional[str]:
+    """The compiler DeepSpeed's JIT build of ``op`` needs, if it is missing here (else None)."""
+    import os
+    import shutil
+
+    if op == "fused_adam":
+        cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+        found = shutil.which("nvcc") or (cuda_home and Path(cuda_home, "bin", "nvcc").exists())
+        return None if found else "nvcc (the CUDA toolkit)"
+    return None if (shutil.which("c++") or shutil.which("g++")) else "a C++ compiler"
+
+
+def _choose_adam_kernel(ds: dict[str, Any], source: str, on_cpu: bool) -> str:
+    """Which Adam implementation DeepSpeed builds; returns the note that says why.
+
+    DeepSpeed's own kernels (FusedAdam on GPU, cpu_adam for ZeRO-Offload) are JIT-compiled on
+    first use unless installed prebuilt: a minute of every job, and a MissingCUDAException on a
+    pip-only cluster without nvcc. torch's AdamW needs no compiler: fused on the GPU (one kernel
+    for all parameters, what FusedAdam does), and on the host for offloaded optimizer states.
+    ``"torch_adam": false`` in the JSON asks for DeepSpeed's kernels (refused in one line when
+    they would have to be compiled and the compiler is missing); prebuilt ones are used as they are.
+    """
+    params = ds["optimizer"].setdefault("params", {})
+    offload = _offload_device(ds)
+    op = "cpu_adam" if offload else "fused_adam"
+    if on_cpu:
+        op = "cpu_adam" if offload else None
+    if params.get("torch_adam") is False:
+        missing = None if op is None or _deepspeed_op_prebuilt(op) else _compiler_for(op)
+        if missing:
+            raise ConfigError(f"{source} asks for DeepSpeed's Adam kernel (torch_adam: false), which must be compiled "
+                              f"({op}) and {missing} is missing here; fix: remove \"torch_adam\": false (torch's "
+                              f"AdamW needs no compiler) or install DeepSpeed with DS_BUILD_{op.upper()}=1")
+        return f"optimizer kernel: DeepSpeed's {op or 'Adam'} (torch_adam: false in {source})"
+    if params.get("torch_adam") is None and op is not None and not on_cpu and _deepspeed_op_prebuilt(op):
+        return f"optimizer kernel: DeepSpeed's prebuilt {op}"
+    if offload == "nvme":
+        # ZeRO-Infinity's optimizer swapping works with DeepSpeed's CPU Adam only.
+        return "optimizer kernel: DeepSpeed's cpu_adam (NVMe offload needs it; compiled on first use)"
+    params["torch_adam"] = True
+    ds.setdefault("zero_force_ds_cpu_optimizer", False)  # DeepSpeed would insist on its cpu_adam with offload
+    if on_cpu:
+        return "optimizer kernel: torch's AdamW (no compiled DeepSpeed kernel on CPU)"
+    params.setdefault("fused", True)
+    where = "on the host (offloaded optimizer states)" if offload else "on the GPU"
+    return f"optimizer kernel: torch's fused AdamW {where}, no compilation (\"torch_adam\": false for DeepSpeed's)"
 
 
 def resolve_deepspeed_config(path: Optional[str], run: RunConfig, world_size: int,
@@ -342,6 +402,25 @@ def model_construction_context(resolved: ResolvedDeepSpeed) -> Iterator[None]:
         yield
     finally:
         del holder  # transformers keeps a weakref; the partitioned model stays partitioned
+
+
+@contextmanager
+def partitioned_parameters(resolved: ResolvedDeepSpeed) -> Iterator[None]:
+    """Under ZeRO-3, parameters created inside (the loss head's) are partitioned at creation and
+    in the training dtype, like the backbone's; otherwise a no-op.
+
+    ZeRO-3 keeps one flat buffer per dtype and asserts that every parameter has the engine's
+    dtype: a head built in fp32 next to a bf16 backbone fails ``deepspeed.initialize``. Values are
+    drawn from the caller's RNG state as without ZeRO (rank 0's copy is broadcast).
+    """
+    if resolved.zero_stage != 3:
+        yield
+        return
+    import deepspeed
+
+    attach_deepspeed_comm()
+    with deepspeed.zero.Init(config_dict_or_path=resolved.config):
+        yield
 
 
 def initialize_engine(module: Any, resolved: ResolvedDeepSpeed) -> Any:

@@ -20,17 +20,31 @@ LOSS_HEAD_FILE = "relbert_ds_loss_head.safetensors"
 TRAINING_RECORD_FILE = "relbert_ds_training.json"
 
 
-def consolidated_state_dict(module: torch.nn.Module) -> Optional[dict[str, torch.Tensor]]:
-    """Full CPU state dict of ``module`` on rank 0 (None elsewhere), any ZeRO stage.
+def consolidated_state_dict(module: torch.nn.Module, optimizer: Any = None) -> Optional[dict[str, torch.Tensor]]:
+    """Full CPU state dict of ``module`` on rank 0 (None elsewhere), any ZeRO stage, parameters in fp32.
 
-    Under ZeRO-3 each parameter is gathered on its own (a collective on every rank), so the
-    peak extra memory is one parameter, not the whole model.
+    The parameters are the optimizer's fp32 master weights, not the bf16/fp16 copies the forward
+    runs on: an export of a mixed-precision run then loads (and evaluates) like its checkpoint,
+    whose weights ``zero_to_fp32`` rebuilds from the same masters. ``optimizer`` is the engine's
+    (needed for ZeRO-0 with 16-bit weights, whose masters live in DeepSpeed's FP16 optimizer
+    wrappers; ZeRO 1-3 link each parameter to its master). Every parameter is one collective on
+    every rank (the same order everywhere), so the peak extra memory is one parameter.
     """
     import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
 
     state = module.state_dict()  # buffers are whole; ZeRO-3 parameters are empty placeholders here
+    masters = _zero0_master_weights(optimizer)
     out: dict[str, torch.Tensor] = {}
     for name, param in module.named_parameters():
+        master = masters.get(id(param))
+        if master is None:
+            master = safe_get_full_fp32_param(param)  # ZeRO 1-3: a collective; None for ZeRO-0 or frozen
+        if master is not None:
+            if distributed.is_main():
+                shape = getattr(param, "ds_shape", param.shape)
+                out[name] = master.detach().float().reshape(shape).cpu().clone()
+            continue
         with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
             if distributed.is_main():
                 out[name] = param.detach().cpu().clone()
@@ -39,14 +53,42 @@ def consolidated_state_dict(module: torch.nn.Module) -> Optional[dict[str, torch
     for name, value in state.items():
         if name not in out:
             out[name] = value.detach().cpu().clone()
-    return out
+    return {name: _as_fp32(value) for name, value in out.items()}
+
+
+def _as_fp32(value: torch.Tensor) -> torch.Tensor:
+    # A parameter that only ever existed in 16 bits (frozen, or a 16-bit buffer) is widened
+    # losslessly, so that the export has one dtype and transformers loads it as fp32.
+    return value.float() if value.is_floating_point() and value.dtype != torch.float64 else value
+
+
+def _zero0_master_weights(optimizer: Any) -> dict[int, torch.Tensor]:
+    """ZeRO-0 with bf16/fp16: each trainable parameter's fp32 master, keyed by ``id(param)``.
+
+    DeepSpeed wraps the optimizer in FP16_UnfusedOptimizer (``fp16_groups`` / ``fp32_groups``:
+    lists of tensors, parameter for parameter) or FP16_Optimizer (``fp32_groups_flat``: one flat
+    fp32 tensor per group, laid out as ``fp16_groups``). Any other optimizer: no masters here.
+    """
+    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    masters: dict[int, torch.Tensor] = {}
+    if isinstance(optimizer, FP16_UnfusedOptimizer):
+        for params, fp32 in zip(optimizer.fp16_groups, optimizer.fp32_groups):
+            masters.update({id(p): m for p, m in zip(params, fp32)})
+    elif isinstance(optimizer, FP16_Optimizer):
+        from torch._utils import _unflatten_dense_tensors
+
+        for params, flat in zip(optimizer.fp16_groups, optimizer.fp32_groups_flat):
+            masters.update({id(p): m for p, m in zip(params, _unflatten_dense_tensors(flat, params))})
+    return masters
 
 
 def training_record(run: RunConfig, resolved: ResolvedDeepSpeed, world_size: int, optimizer_steps: int,
                     epoch_results: Optional[dict], best: Optional[dict]) -> dict[str, Any]:
     """What the export records of its run (``relbert_ds_training.json``; the model card is written from it)."""
     schedule = resolved.schedule
-    return {**run.to_dict(), "deepspeed": resolved.config, "world_size": world_size,
+    return {**run.to_dict(), "deepspeed": resolved.config, "precision": resolved.precision, "world_size": world_size,
             "relations_per_step": resolved.relations_per_step, "optimizer_steps": optimizer_steps,
             "schedule": f"{schedule.describe()} (relbert-ds)" if schedule is not None else None,
             "validation_results": epoch_results, "best": best}

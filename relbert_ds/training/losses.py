@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from functools import cached_property
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -54,9 +54,43 @@ __all__ = [
 
 LOSS_NAMES = ("nce", "iloob", "triplet")
 
-# Finite "minus infinity" for masked logits: exp() of it is exactly 0 next to real logits,
-# yet an all-masked row stays finite, so no inf - inf = NaN reaches the gradients.
-_MASKED_LOGIT = -1e9
+
+
+def _masked_logit(dtype: torch.dtype) -> float:
+    """Finite "minus infinity" for masked logits of ``dtype``: exp() of it is exactly 0 next to real
+    logits, yet an all-masked row stays finite, so no inf - inf = NaN reaches the gradients. The
+    dtype's own minimum: a fixed -1e9 overflows to -inf in fp16 (autocast)."""
+    return torch.finfo(dtype).min
+
+
+class _EuclideanDistance(torch.autograd.Function):
+    """``torch.cdist(a, c)`` forward (direct differences), backward as two matrix products.
+
+    torch's own cdist backward on CUDA materialises (n, N, H) differences, twice: ~55 GB at
+    RelBERT-2021 batch shapes. The gradient of ``d_ij = |a_i - c_j|`` is ``(a_i - c_j) / d_ij``, so
+    with ``W = g / d`` (0 where ``d`` is 0, as cdist defines it) ``grad_a = a * rowsum(W) - W c``
+    and ``grad_c = c * colsum(W) - W^T a``: memory (n, N), not (n, N, H).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, a: Tensor, c: Tensor) -> Tensor:
+        d = torch.cdist(a, c, compute_mode="donot_use_mm_for_euclid_dist")
+        ctx.save_for_backward(a, c, d)
+        return d
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor]:
+        a, c, d = ctx.saved_tensors
+        w = torch.where(d > 0, grad / d.clamp_min(torch.finfo(d.dtype).tiny), grad.new_zeros(()))
+        grad_a = a * w.sum(dim=1, keepdim=True) - w @ c
+        grad_c = c * w.sum(dim=0).unsqueeze(1) - w.T @ a
+        return grad_a, grad_c
+
+
+def euclidean_distance(a: Tensor, c: Tensor) -> Tensor:
+    """(n, N) Euclidean distances of the rows of ``a`` (n, H) and ``c`` (N, H), with a backward that
+    needs no (n, N, H) buffer (see ``_EuclideanDistance``)."""
+    return _EuclideanDistance.apply(a, c)
 
 
 class LossOutput(NamedTuple):
@@ -153,7 +187,7 @@ class _GlobalBatch:
     @cached_property
     def distance(self) -> Tensor:
         """(n, N) Euclidean distance, computed directly (no ||a||^2+||b||^2-2ab cancellation)."""
-        return torch.cdist(self.anchors, self.cand, compute_mode="donot_use_mm_for_euclid_dist")
+        return euclidean_distance(self.anchors, self.cand)
 
     # ------------------------------------------------------------------ masks
 
@@ -356,7 +390,7 @@ class NCELoss(RelationLoss):
     def families(self, batch: _GlobalBatch) -> list[_Family]:
         logits = batch.cosine / self.temperature  # (n, N)
         neg = batch.negatives
-        neg_lse = torch.logsumexp(logits.masked_fill(~neg, _MASKED_LOGIT), dim=1)  # (n,)
+        neg_lse = torch.logsumexp(logits.masked_fill(~neg, _masked_logit(logits.dtype)), dim=1)  # (n,)
         if self.leave_one_out:
             terms = neg_lse[:, None] - logits  # -log(e^x / sum_k e^{x_k})
         else:

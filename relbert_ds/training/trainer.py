@@ -45,6 +45,7 @@ from relbert_ds.training.engine import (
     initialize_engine,
     load_ds_config,
     model_construction_context,
+    partitioned_parameters,
     resolve_batch,
     resolve_deepspeed_config,
 )
@@ -359,9 +360,10 @@ class Trainer:
                 backbones.override_dropout(encoder.backbone, m.dropout)
             if m.gradient_checkpointing:
                 encoder.backbone.gradient_checkpointing_enable()
+        with partitioned_parameters(resolved):
             loss = build_loss(t.loss, hidden_size=encoder.hidden_size, temperature=t.temperature,
                               margin=t.margin, classification=t.classification_loss)
-            module = RelationTrainingModule(encoder, loss)
+        module = RelationTrainingModule(encoder, loss)
         num_parameters = sum(getattr(p, "ds_numel", p.numel()) for p in encoder.parameters())
         n_matmul = matmul_parameters(encoder)
         engine = initialize_engine(module, resolved)
@@ -694,7 +696,7 @@ class Trainer:
     def export(self, directory: Path, epoch_results: Optional[dict] = None, best: Optional[dict] = None) -> Path:
         """Write a Hugging Face folder (all ranks call: ZeRO-3 weights are gathered)."""
         s = self._ready()
-        state = consolidated_state_dict(s.engine.module)
+        state = consolidated_state_dict(s.engine.module, s.engine.optimizer)
         record = training_record(self.run, s.resolved, s.info.world_size, self.progress.optimizer_steps,
                                  epoch_results, best)
         # Rank 0 writes; agreed, so that a full disk stops every rank with one line (not a

@@ -1,5 +1,8 @@
 """DeepSpeed JSON resolution: precision, batch triad, optimizer/scheduler ownership, schedule."""
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -12,7 +15,7 @@ from relbert_ds.training.engine import (
     resolve_deepspeed_config,
     resolve_precision,
 )
-from tests.launch import REPO
+from tests.launch import REPO, free_port
 
 CPU = (False, False, "no GPU")
 H100 = (True, True, "NVIDIA H100")
@@ -119,7 +122,9 @@ def test_optimizer_from_options_or_json_never_both(tmp_path):
     assert r.config["optimizer"]["params"]["torch_adam"] is True  # CPU: no JIT-compiled Adam
     assert "scheduler" not in r.config and r.schedule == WarmupSchedule(10, "constant", 100)
     on_gpu = resolve_deepspeed_config(None, run, 1, 10, gpu=H100)
-    assert "torch_adam" not in on_gpu.config["optimizer"]["params"]
+    # GPU: torch's fused AdamW, nothing compiled (DeepSpeed's FusedAdam is a JIT build)
+    assert on_gpu.config["optimizer"]["params"]["torch_adam"] is True
+    assert on_gpu.config["optimizer"]["params"]["fused"] is True
     path = write(tmp_path, {"optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
                             "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 5}}})
     r = resolve_deepspeed_config(path, run, 1, 10, gpu=CPU)
@@ -222,3 +227,82 @@ def test_hf_auto_config_resolves_through_the_engine():
     assert r.config["optimizer"]["params"]["lr"] == 1e-4
     assert r.config["zero_optimization"]["reduce_bucket_size"] == 384 * 384
     assert "auto" not in json.dumps(r.config)
+
+
+def test_gpu_optimizer_kernel_needs_no_compiler(monkeypatch, tmp_path):
+    run = RunConfig()
+    offload = str(REPO / "ds_configs" / "zero3_offload.json")
+    for path in (None, offload):  # plain ZeRO-2, and ZeRO-3 with optimizer states on the host
+        r = resolve_deepspeed_config(path, run, 1, 10, gpu=H100)
+        params = r.config["optimizer"]["params"]
+        assert params["torch_adam"] is True and params["fused"] is True
+        assert r.config["zero_force_ds_cpu_optimizer"] is False  # else DeepSpeed insists on its cpu_adam
+        assert any("torch's fused AdamW" in n for n in r.notes)
+    # DeepSpeed's kernel asked for, with no compiler and no prebuilt op: one line naming both fixes
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    asked = write(tmp_path, {"optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": False}}})
+    with pytest.raises(ConfigError, match=r"must be compiled \(fused_adam\) and nvcc .* is missing here; fix: "
+                                          r"remove \"torch_adam\": false .* DS_BUILD_FUSED_ADAM=1") as err:
+        resolve_deepspeed_config(asked, run, 1, 10, gpu=H100)
+    assert "\n" not in str(err.value)
+    # NVMe offload swaps optimizer states with DeepSpeed's cpu_adam only: left alone
+    ds = json.loads((REPO / "ds_configs" / "zero3_offload.json").read_text())
+    ds["zero_optimization"]["offload_optimizer"]["device"] = "nvme"
+    nvme = resolve_deepspeed_config(write(tmp_path, ds, "nvme.json"), run, 1, 10, gpu=H100)
+    assert "torch_adam" not in nvme.config["optimizer"]["params"]
+
+
+def test_gpu_resolved_optimizer_builds_in_real_deepspeed_without_compiling(tmp_path):
+    # The config resolved for a GPU, handed to the real deepspeed.initialize (here on CPU, where
+    # torch's fused AdamW runs too): DeepSpeed must build torch's AdamW with fused=True and build
+    # none of its own ops, for ZeRO-2 and for ZeRO-3 with offloaded optimizer states.
+    script = tmp_path / "init.py"
+    script.write_text("""
+import json, sys, torch, deepspeed
+from relbert_ds.training.config import RunConfig
+from relbert_ds.training.engine import resolve_deepspeed_config, skip_cpu_shm_op
+skip_cpu_shm_op()
+out = {}
+for path in (None, sys.argv[1]):
+    r = resolve_deepspeed_config(path, RunConfig(), 1, 10, gpu=(True, True, "NVIDIA H100"))
+    r.config["bf16"]["enabled"] = False  # the CPU part of this check: the optimizer, not the precision
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 1))
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=r.config)
+    opt = engine.basic_optimizer
+    out[str(path)] = [type(opt).__module__ + "." + type(opt).__name__, opt.defaults.get("fused")]
+from deepspeed.ops.op_builder.builder import OpBuilder
+print(json.dumps({"optimizers": out, "ops_loaded": sorted(getattr(OpBuilder, "_loaded_ops", {}) or {})}))
+""")
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port()), "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, str(script), str(REPO / "ds_configs" / "zero3_offload.json")],
+                            capture_output=True, text=True, env=env, timeout=240, cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert list(report["optimizers"].values()) == [["torch.optim.adamw.AdamW", True]] * 2, report
+    assert "Building extension" not in result.stderr and "ninja" not in result.stderr.lower()
+
+
+@pytest.mark.parametrize("major,native", [(7, False), (8, True), (9, True)])
+def test_bf16_counts_only_native_support_of_the_real_torch_api(monkeypatch, major, native):
+    # torch.cuda.is_bf16_supported() itself runs, on a GPU described at the driver level: a V100/T4
+    # (compute capability 7.x) emulates bf16 and torch's default answer there is True.
+    import types
+
+    import torch
+
+    from relbert_ds.training.engine import _gpu_info
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(major=major))
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: True)  # emulation works
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: f"GPU sm_{major}0")
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert torch.cuda.is_bf16_supported() is True  # what the old check read
+    gpu = _gpu_info()
+    assert gpu == (True, native, f"GPU sm_{major}0")
+    ds = {"bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"}}
+    assert resolve_precision(ds, "x", gpu)[0] == ("bf16" if native else "fp16")

@@ -462,3 +462,62 @@ def test_classification_head_is_called_as_a_module_and_promotes_half_params():
     out.loss.backward()
     assert calls == [torch.float32]  # one call, computed in fp32
     assert out.loss.dtype == torch.float32 and loss.linear.weight.grad.dtype == torch.bfloat16
+
+
+# --------------------------------------------------------------------------- 16-bit and memory-safe paths
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+def test_euclidean_distance_matches_cdist_values_and_gradients(dtype, tol):
+    from relbert_ds.training.losses import euclidean_distance
+
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(7, 5, generator=g, dtype=torch.float64)
+    c = torch.randn(11, 5, generator=g, dtype=torch.float64)
+    c[4] = a[2]  # a zero distance: cdist defines its gradient as 0
+    c[6] = a[1] + 1e-3 * torch.randn(5, generator=g, dtype=torch.float64)  # a near-duplicate
+    upstream = torch.randn(7, 11, generator=g, dtype=torch.float64).to(dtype)
+    grads = []
+    for fn in (lambda x, y: torch.cdist(x, y, compute_mode="donot_use_mm_for_euclid_dist"), euclidean_distance):
+        x, y = a.to(dtype).requires_grad_(True), c.to(dtype).requires_grad_(True)
+        d = fn(x, y)
+        grads.append((d.detach(), *torch.autograd.grad(d, (x, y), upstream)))
+    (d_ref, ga_ref, gc_ref), (d, ga, gc) = grads
+    assert torch.equal(d, d_ref)  # the forward is cdist's own
+    assert torch.allclose(ga, ga_ref, rtol=tol, atol=tol) and torch.allclose(gc, gc_ref, rtol=tol, atol=tol)
+    assert ga_ref.abs().max() > 0.1  # a real gradient was compared
+
+
+def test_euclidean_distance_backward_allocates_no_anchor_candidate_hidden_buffer():
+    # torch's CUDA cdist backward allocates (n, N, H) twice; ours must stay far below one such buffer
+    # (CPU's cdist kernel does not show it, so the bound is on our backward's own allocations).
+    from torch.profiler import ProfilerActivity, profile
+
+    from relbert_ds.training.losses import euclidean_distance
+
+    n, N, H = 64, 512, 256
+    a = torch.randn(n, H, requires_grad=True)
+    c = torch.randn(N, H, requires_grad=True)
+    d = euclidean_distance(a, c)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        d.backward(torch.ones_like(d))
+    allocated = sum(e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0)
+    assert 0 < allocated < n * N * H * 4 / 4, allocated  # (n, N) buffers and the two gradients only
+
+
+def test_nce_under_fp16_autocast_masks_without_overflow():
+    # A fixed -1e9 does not fit fp16 (masked_fill refuses it, or it becomes -inf and an all-masked row
+    # turns the gradients into NaN): the masked logit is the dtype's own minimum.
+    emb, rel, pos, par, pair = _batch(dtype=torch.float32)
+    ref = NCELoss()(emb, rel, pos, par, pair).loss
+    with torch.autocast("cpu", dtype=torch.float16):
+        half = NCELoss()(emb, rel, pos, par, pair).loss
+    (grad,) = torch.autograd.grad(half, emb)
+    assert torch.isfinite(grad).all() and abs(half.item() - ref.item()) < 0.05 * abs(ref.item())
+    # one relation, no negatives: every row is masked; the loss has no terms and stays finite
+    one = torch.zeros_like(rel)
+    x = emb.detach().clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.float16):
+        empty = NCELoss()(x, one, torch.ones_like(pos), par, torch.arange(len(rel))).loss
+    (grad,) = torch.autograd.grad(empty, x, allow_unused=True)
+    assert empty.item() == 0.0 and (grad is None or torch.isfinite(grad).all())
