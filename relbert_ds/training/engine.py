@@ -423,6 +423,24 @@ def partitioned_parameters(resolved: ResolvedDeepSpeed) -> Iterator[None]:
         yield
 
 
+def step_engine(engine: Any) -> bool:
+    """``engine.step()``; False when DeepSpeed skipped the update at an accumulation boundary.
+
+    DeepSpeed skips the update of a step whose gradients overflowed (fp16 loss scaling, or a
+    non-finite gradient norm under ZeRO 1/2) and then leaves the LR scheduler where it was, so the
+    schedule would lag the optimizer-step counter by every skipped step (warm-up and decay
+    stretched, the run ending above its final lr). The scheduler is moved on here instead: the
+    schedule stays a function of the step counter, as the run's plan and its checkpoints state.
+    """
+    boundary = engine.is_gradient_accumulation_boundary()
+    engine.step()
+    if not boundary or engine.was_step_applied():
+        return True
+    if engine.lr_scheduler is not None:
+        engine.lr_scheduler.step()
+    return False
+
+
 def initialize_engine(module: Any, resolved: ResolvedDeepSpeed) -> Any:
     """``deepspeed.initialize`` with the resolved config; returns the engine."""
     import deepspeed

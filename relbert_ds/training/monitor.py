@@ -20,6 +20,10 @@ from relbert_ds.parallel import collectives
 # Dense bf16/fp16 tensor-core peaks (FLOP/s) of common training GPUs, by name fragment.
 GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A10G": 125e12, "L40S": 362e12, "L4": 121e12,
                   "V100": 125e12, "A6000": 155e12, "4090": 165e12}
+# Their fp32 peaks without tensor cores (what fp32 matmuls get with TF32 off, torch's default):
+# 1/15 of the bf16 figure on an H100, not 1/2. V100 has no TF32.
+GPU_FP32_PEAK_FLOPS = {"H200": 67e12, "H100": 67e12, "A100": 19.5e12, "A10G": 31.2e12, "L40S": 91.6e12,
+                       "L4": 30.3e12, "V100": 15.7e12, "A6000": 38.7e12, "4090": 82.6e12}
 
 
 def model_flops_per_token(num_params: int, num_layers: int, hidden: int, seq_len: float,
@@ -74,11 +78,25 @@ def device_peak_flops(user_tflops: Optional[float], precision: str) -> tuple[flo
         name = torch.cuda.get_device_name()
         for key, peak in GPU_PEAK_FLOPS.items():
             if key in name:
-                return (peak if precision in ("bf16", "fp16") else peak / 2), f"datasheet peak of {name}"
+                if precision in ("bf16", "fp16"):
+                    return peak, f"datasheet {precision} peak of {name}"
+                if key != "V100" and torch.backends.cuda.matmul.allow_tf32:
+                    return peak / 2, f"datasheet TF32 peak of {name} (fp32 matmuls run in TF32)"
+                return GPU_FP32_PEAK_FLOPS[key], f"datasheet fp32 peak of {name} (TF32 off)"
         dtype = torch.bfloat16 if precision == "bf16" else torch.float16 if precision == "fp16" else torch.float32
         return measure_matmul_peak(dtype, 4096), f"measured matmul peak of {name}"
     threads = torch.get_num_threads()
     return measure_matmul_peak(torch.float32), f"measured fp32 matmul peak of this CPU ({threads} threads)"
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a host clock read next times the work itself.
+
+    CUDA kernels run asynchronously: unread, the forward's time shows up in the backward's or the
+    optimizer's. A no-op on CPU, whose work is done when the call returns.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def peak_memory_bytes() -> int:
@@ -155,6 +173,7 @@ class StepMeter:
         self.pairs = 0
         self.tokens = 0
         self.seconds = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
+        self.skipped = False  # DeepSpeed skipped the update (fp16 overflow, non-finite gradient norm)
         self.start = time.perf_counter()  # a step's clock starts at its first micro step
 
     def add(self, out: Any, pairs: int, tokens: int) -> None:
@@ -184,6 +203,7 @@ class StepMeter:
                   "tflops_per_device": flops / elapsed / world / 1e12,
                   "mfu": (flops / elapsed / world / peak) if peak else 0.0,
                   "peak_memory_mb": peak_memory_bytes() / 2**20, "step_seconds": elapsed,
+                  "update_skipped": self.skipped,
                   **{f"{k}_seconds": v for k, v in self.seconds.items()}}
         for k, v in self.metrics.items():
             record[k] = sum(v) / len(v)

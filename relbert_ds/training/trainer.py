@@ -48,10 +48,17 @@ from relbert_ds.training.engine import (
     partitioned_parameters,
     resolve_batch,
     resolve_deepspeed_config,
+    step_engine,
 )
 from relbert_ds.training.export import consolidated_state_dict, training_record, write_export
 from relbert_ds.training.losses import LossOutput, build_loss
-from relbert_ds.training.monitor import StepMeter, TrainingMonitor, device_peak_flops, matmul_parameters
+from relbert_ds.training.monitor import (
+    StepMeter,
+    TrainingMonitor,
+    device_peak_flops,
+    matmul_parameters,
+    synchronize,
+)
 from relbert_ds.training.run_directory import HistoryError, RunDirectory
 from relbert_ds.training.sampler import LocalBatch, RelationAwareSampler
 from relbert_ds.training.schedule import StepPlan
@@ -501,17 +508,23 @@ class Trainer:
 
     def _forward_backward_step(self, batch: LocalBatch, meter: StepMeter) -> tuple[LossOutput, int, float]:
         device = self.engine.device
-        t0 = time.perf_counter()
+
+        def clock() -> float:
+            synchronize(device)
+            return time.perf_counter()
+
+        t0 = clock()
         tokens = self.encoder.tokenize(batch.pairs, device=device)
         out = self.engine(**tokens, relation_ids=batch.relation_ids.to(device),
                           is_positive=batch.is_positive.to(device), parent_ids=batch.parent_ids.to(device),
                           pair_ids=batch.pair_ids.to(device))
-        t1 = time.perf_counter()
+        t1 = clock()
         self.engine.backward(out.loss)
         lr = float(self.engine.get_lr()[0])  # the lr this step uses (step() moves the schedule on)
-        t2 = time.perf_counter()
-        self.engine.step()  # applies the update at the accumulation boundary only
-        meter.time(forward=t1 - t0, backward=t2 - t1, optimizer=time.perf_counter() - t2)
+        t2 = clock()
+        if not step_engine(self.engine):
+            meter.skipped = True
+        meter.time(forward=t1 - t0, backward=t2 - t1, optimizer=clock() - t2)
         return out, int(tokens["attention_mask"].sum()), lr
 
     def _append_history(self, record: dict[str, Any]) -> None:

@@ -254,6 +254,16 @@ def test_gpu_optimizer_kernel_needs_no_compiler(monkeypatch, tmp_path):
     assert "torch_adam" not in nvme.config["optimizer"]["params"]
 
 
+def _run_one_rank(script, *args, cwd):
+    """Run ``script`` as rank 0 of a one-rank job (DeepSpeed initializes the process group itself)."""
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port()), "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env,
+                            timeout=240, cwd=str(cwd))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
 def test_gpu_resolved_optimizer_builds_in_real_deepspeed_without_compiling(tmp_path):
     # The config resolved for a GPU, handed to the real deepspeed.initialize (here on CPU, where
     # torch's fused AdamW runs too): DeepSpeed must build torch's AdamW with fused=True and build
@@ -275,11 +285,7 @@ for path in (None, sys.argv[1]):
 from deepspeed.ops.op_builder.builder import OpBuilder
 print(json.dumps({"optimizers": out, "ops_loaded": sorted(getattr(OpBuilder, "_loaded_ops", {}) or {})}))
 """)
-    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(free_port()), "PYTHONPATH": str(REPO)}
-    result = subprocess.run([sys.executable, str(script), str(REPO / "ds_configs" / "zero3_offload.json")],
-                            capture_output=True, text=True, env=env, timeout=240, cwd=str(tmp_path))
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = _run_one_rank(script, str(REPO / "ds_configs" / "zero3_offload.json"), cwd=tmp_path)
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert list(report["optimizers"].values()) == [["torch.optim.adamw.AdamW", True]] * 2, report
     assert "Building extension" not in result.stderr and "ninja" not in result.stderr.lower()
@@ -306,3 +312,34 @@ def test_bf16_counts_only_native_support_of_the_real_torch_api(monkeypatch, majo
     assert gpu == (True, native, f"GPU sm_{major}0")
     ds = {"bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"}}
     assert resolve_precision(ds, "x", gpu)[0] == ("bf16" if native else "fp16")
+
+
+def test_a_skipped_update_moves_the_schedule_on_with_the_step_counter(tmp_path):
+    # A real DeepSpeed ZeRO-2 engine and a real non-finite gradient: DeepSpeed skips that update and,
+    # by itself, leaves the LR scheduler behind; step_engine keeps it on the step counter.
+    script = tmp_path / "skip.py"
+    script.write_text("""
+import json, torch, deepspeed
+from relbert_ds.training.config import RunConfig
+from relbert_ds.training.engine import resolve_deepspeed_config, skip_cpu_shm_op, step_engine
+skip_cpu_shm_op()
+r = resolve_deepspeed_config(None, RunConfig(), 1, 10, gpu=(False, False, "no GPU"))
+model = torch.nn.Linear(4, 1)
+schedule = r.schedule
+engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=r.config,
+                                  lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+applied, lrs = [], []
+for step, scale in enumerate([1.0, float("inf"), 1.0]):
+    loss = model(torch.ones(2, 4)).sum() * scale
+    engine.backward(loss)
+    lrs.append(engine.get_lr()[0])
+    applied.append(step_engine(engine))
+expected = [2e-5 * schedule(i) for i in range(3)]
+print(json.dumps({"applied": applied, "lrs": lrs, "skipped": engine.skipped_steps,
+                  "scheduler_steps": engine.lr_scheduler.last_epoch, "expected": expected}))
+""")
+    report = json.loads(_run_one_rank(script, cwd=tmp_path).stdout.strip().splitlines()[-1])
+    assert report["applied"] == [True, False, True] and report["skipped"] == 1
+    assert report["scheduler_steps"] == 3  # one per optimizer step, the skipped one too
+    assert report["lrs"] == pytest.approx(report["expected"])  # each step used the lr of its step number
+    assert len(set(report["lrs"])) == 3  # warm-up: the lr changes every step, so a lag would show
