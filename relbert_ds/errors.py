@@ -36,6 +36,13 @@ class DiskFullError(CheckpointError):
     or while writing: the partial checkpoint folder is removed, ``latest`` is untouched)."""
 
 
+class TrainingDiverged(UserError):
+    """The loss or the gradients stayed non-finite for --max_nonfinite_steps optimizer steps in a row:
+    the run stops without exporting, its last checkpoint from before the divergence kept."""
+
+    exit_code = 3
+
+
 class DistributedError(UserError):
     """A rank that cannot join the job (master unreachable, inconsistent world size)."""
 

@@ -23,13 +23,15 @@ def _train(run: RunConfig) -> int:
         summary = {"output_dir": result.output_dir, "final_model": result.final_model,
                    "best_model": result.best_model, "best_epoch": result.best_epoch,
                    "best_step": result.best_step, "best_score": result.best_metric,
-                   "optimizer_steps": result.optimizer_steps, "preempted": result.preempted}
+                   "optimizer_steps": result.optimizer_steps, "skipped_updates": result.skipped_updates,
+                   "preempted": result.preempted}
         print(json.dumps(summary), flush=True)
     return PREEMPTED_EXIT_CODE if result.preempted else 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run a training job; returns the exit status (0, 2 for a user error, 124 when pre-empted)."""
+    """Run a training job; returns the exit status (0, 2 for a user error, 3 when training diverged, 124 when
+    pre-empted)."""
     from relbert_ds.cli.common import run_command
 
     return run_command(argv, parse_train_command, lambda cmd: _train(cmd.run), verbose=lambda cmd: cmd.verbose)

@@ -90,6 +90,10 @@ class TrainConfig:
     warmup_steps: Optional[int] = _f(None, "linear warm-up steps when the DS config has no scheduler (default 10)")
     lr_schedule: Optional[str] = _f(None, "after warm-up: constant or linear decay to 0 (default constant)")
     save_every_steps: int = _f(0, "also checkpoint every N optimizer steps (0: at each validation only)")
+    max_nonfinite_steps: int = _f(3, "stop the run (exit 3, no export) after N optimizer steps in a row whose loss "
+                                     "is not finite or whose update DeepSpeed skipped for a non-finite gradient; "
+                                     "fp16 loss-scale overflows with a finite loss are counted, not stopped on; "
+                                     "0: never stop")
     keep_last: int = _f(2, "checkpoints to keep (the newest N)")
     resume: Optional[str] = _f(None, "continue a run: 'latest', a checkpoint folder, or 'auto' (latest if there "
                                      "is one, else start: for requeued cluster jobs)")
@@ -179,6 +183,7 @@ class RunConfig:
         if m.dropout is not None and not 0.0 <= m.dropout < 1.0:
             raise ConfigError(f"--dropout is {m.dropout}; fix: use a probability in [0, 1)")
         for name, value, low in (("--keep_last", t.keep_last, 1), ("--log_every_steps", t.log_every_steps, 1),
+                                 ("--max_nonfinite_steps", t.max_nonfinite_steps, 0),
                                  ("--save_every_steps", t.save_every_steps, 0),
                                  ("--eval_every_steps", t.eval_every_steps, 0), ("--batch_size", v.batch_size, 1),
                                  ("--early_stop_patience", v.early_stop_patience, 0)):

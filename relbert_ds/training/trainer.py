@@ -33,7 +33,7 @@ import torch
 from relbert_ds import __version__
 from relbert_ds.data.schemas import AnalogyDataset, RelationDataset
 from relbert_ds.data.training_sources import load_train_data
-from relbert_ds.errors import CheckpointError, DataError
+from relbert_ds.errors import CheckpointError, DataError, TrainingDiverged
 from relbert_ds.evaluation import validation
 from relbert_ds.model import backbones
 from relbert_ds.model.encoder import RelationEncoder
@@ -97,6 +97,7 @@ class TrainResult:
     optimizer_steps: int
     preempted: bool = False
     evaluations: list[dict[str, Any]] = field(default_factory=list)
+    skipped_updates: int = 0
 
 
 @dataclass
@@ -115,6 +116,8 @@ class TrainProgress:
     best: dict[str, Any] = field(default_factory=lambda: {"epoch": None, "step": None, "metric": None, "score": None})
     stale: int = 0
     evaluations: list[dict[str, Any]] = field(default_factory=list)
+    skipped_updates: int = 0  # optimizer steps whose update DeepSpeed skipped (fp16 overflow, non-finite grads)
+    nonfinite_steps: list[int] = field(default_factory=list)  # the current run of non-finite steps, in order
 
     def advance(self, steps_per_epoch: int) -> bool:
         """Count one optimizer step; True when it ended an epoch."""
@@ -571,18 +574,20 @@ class Trainer:
         b = self.progress.best
         return TrainResult(str(self.run_dir), final, str(best_dir) if best_dir.exists() else None, b["epoch"],
                            b.get("step"), b["score"], self.progress.optimizer_steps, preempted,
-                           list(self.progress.evaluations))
+                           list(self.progress.evaluations), self.progress.skipped_updates)
 
     def _run_epoch(self) -> str:
         """Steps until the epoch ends ("epoch_end"), the run ends ("done"), a signal arrives
         ("preempted") or early stopping triggers ("early_stop")."""
         t, p = self.run.train, self.progress
         while True:
-            self.train_step()
+            finite = self._check_finite(self.train_step())
             done = p.optimizer_steps >= self.setup.steps.total_steps
             epoch_end = p.step_in_epoch == 0
             saved = False
-            if self._validation_due(epoch_end, done):
+            if not finite:
+                pass  # no validation and no checkpoint from a model that may hold non-finite weights
+            elif self._validation_due(epoch_end, done):
                 if self._validate_and_select(epoch_end):
                     return "early_stop"
                 saved = True
@@ -594,9 +599,45 @@ class Trainer:
                     self.save()
                 return "preempted"
             if done:
+                if p.nonfinite_steps and t.max_nonfinite_steps:  # ended inside a non-finite stretch: no export
+                    self._diverged()
                 return "done"
             if epoch_end:
                 return "epoch_end"
+
+    def _check_finite(self, record: dict[str, Any]) -> bool:
+        """Count a non-finite step (the same verdict on every rank: the loss is the global one and
+        DeepSpeed's skip is collective); raise :class:`TrainingDiverged` after
+        ``--max_nonfinite_steps`` of them in a row. False for a non-finite step."""
+        p = self.progress
+        skipped = bool(record.get("update_skipped"))
+        p.skipped_updates += skipped
+        if step_is_finite(record["loss"], skipped, self.setup.resolved.precision):
+            p.nonfinite_steps = []
+            return True
+        p.nonfinite_steps.append(record["optimizer_step"])
+        limit = self.run.train.max_nonfinite_steps
+        if limit and len(p.nonfinite_steps) >= limit:
+            self._diverged()
+        return False
+
+    def _diverged(self) -> None:
+        """Stop every rank with one line (rank 0 reads which checkpoint is latest and words it)."""
+        steps = self.progress.nonfinite_steps
+        span = f"optimizer step {steps[0]}" if len(steps) == 1 else f"optimizer steps {steps[0]}-{steps[-1]}"
+        lr = (self.setup.resolved.config.get("optimizer") or {}).get("params", {}).get("lr")
+
+        def stop() -> None:
+            latest = self.files.read_latest()
+            kept = (f"the last checkpoint, {self.files.checkpoints / latest}, is from before it and stays latest"
+                    if latest else "no checkpoint was written before it")
+            raise TrainingDiverged(
+                f"training diverged: the loss or the gradient norm was not finite at {span} ({len(steps)} in a row, "
+                f"--max_nonfinite_steps {self.run.train.max_nonfinite_steps}; history.jsonl shows where it started); "
+                f"{kept}; no model was exported; fix: lower the learning rate (this run: {lr}), raise --warmup_steps "
+                f"or set gradient_clipping in the DeepSpeed JSON, then start again with --overwrite")
+
+        distributed.agree(stop, main_only=True)
 
     def _validation_due(self, epoch_end: bool, done: bool) -> bool:
         every = self.run.train.eval_every_steps
@@ -717,6 +758,15 @@ class Trainer:
         distributed.agree(lambda: self.files.write_folder(directory, lambda tmp: write_export(
             tmp, s.encoder, state, record, self.run.train.relbert_compatible)), main_only=True)
         return directory
+
+
+def step_is_finite(loss: float, update_skipped: bool, precision: str) -> bool:
+    """Whether an optimizer step went well: a finite loss and an applied update. Under fp16, loss
+    scaling skips a step whose scaled gradients overflowed and lowers the scale: normal, so a skipped
+    update with a finite loss counts as finite there (and only there)."""
+    if not math.isfinite(loss):
+        return False
+    return not update_skipped or precision == "fp16"
 
 
 def _validation_line(result: dict[str, Any]) -> str:
