@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Callable, Optional, Sequence, TypeVar
+from typing import Any, Callable, Optional, Sequence, TypeVar
 
 from relbert_ds.errors import UserError
 
@@ -22,6 +22,7 @@ def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _one_line_warnings(rank)
     if not verbose:
         import warnings
 
@@ -41,6 +42,26 @@ def setup_logging(verbose: bool = False) -> None:
             transformers.utils.logging.disable_progress_bar()
         except ImportError:
             pass
+
+
+def _one_line_warnings(rank: int) -> None:
+    """relbert-ds's own warnings as ``warning: <message>``, printed by rank 0 only.
+
+    Python's format (``/path/cli/evaluate.py:154: UntrainedModelWarning: ...``) points at our source,
+    not at what the user should do; the message already says that. The ranks read the same inputs, so
+    the other ranks' copies would only repeat it. Other libraries' warnings keep Python's format.
+    """
+    import warnings
+
+    default = warnings.showwarning
+
+    def show(message: Any, category: type, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        if f"{os.sep}relbert_ds{os.sep}" not in filename:
+            default(message, category, filename, lineno, file, line)
+        elif rank == 0:
+            print(f"warning: {message}", file=sys.stderr, flush=True)
+
+    warnings.showwarning = show
 
 
 def run_command(argv: Optional[Sequence[str]], parse: Callable[[Optional[Sequence[str]]], A],

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, NamedTuple, Sequence, Union
+from typing import Any, Iterable, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -43,6 +43,10 @@ class UntrainedModelWarning(UserWarning):
     Its vectors are zero-shot. Silence it with ``from_pretrained(..., warn_untrained=False)``
     or ``warnings.simplefilter("ignore", UntrainedModelWarning)``.
     """
+
+
+class TruncationWarning(UserWarning):
+    """Prompts longer than ``max_length`` tokens were found; they are cut at that length."""
 
 
 class RankedChoice(NamedTuple):
@@ -228,6 +232,22 @@ class RelationEncoder(torch.nn.Module):
         """Token count of each pair's prompt after truncation (for length bucketing)."""
         ids = self.tokenizer(self.prompts(pairs), truncation=True, max_length=self.max_length)["input_ids"]
         return [len(x) for x in ids]
+
+    def truncation_warning(self, pairs: Sequence[Pair], what: str) -> Optional[str]:
+        """One line saying how many distinct prompts of ``pairs`` exceed ``max_length`` tokens (and so
+        are cut), with the longest; None when none does. ``what`` names the pairs ("training pairs")."""
+        unique = list(dict.fromkeys(tuple(p) for p in pairs))
+        if not unique:
+            return None
+        lengths = [len(x) for x in self.tokenizer(self.prompts(unique), truncation=False)["input_ids"]]
+        cut = [i for i, n in enumerate(lengths) if n > self.max_length]
+        if not cut:
+            return None
+        longest = max(cut, key=lengths.__getitem__)
+        head, tail = (w if len(w) <= 40 else w[:37] + "..." for w in unique[longest])
+        return (f"{len(cut)} of {len(unique)} {what} have prompts longer than max_length {self.max_length} tokens and "
+                f"are truncated (the longest, ({head!r}, {tail!r}), has {lengths[longest]}); raise --max_length to "
+                f"keep them whole, or fix those pairs in the data")
 
     def tokenize(self, pairs: Sequence[Pair], device: torch.device | None = None) -> dict[str, torch.Tensor]:
         """Padded ``input_ids``/``attention_mask`` for ``pairs`` on ``device`` (default: the model's)."""

@@ -24,6 +24,7 @@ import logging
 import math
 import signal
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -36,7 +37,7 @@ from relbert_ds.data.training_sources import load_train_data
 from relbert_ds.errors import CheckpointError, DataError, TrainingDiverged
 from relbert_ds.evaluation import validation
 from relbert_ds.model import backbones
-from relbert_ds.model.encoder import RelationEncoder
+from relbert_ds.model.encoder import RelationEncoder, TruncationWarning
 from relbert_ds.parallel import collectives, distributed
 from relbert_ds.training import checkpointing
 from relbert_ds.training.config import RunConfig
@@ -272,6 +273,10 @@ class Trainer:
         inputs = self._check_inputs(info)
         self._log_startup(info, inputs)
         model = self._build_engine(info, inputs["resolved"])
+        if distributed.is_main():
+            message = model["encoder"].truncation_warning(inputs["train_data"].pairs, "training pairs")
+            if message:
+                warnings.warn(message, TruncationWarning, stacklevel=1)
         t = self.run.train
         # Measured before any RNG state is restored (it must not move the restored RNG).
         peak = device_peak_flops(t.peak_tflops, inputs["resolved"].precision) if distributed.is_main() else (0.0, "")
