@@ -14,6 +14,10 @@
 #   RELBERT_DS_PYTHON    the interpreter (default: python); it needs mpi4py built for that MPI
 #   RELBERT_DS_MPI_ARGS  extra mpirun options (e.g. "--mca btl_tcp_if_include eth0")
 #   MASTER_ADDR/MASTER_PORT  override the master agreed over MPI (e.g. a specific interface)
+# Open MPI gets -x for each of these that is set (MPICH forwards everything): PATH, PYTHONPATH,
+# LD_LIBRARY_PATH, VIRTUAL_ENV, MASTER_ADDR/PORT, and every NCCL_*, CUDA_*, TORCH_*, PYTORCH_*,
+# GLOO_*, OMP_*, MKL_*, HF_*, TRANSFORMERS_*, DS_*, RELBERT_DS_*, UCX_*, FI_* and MPI4PY_* variable
+# (CUDA_VISIBLE_DEVICES not inside a SLURM job, where each node has its own).
 #
 # Flavours:
 #   Open MPI  (Debian openmpi-bin; `mpirun --version` says "Open MPI"): the script adds
@@ -44,6 +48,25 @@ if ! version=$("$MPIRUN" --version 2>&1); then
     exit 2
 fi
 
+# The exported variables the ranks need, one per line: Open MPI does not pass the environment to
+# other nodes, and a rank there would miss e.g. NCCL_SOCKET_IFNAME or PYTHONPATH.
+forwarded_variables() {
+    local var
+    for var in PATH PYTHONPATH LD_LIBRARY_PATH VIRTUAL_ENV TOKENIZERS_PARALLELISM PYTHONUNBUFFERED MASTER_ADDR \
+               MASTER_PORT; do
+        [ -n "${!var+set}" ] && echo "$var"
+    done
+    while read -r var; do
+        case $var in
+            # SLURM gives each node its own GPUs: the first node's list would replace theirs
+            CUDA_VISIBLE_DEVICES) [ -z "${SLURM_JOB_ID:-}" ] && echo "$var" ;;
+            NCCL_*|CUDA_*|TORCH_*|PYTORCH_*|GLOO_*|OMP_*|MKL_*|HF_*|TRANSFORMERS_*|DS_*|RELBERT_DS_*|UCX_*|FI_*|\
+            MPI4PY_*) echo "$var" ;;
+        esac
+    done < <(compgen -e | sort)
+    return 0
+}
+
 args=(-np "$NP")
 if grep -qi "open mpi\|openrte\|open-rte" <<<"$version"; then
     flavour="Open MPI"
@@ -63,10 +86,8 @@ if grep -qi "open mpi\|openrte\|open-rte" <<<"$version"; then
             export MPI4PY_MPIABI=openmpi MPI4PY_LIBMPI="$lib"
         fi
     fi
-    for var in PATH PYTHONPATH LD_LIBRARY_PATH OMP_NUM_THREADS TOKENIZERS_PARALLELISM PYTHONUNBUFFERED \
-               MASTER_ADDR MASTER_PORT RELBERT_DS_CONNECT_TIMEOUT RELBERT_DS_COLLECTIVE_TIMEOUT HF_HOME HF_HUB_OFFLINE \
-               VIRTUAL_ENV MPI4PY_MPIABI MPI4PY_LIBMPI; do
-        [ -n "${!var:-}" ] && args+=(-x "$var")
+    for var in $(forwarded_variables); do
+        args+=(-x "$var")
     done
 else
     flavour="MPICH (Hydra)"

@@ -1,28 +1,37 @@
 """Rank discovery and the process group: the only module that reads rank environment variables.
 
 Launchers and what they leave in the environment:
-- ``torchrun`` and the ``deepspeed`` launcher: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT;
+- ``torchrun`` and the ``deepspeed`` launcher: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT, and the
+  ranks on this node as LOCAL_WORLD_SIZE (torchrun) or LOCAL_SIZE (deepspeed.launcher.launch);
 - ``mpirun`` (Open MPI: OMPI_COMM_WORLD_*; MPICH/Hydra: PMI_RANK, PMI_SIZE, MPI_LOCALRANKID);
   the master is rank 0's host, agreed over MPI itself (DeepSpeed's own MPI discovery takes
-  ``hostname -I``, which may not be the interface the ranks share);
+  ``hostname -I``, which may not be the interface the ranks share), never a loopback address
+  when the ranks span several hosts (Debian/Ubuntu map the host name to 127.0.1.1);
 - ``srun`` (SLURM_PROCID, SLURM_LOCALID, SLURM_STEP_NUM_TASKS; master = first host of
   SLURM_JOB_NODELIST, port derived from the job id so that every rank agrees without talking);
 - plain ``python``: one rank, a private port on loopback.
 
 The rendezvous uses an explicit TCP store so that a rank that cannot reach the master fails
-after ``connect_timeout_s`` with a message saying so, while collectives get their own (longer)
-timeout, which also reaches the process groups DeepSpeed creates later.
+after ``connect_timeout_s`` with a message saying so. The ranks then connect to each other at
+once (NCCL and gloo would otherwise connect at the first collective, mid-training, and a wrong
+network interface would show as a raw backend error or a 30-minute hang), also bounded by
+``connect_timeout_s``; only then do collectives get their own (longer) timeout, which also
+reaches the process groups DeepSpeed creates later.
 """
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import os
 import re
 import shutil
 import socket
 import subprocess
+import sys
+import threading
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Callable, Mapping, Optional, TypeVar
+from typing import Callable, Iterator, Mapping, Optional, Sequence, TypeVar
 
 from relbert_ds.errors import DistributedError
 
@@ -30,6 +39,8 @@ T = TypeVar("T")
 
 DEFAULT_CONNECT_TIMEOUT_S = 300.0
 DEFAULT_COLLECTIVE_TIMEOUT_S = 1800.0
+# Extra seconds between the two bounds of the eager connection (see _eager_limits).
+CONNECT_GRACE_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -92,8 +103,60 @@ def slurm_first_host(nodelist: str) -> str:
     return expand_nodelist(nodelist)[0]
 
 
+def _is_loopback(addr: str) -> bool:
+    try:
+        return ipaddress.ip_address(addr).is_loopback
+    except ValueError:
+        return False
+
+
+def _ipv4_addresses(host: str) -> list[str]:
+    """The IPv4 addresses ``host`` resolves to here, in the resolver's order (none if it does not)."""
+    try:
+        infos = socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM)
+    except OSError:
+        return []
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+def _source_address_towards(host: str) -> Optional[str]:
+    """The local address the kernel would send from to reach ``host`` (a UDP connect sends nothing)."""
+    for addr in _ipv4_addresses(host):
+        if _is_loopback(addr):
+            continue
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+                probe.connect((addr, 9))
+                return str(probe.getsockname()[0])
+        except OSError:  # no route to it
+            continue
+    return None
+
+
+def master_address(host: str, peers: Sequence[str]) -> str:
+    """An address of ``host`` (rank 0's) that ranks on the ``peers`` hosts can reach: what the host
+    name resolves to unless that is loopback only (Debian/Ubuntu's /etc/hosts maps it to 127.0.1.1),
+    else the address of the interface this host uses to reach a peer. Raises
+    :class:`DistributedError` (fix: set MASTER_ADDR) where neither gives a routable address."""
+    own = _ipv4_addresses(host)
+    routable = [a for a in own if not _is_loopback(a)]
+    if routable:
+        return routable[0]
+    for peer in peers:
+        source = _source_address_towards(peer)
+        if source is not None and not _is_loopback(source):
+            return source
+    shown = ", ".join(list(peers)[:3]) + (", ..." if len(peers) > 3 else "")
+    raise DistributedError(
+        f"rank 0's host name {host!r} resolves only to {', '.join(own) or 'no address'} (loopback, which the other "
+        f"nodes cannot reach) and no route to them ({shown or 'no other host'}) gave another address; fix: set "
+        f"MASTER_ADDR to rank 0's address on the network the nodes share and MASTER_PORT to a free port, on every "
+        f"rank (launchers/mpi/train_mpi.sh forwards them)")
+
+
 def _mpi_master(rank: int) -> tuple[str, int]:
-    """Agree on rank 0's address and a free port over MPI itself."""
+    """Agree on rank 0's address and a free port over MPI itself (every rank raises the same
+    :class:`DistributedError` where rank 0 has no address the others can reach)."""
     try:
         from mpi4py import MPI
     except ImportError as exc:  # the package or libmpi is missing
@@ -101,12 +164,17 @@ def _mpi_master(rank: int) -> tuple[str, int]:
                                f"relbert-ds[mpi] (mpi4py + mpich) or set RANK/WORLD_SIZE/MASTER_ADDR yourself")
     comm = MPI.COMM_WORLD
     hosts = comm.allgather(socket.gethostname())
+    answer: tuple[str, object] = ("", 0)
     if rank == 0:
-        addr = "127.0.0.1" if len(set(hosts)) == 1 else socket.gethostbyname(socket.gethostname())
-        port = free_port()
-    else:
-        addr, port = "", 0
-    return comm.bcast((addr, port), root=0)
+        try:
+            others = list(dict.fromkeys(h for h in hosts if h != hosts[0]))
+            answer = ("127.0.0.1" if not others else master_address(hosts[0], others), free_port())
+        except DistributedError as exc:
+            answer = ("", str(exc))
+    addr, port = comm.bcast(answer, root=0)
+    if isinstance(port, str):
+        raise DistributedError(port)
+    return addr, int(port)
 
 
 def discover(env: Optional[Mapping[str, str]] = None) -> DistInfo:
@@ -119,8 +187,9 @@ def discover(env: Optional[Mapping[str, str]] = None) -> DistInfo:
         if missing:
             raise DistributedError(f"RANK/WORLD_SIZE are set but {' and '.join(missing)} is not; fix: set "
                                    f"MASTER_ADDR and MASTER_PORT to rank 0's host and a free port")
+        # deepspeed.launcher.launch sets LOCAL_SIZE, torchrun LOCAL_WORLD_SIZE
         return DistInfo(rank=int(env["RANK"]), local_rank=_int(env, "LOCAL_RANK") or 0, world_size=world,
-                        local_world_size=_int(env, "LOCAL_WORLD_SIZE") or world,
+                        local_world_size=_int(env, "LOCAL_WORLD_SIZE", "LOCAL_SIZE") or world,
                         master_addr=env.get("MASTER_ADDR") or "127.0.0.1",
                         master_port=int(env.get("MASTER_PORT") or free_port()), launcher="torch")
     mpi_rank = _int(env, "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
@@ -152,12 +221,79 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+def cuda_device_index(local_rank: int, visible: int) -> int:
+    """The CUDA device (index among the ``visible`` ones) local rank ``local_rank`` takes.
+
+    All of the node's GPUs visible to every rank (srun with --gpus-per-node, torchrun, the deepspeed
+    launcher): ``cuda:<local_rank>``. One GPU visible (srun --gpus-per-task=1, MPI wrappers that set
+    CUDA_VISIBLE_DEVICES per rank): ``cuda:0``. Raises :class:`DistributedError` where this rank
+    would have to share a GPU with another (more local ranks than visible GPUs) or sees none.
+    """
+    if visible < 1:
+        raise DistributedError(f"local rank {local_rank} uses NCCL but sees no CUDA GPU (torch.cuda.device_count() "
+                               f"is 0); fix: request GPUs for every rank (e.g. --gpus-per-node), check "
+                               f"CUDA_VISIBLE_DEVICES, or run on CPU with gloo")
+    if visible == 1:
+        return 0
+    if local_rank >= visible:
+        raise DistributedError(f"local rank {local_rank} sees {visible} GPUs, so it would share one with a lower "
+                               f"local rank (one rank per GPU is needed); fix: start as many ranks per node as it "
+                               f"has GPUs (--ntasks-per-node = --gpus-per-node), or give each rank its own GPU "
+                               f"(--gpus-per-task=1)")
+    return local_rank
+
+
+def _eager_limits(backend: str, connect_s: float) -> tuple[float, float]:
+    """(timeout of the process group while the ranks connect, deadline of the watchdog) in seconds.
+
+    gloo honours the process group's timeout while it connects and raises in this thread: the
+    watchdog only backs it up. NCCL's blocking communicator set-up does not return at a timeout,
+    and NCCL's own watchdog would end the process with its raw message once the group's timeout
+    passes: ours must come first."""
+    if backend == "gloo":
+        return connect_s, connect_s + CONNECT_GRACE_S
+    return connect_s + CONNECT_GRACE_S, connect_s
+
+
+@contextlib.contextmanager
+def _exit_after(seconds: float, error: Callable[[], DistributedError], main: bool) -> Iterator[None]:
+    """Run the block; if it is still running after ``seconds`` (stuck in C++ code that no timeout
+    reaches), print ``error: <message>`` (``main``: rank 0 only) and end the process with the
+    error's exit status."""
+    def expire() -> None:
+        if main:
+            print(f"error: {error()}", file=sys.stderr, flush=True)
+        os._exit(DistributedError.exit_code)
+
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
+def _no_connection(info: DistInfo, backend: str, why: str) -> DistributedError:
+    if "Duplicate GPU" in why:  # NCCL's words for two ranks on one device
+        return DistributedError(
+            f"rank {info.rank} shares its GPU with another rank ({why}); fix: start one rank per GPU "
+            f"(--ntasks-per-node = --gpus-per-node), or give each rank its own GPU (--gpus-per-task=1)")
+    var = "GLOO_SOCKET_IFNAME" if backend == "gloo" else "NCCL_SOCKET_IFNAME"
+    return DistributedError(
+        f"rank {info.rank} joined the rendezvous at {info.master_addr}:{info.master_port} but could not connect "
+        f"to the other ranks ({why}); fix: set {var} to the network interface the nodes share (e.g. {var}=eth0), "
+        f"and check that no firewall blocks the ranks' ports")
+
+
 def init_distributed(backend: Optional[str] = None, connect_timeout_s: Optional[float] = None,
                      collective_timeout_s: Optional[float] = None) -> DistInfo:
-    """Discover the rank, export the torch variables (DeepSpeed reads them) and create the
-    default process group. Idempotent: a second call returns the same info.
+    """Discover the rank, export the torch variables (DeepSpeed reads them), create the default
+    process group and connect the ranks to each other. Idempotent: a second call returns the same info.
 
-    Timeouts default to RELBERT_DS_CONNECT_TIMEOUT / RELBERT_DS_COLLECTIVE_TIMEOUT (seconds).
+    Timeouts default to RELBERT_DS_CONNECT_TIMEOUT / RELBERT_DS_COLLECTIVE_TIMEOUT (seconds). The
+    connect timeout bounds the rendezvous and then the ranks' connection to each other; where NCCL
+    is still connecting after it, the process prints the error (rank 0) and exits with status 2.
     """
     import torch
     import torch.distributed as dist
@@ -179,8 +315,10 @@ def init_distributed(backend: Optional[str] = None, connect_timeout_s: Optional[
     distributed_c10d.default_pg_timeout = collective
     if hasattr(distributed_c10d, "default_pg_nccl_timeout"):
         distributed_c10d.default_pg_nccl_timeout = collective
+    device = None
     if backend == "nccl":
-        torch.cuda.set_device(info.local_rank)
+        device = torch.device("cuda", cuda_device_index(info.local_rank, torch.cuda.device_count()))
+        torch.cuda.set_device(device)
     # torchrun hosts the store itself (its agent); everyone else: rank 0 hosts it.
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     try:
@@ -193,17 +331,26 @@ def init_distributed(backend: Optional[str] = None, connect_timeout_s: Optional[
             f"{who} at {info.master_addr}:{info.master_port} within {connect:.0f} s ({str(exc).splitlines()[0]}); "
             f"fix: check that rank 0 is running, MASTER_ADDR/MASTER_PORT (or the node list) name a host and a free "
             f"port every rank can reach, and the world size ({info.world_size}) matches the ranks started") from None
+    # Connect now, bounded by the connect timeout: device_id makes NCCL form its communicator inside
+    # init_process_group (torch otherwise waits for the first collective), the barrier proves that
+    # the ranks talk. Only then do collectives get their long timeout.
+    eager_s, deadline_s = _eager_limits(backend, connect)
+    set_timeout = getattr(distributed_c10d, "_set_pg_timeout", None)
+
+    def stuck() -> DistributedError:
+        return _no_connection(info, backend, f"still connecting after {deadline_s:.0f} s")
+
     try:
-        dist.init_process_group(backend=backend, store=store, rank=info.rank, world_size=info.world_size,
-                                timeout=collective)
-        if backend == "gloo" and info.world_size > 1:
-            dist.barrier()  # gloo connects its full mesh lazily: fail here, with a message, not mid-training
+        with _exit_after(deadline_s, stuck, main=info.rank == 0):
+            dist.init_process_group(backend=backend, store=store, rank=info.rank, world_size=info.world_size,
+                                    timeout=timedelta(seconds=eager_s) if set_timeout else collective,
+                                    **({"device_id": device} if device is not None else {}))
+            if info.world_size > 1:
+                dist.barrier()
     except RuntimeError as exc:
-        var = "GLOO_SOCKET_IFNAME" if backend == "gloo" else "NCCL_SOCKET_IFNAME"
-        raise DistributedError(
-            f"rank {info.rank} joined the rendezvous at {info.master_addr}:{info.master_port} but could not connect "
-            f"to the other ranks ({str(exc).splitlines()[0][:200]}); fix: set {var} to the network interface the "
-            f"nodes share (e.g. {var}=eth0), and check that no firewall blocks the ranks' ports") from None
+        raise _no_connection(info, backend, str(exc).splitlines()[0][:200]) from None
+    if set_timeout is not None:
+        set_timeout(collective)
     return info
 
 

@@ -3,7 +3,8 @@ continue exactly (sampler position, per-rank RNG states, best-so-far, history).
 
 Layout (names in :mod:`relbert_ds.training.run_directory`): ``<run>/checkpoints/global_step<N>/``
 (DeepSpeed's files + ``rng_state_rank<r>.pt`` + ``relbert_ds_checkpoint.json``, written last as
-the completeness marker, with the size of every file) and ``<run>/checkpoints/latest`` (the tag,
+the completeness marker, with the size of every file as the rank that wrote it saw it: on a network
+file system rank 0 may see another node's file at a stale size) and ``<run>/checkpoints/latest`` (the tag,
 replaced atomically only after every rank has finished writing). A kill at any point therefore
 leaves ``latest`` naming a complete checkpoint.
 
@@ -118,10 +119,11 @@ def check_free_space(tag_dir: Path, needed: int, keep_last: int) -> None:
 
 
 @contextlib.contextmanager
-def _recording_engine_writes(engine: Any, failures: list[_WriteFailure], needed: int) -> Iterator[None]:
+def _recording_engine_writes(engine: Any, failures: list[_WriteFailure], needed: int,
+                             written: dict[str, int]) -> Iterator[None]:
     """While DeepSpeed saves, a failed file write is recorded instead of raised, so that the rank
     goes on through the rest of DeepSpeed's collective save (a rank that left it would leave its
-    peers waiting in its final barrier)."""
+    peers waiting in its final barrier); a file written is recorded in ``written`` (path: size)."""
     checkpoint_engine = getattr(engine, "checkpoint_engine", None)
     if checkpoint_engine is None or not hasattr(checkpoint_engine, "save"):
         yield
@@ -130,7 +132,9 @@ def _recording_engine_writes(engine: Any, failures: list[_WriteFailure], needed:
 
     def save(state_dict: Any, path: str, *args: Any, **kwargs: Any) -> Any:
         try:
-            return real_save(state_dict, path, *args, **kwargs)
+            result = real_save(state_dict, path, *args, **kwargs)
+            written[str(path)] = Path(path).stat().st_size
+            return result
         except WRITE_ERRORS as exc:
             failures.append(_failure(Path(path), exc, needed))
             return None
@@ -149,10 +153,27 @@ def _failure(path: Path, exc: BaseException, needed: int) -> _WriteFailure:
     return _WriteFailure(distributed.rank(), str(path), f"{type(exc).__name__}: {exc}", full)
 
 
-def _gather_failures(own: list[_WriteFailure]) -> list[_WriteFailure]:
-    """Every rank's failed writes, on every rank (one exchange: also the barrier after the save)."""
-    gathered = collectives.all_gather_object([vars(f) for f in own])
-    return [_WriteFailure(**f) for per_rank in gathered for f in per_rank]
+def _gather_writes(own: list[_WriteFailure], written: dict[str, int],
+                   tag_dir: Path) -> tuple[list[_WriteFailure], list[dict[str, int]]]:
+    """Every rank's failed writes, and the size of every file of ``tag_dir`` each rank wrote (name:
+    size, per rank in rank order), on every rank (one exchange: also the barrier after the save)."""
+    mine = {Path(path).name: size for path, size in written.items() if Path(path).parent == tag_dir}
+    gathered = collectives.all_gather_object(([vars(f) for f in own], mine))
+    return [_WriteFailure(**f) for failed, _ in gathered for f in failed], [sizes for _, sizes in gathered]
+
+
+def marker_files(tag_dir: Path, reported: list[dict[str, int]]) -> dict[str, int]:
+    """The ``files`` of the completeness marker: every file at the size the rank that wrote it
+    reported (``reported``: name -> size, one mapping per rank). A reported file is never looked up
+    here: on NFS rank 0 may see another node's file at a stale size, and a good checkpoint would
+    later be refused as truncated. Files of ``tag_dir`` no rank reported (written outside the
+    checkpoint engine: DeepSpeed 0.19.8 writes none there, an engine without one writes them all)
+    are looked up by rank 0, as before."""
+    files = {name: size for sizes in reported for name, size in sizes.items()}
+    for path in tag_dir.iterdir():
+        if path.name not in files and path.name != MARKER and path.is_file():
+            files[path.name] = path.stat().st_size
+    return dict(sorted(files.items()))
 
 
 def save_checkpoint(engine: Any, run_dir: Path, step: int, client_state: dict[str, Any], meta: dict[str, Any],
@@ -171,6 +192,7 @@ def save_checkpoint(engine: Any, run_dir: Path, step: int, client_state: dict[st
     needed = estimate_checkpoint_bytes(engine, run)
     distributed.agree(lambda: check_free_space(tag_dir, needed, keep_last))
     failures: list[_WriteFailure] = []
+    written: dict[str, int] = {}  # path -> size of each file this rank wrote
 
     def attempt(path: Path, write: Any) -> None:
         try:
@@ -184,8 +206,13 @@ def save_checkpoint(engine: Any, run_dir: Path, step: int, client_state: dict[st
         marker.unlink()  # re-saving the same step: it is incomplete until we finish again
     distributed.barrier()
     rng_file = tag_dir / f"rng_state_rank{distributed.rank()}.pt"
-    attempt(rng_file, lambda: torch.save(rng_state(), rng_file))
-    with _recording_engine_writes(engine, failures, needed):
+
+    def save_rng() -> None:
+        torch.save(rng_state(), rng_file)
+        written[str(rng_file)] = rng_file.stat().st_size
+
+    attempt(rng_file, save_rng)
+    with _recording_engine_writes(engine, failures, needed, written):
         try:
             engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
         except WRITE_ERRORS as exc:
@@ -194,13 +221,14 @@ def save_checkpoint(engine: Any, run_dir: Path, step: int, client_state: dict[st
             # this barrier stands in for.
             failures.append(_failure(root, exc, needed))
             distributed.barrier()
-    failures = _gather_failures(failures)  # every rank's shards are on disk, or we know who failed
+    # every rank's shards are on disk, or we know who failed
+    failures, reported = _gather_writes(failures, written, tag_dir)
 
     def finish() -> None:
         if failures:
             raise _discard(tag_dir, failures, needed, keep_last)
         try:
-            files = {p.name: p.stat().st_size for p in sorted(tag_dir.iterdir()) if p.is_file()}
+            files = marker_files(tag_dir, reported)
             write_json(marker, {**meta, "step": step, "tag": tag, "world_size": distributed.world_size(),
                                 "files": files})
             run.write_latest(tag)

@@ -15,9 +15,10 @@ from relbert_ds.parallel.distributed import DistInfo, discover, env_rank, expand
 
 TORCHRUN = {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4", "GROUP_RANK": "1",
             "MASTER_ADDR": "node01", "MASTER_PORT": "29500", "TORCHELASTIC_RUN_ID": "none"}
-# The deepspeed launcher (deepspeed.launcher.launch) sets no LOCAL_WORLD_SIZE.
+# The deepspeed launcher (deepspeed.launcher.launch) sets LOCAL_SIZE, not LOCAL_WORLD_SIZE
+# (test_launcher_env.py runs the real one).
 DEEPSPEED = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29600",
-             "CROSS_RANK": "1", "CROSS_SIZE": "2"}
+             "CROSS_RANK": "1", "CROSS_SIZE": "2", "LOCAL_SIZE": "2"}
 SRUN = {"SLURM_PROCID": "6", "SLURM_LOCALID": "2", "SLURM_STEP_NUM_TASKS": "8", "SLURM_STEP_NUM_NODES": "2",
         "SLURM_JOB_NUM_NODES": "2", "SLURM_STEP_NODELIST": "gpu[07-08]", "SLURM_JOB_NODELIST": "gpu[07-08]",
         "SLURM_JOB_ID": "123456", "SLURM_NTASKS": "8"}
@@ -35,8 +36,13 @@ def test_torchrun():
     assert discover(TORCHRUN) == DistInfo(5, 1, 8, 4, "node01", 29500, "torch")
 
 
-def test_deepspeed_launcher_without_local_world_size_counts_the_whole_world_as_local():
-    assert discover(DEEPSPEED) == DistInfo(3, 1, 4, 4, "10.0.0.1", 29600, "torch")
+def test_deepspeed_launcher_local_size_is_the_ranks_per_node():
+    assert discover(DEEPSPEED) == DistInfo(3, 1, 4, 2, "10.0.0.1", 29600, "torch")
+
+
+def test_torch_variables_without_a_local_size_count_the_whole_world_as_local():
+    env = {k: v for k, v in DEEPSPEED.items() if k != "LOCAL_SIZE"}
+    assert discover(env) == DistInfo(3, 1, 4, 4, "10.0.0.1", 29600, "torch")
 
 
 def test_torch_variables_win_over_slurm_ones():
