@@ -131,7 +131,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def _device(local_rank: int) -> Any:
     import torch
 
-    return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    # The GPU the process group chose (parallel.distributed: cuda:0 when a rank sees one GPU), not
+    # cuda:<local_rank>, which does not exist under --gpus-per-task=1 or per-rank MPI wrappers.
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def _run(args: argparse.Namespace, info: Any, start: float) -> int:

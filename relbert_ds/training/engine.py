@@ -441,6 +441,22 @@ def step_engine(engine: Any) -> bool:
     return False
 
 
+def engine_args() -> Any:
+    """The ``args`` of ``deepspeed.initialize``: on a GPU, the device the process group chose.
+
+    DeepSpeed otherwise calls ``set_device(LOCAL_RANK)``, which fails where each rank sees one GPU
+    (srun --gpus-per-task=1, MPI wrappers): there the rank's GPU is cuda:0 whatever its local rank.
+    None on CPU, where DeepSpeed's default is right (a negative device_rank would make it a world of 1).
+    """
+    import argparse
+
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return argparse.Namespace(device_rank=torch.cuda.current_device())
+
+
 def initialize_engine(module: Any, resolved: ResolvedDeepSpeed) -> Any:
     """``deepspeed.initialize`` with the resolved config; returns the engine."""
     import deepspeed
@@ -454,8 +470,8 @@ def initialize_engine(module: Any, resolved: ResolvedDeepSpeed) -> Any:
 
             schedule = resolved.schedule
             scheduler = lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)  # noqa: E731
-        engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=params, config=resolved.config,
-                                               lr_scheduler=scheduler)
+        engine, _, _, _ = deepspeed.initialize(args=engine_args(), model=module, model_parameters=params,
+                                               config=resolved.config, lr_scheduler=scheduler)
     except (AssertionError, ValueError) as exc:
         # DeepSpeed validates its JSON with assertions; surface them as config errors.
         raise ConfigError(f"DeepSpeed rejected {resolved.source}: {str(exc).splitlines()[0] if str(exc) else exc!r}; "

@@ -343,3 +343,23 @@ print(json.dumps({"applied": applied, "lrs": lrs, "skipped": engine.skipped_step
     assert report["scheduler_steps"] == 3  # one per optimizer step, the skipped one too
     assert report["lrs"] == pytest.approx(report["expected"])  # each step used the lr of its step number
     assert len(set(report["lrs"])) == 3  # warm-up: the lr changes every step, so a lag would show
+
+
+def test_deepspeed_gets_the_gpu_the_process_group_chose(monkeypatch):
+    # One GPU per rank (srun --gpus-per-task=1): local rank 3 runs on cuda:0, which DeepSpeed must use
+    # instead of its default set_device(LOCAL_RANK). DeepSpeed reads args.device_rank (engine.py,
+    # _set_distributed_vars); on CPU no args at all (device_rank -1 would make it a world of one).
+    import torch
+
+    from relbert_ds.training.engine import engine_args
+
+    assert engine_args() is None
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert engine_args().device_rank == 0
+    import inspect
+
+    import deepspeed.runtime.engine as ds_engine
+
+    assert "args.device_rank" in inspect.getsource(ds_engine.DeepSpeedEngine._set_distributed_vars)
