@@ -27,7 +27,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -61,6 +61,7 @@ from relbert_ds.training.monitor import (
     synchronize,
 )
 from relbert_ds.training.run_directory import HistoryError, RunDirectory
+from relbert_ds.training.run_lock import RunLock
 from relbert_ds.training.sampler import LocalBatch, RelationAwareSampler
 from relbert_ds.training.schedule import StepPlan
 
@@ -185,12 +186,15 @@ def _sum_across_ranks(values: list[float]) -> list[float]:
     return collectives.all_reduce_sum(torch.tensor(values, dtype=torch.float64)).tolist()
 
 
-def prepare_run_dir(run_dir: Path, resume: Optional[str], overwrite: bool) -> None:
-    """Check that ``run_dir`` can be written; refuse to clobber an earlier run; with
-    --overwrite, clear it (rank 0 only)."""
+def prepare_run_dir(run_dir: Path, resume: Optional[str], overwrite: bool,
+                    claim: Optional[Callable[[], Any]] = None) -> None:
+    """Check that ``run_dir`` can be written; ``claim`` it (the run lock); refuse to clobber an
+    earlier run; with --overwrite, clear it (rank 0 only)."""
     run = RunDirectory(run_dir)
     # A resume needs an existing run (find_checkpoint words a missing one): do not create it.
     run.check_writable(create=resume is None)
+    if claim is not None:
+        claim()
     if resume is not None:
         return
     existing = run.existing_run_files()
@@ -237,6 +241,7 @@ class Trainer:
         self.run_dir = Path(run.train.output_dir)
         self.files = RunDirectory(self.run_dir)
         self.stop_flag = _StopFlag()
+        self.lock = RunLock(self.run_dir)
         self.progress = TrainProgress()
         self.monitor: Optional[TrainingMonitor] = None
         self.setup: Optional[TrainingSetup] = None  # built by prepare()
@@ -296,6 +301,9 @@ class Trainer:
         """Everything that can fail on user input, agreed across ranks before any heavy work."""
         run = self.run
         distributed.agree(run.validate)
+        # One run per folder, claimed before anything in it is read (a resume) or changed (--overwrite);
+        # a folder that does not exist yet is claimed when prepare_run_dir creates it.
+        distributed.agree(lambda: self.run_dir.is_dir() and self._claim_run_dir(), main_only=True)
         if run.train.resume == "auto":
             # Requeued jobs: continue from the newest complete checkpoint, or start afresh (a run
             # that died before its first checkpoint is replaced).
@@ -307,8 +315,17 @@ class Trainer:
         inputs = distributed.agree(lambda: self._load_inputs(info))
         # Last: bad input must leave no folder behind, and --overwrite must not clear a run that
         # this command then cannot replace.
-        distributed.agree(lambda: prepare_run_dir(self.run_dir, run.train.resume, run.train.overwrite), main_only=True)
+        distributed.agree(lambda: prepare_run_dir(self.run_dir, run.train.resume, run.train.overwrite,
+                                                  claim=self._claim_run_dir), main_only=True)
         return {**inputs, "resume_dir": resume_dir}
+
+    def _claim_run_dir(self) -> bool:
+        """Rank 0: hold the run directory's lock (refused in one line while another run holds it)."""
+        if not self.lock.held:
+            note = self.lock.acquire()
+            if note:
+                log.warning(note)
+        return True
 
     def _load_inputs(self, info: distributed.DistInfo) -> dict[str, Any]:
         run, m, d = self.run, self.run.model, self.run.data
@@ -554,6 +571,7 @@ class Trainer:
             return self._train()
         finally:  # an error mid-run still leaves complete TensorBoard files
             self.stop_flag.uninstall()
+            self.lock.release()
             if self.monitor is not None:
                 self.monitor.close()
 
