@@ -62,6 +62,7 @@ from relbert_ds.training.monitor import (
 )
 from relbert_ds.training.run_directory import HistoryError, RunDirectory
 from relbert_ds.training.run_lock import RunLock
+from relbert_ds.training.same_inputs import check_same_inputs, digest_of, model_folder_digests
 from relbert_ds.training.sampler import LocalBatch, RelationAwareSampler
 from relbert_ds.training.schedule import StepPlan
 
@@ -313,11 +314,25 @@ class Trainer:
         resume_dir = distributed.agree(lambda: checkpointing.find_checkpoint(self.run_dir, run.train.resume)) \
             if run.train.resume is not None else None
         inputs = distributed.agree(lambda: self._load_inputs(info))
+        check_same_inputs(self._fingerprints(inputs))
         # Last: bad input must leave no folder behind, and --overwrite must not clear a run that
         # this command then cannot replace.
         distributed.agree(lambda: prepare_run_dir(self.run_dir, run.train.resume, run.train.overwrite,
                                                   claim=self._claim_run_dir), main_only=True)
         return {**inputs, "resume_dir": resume_dir}
+
+    def _fingerprints(self, inputs: dict[str, Any]) -> dict[str, str]:
+        """What this rank read, as digests (compared across ranks by check_same_inputs)."""
+        # Named as on the command line (the same on every rank; resolved paths may differ per node).
+        train, data = " ".join(self.run.data.train_data), inputs["train_data"]
+        out = {f"training data ({train})": digest_of([data.relations, inputs["relation_weights"]]),
+               "DeepSpeed config": digest_of(inputs["resolved"].config)}
+        if inputs["validation_relations"] is not None:
+            out[f"validation data ({train})"] = digest_of(inputs["validation_relations"].relations)
+        for analogy in inputs["analogy_sets"]:
+            out[f"analogy set {analogy.name}/{analogy.split}"] = digest_of(analogy.questions)
+        out.update(model_folder_digests(backbones.resolve_model_name(self.run.model.model), self.run.model.model))
+        return out
 
     def _claim_run_dir(self) -> bool:
         """Rank 0: hold the run directory's lock (refused in one line while another run holds it)."""
