@@ -300,6 +300,9 @@ def init_distributed(backend: Optional[str] = None, connect_timeout_s: Optional[
     from torch.distributed import distributed_c10d
 
     info = discover()
+    from relbert_ds.parallel.launcher_watch import watch_launcher
+
+    watch_launcher()  # from now on, the launcher's end ends this rank too (a SIGTERM to itself)
     backend = backend or default_backend()
     for name, value in (("RANK", info.rank), ("WORLD_SIZE", info.world_size), ("LOCAL_RANK", info.local_rank),
                         ("LOCAL_WORLD_SIZE", info.local_world_size), ("MASTER_ADDR", info.master_addr),
