@@ -13,6 +13,7 @@ at a time (one shared fixture) to keep the table quick; errors come before model
 from __future__ import annotations
 
 import json
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -163,7 +164,11 @@ def outcomes(request, tiny_bert, tiny_llama, trained_run, tmp_path_factory):
     selected = [c for c in CASES if c.id in _selected_ids(request)]
 
     def launch(case: Case):
-        ctx = Ctx(tiny_bert, tiny_llama, trained_run, tmp_path_factory.mktemp(case.id))
+        tmp = tmp_path_factory.mktemp(case.id)
+        # A private copy of the trained run: two cases on one run directory at once would meet its run lock
+        # (a second run on a live run's folder is refused), which is not what they test.
+        trained = Path(shutil.copytree(trained_run, tmp / "trained_run"))
+        ctx = Ctx(tiny_bert, tiny_llama, trained, tmp)
         if case.setup:
             case.setup(ctx)
         protected = case.protect(ctx) + [ctx.tmp]
