@@ -19,8 +19,13 @@ combined into one :class:`RelationDataset`:
   several sources, so SemEval-2012's parent categories never merge with another source's
   (parent-level negatives and ``--parent_grouping`` work within a source).
 * Per-source sampling weights become per-relation weights for
-  :class:`relbert_ds.training.sampler.RelationAwareSampler` (``relation_weights``): a source of weight 2
-  is seen twice per epoch, one of weight 0.5 half.
+  :class:`relbert_ds.training.sampler.RelationAwareSampler` (``relation_weights``: expected
+  appearances per epoch, remainders carried over epochs). ``mode="relations"`` (the default)
+  gives every relation its source's weight: a relation of a source of weight 2 is seen twice per
+  epoch, of weight 0.5 in every other epoch, whatever the source's size. ``mode="share"`` reads
+  the weights as the sources' shares of the relation slots (of the steps): weights ``1 1`` give
+  each source half of an epoch's slots however many relations each has, the epoch keeping its
+  length (one slot per relation in all); a source's relations share its slots evenly.
 
 :func:`per_source_validation` loads the validation split of each source on its own, named by
 the source's short name, so the validation analogy questions derived from it give one accuracy
@@ -36,9 +41,10 @@ from relbert_ds.data.schemas import RelationDataset, RelationGroup
 from relbert_ds.data.sources import load_relation_dataset
 from relbert_ds.errors import ConfigError, DataError
 
-__all__ = ["load_training_sources", "per_source_validation", "source_short_names"]
+__all__ = ["load_training_sources", "per_source_validation", "relation_weights", "source_short_names", "WEIGHT_MODES"]
 
 _SPLIT_NAMES = {"train", "validation", "valid", "test"}
+WEIGHT_MODES = ("relations", "share")  # what a --train_weights weight scales (see the module docstring)
 
 
 def source_short_names(sources: Sequence[str], datasets: Sequence[RelationDataset]) -> list[str]:
@@ -70,7 +76,7 @@ def _check_weights(sources: Sequence[str], weights: Optional[Sequence[float]]) -
     for w in weights:
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not (math.isfinite(w) and w > 0):
             raise ConfigError(f"--train_weights {w!r} is not a positive number; fix: use weights > 0 (2 sees a "
-                              f"source twice per epoch, 0.5 half)")
+                              f"source's relations twice per epoch, 0.5 in every other epoch)")
     return [float(w) for w in weights]
 
 
@@ -106,14 +112,35 @@ def _check_unique_relations(shorts: Sequence[str], datasets: Sequence[RelationDa
                             f"in one source, or drop one of the two sources")
 
 
-def load_training_sources(sources: Sequence[str], split: str,
-                          weights: Optional[Sequence[float]] = None) -> tuple[RelationDataset, Optional[list[float]]]:
+def _check_mode(mode: str) -> None:
+    if mode not in WEIGHT_MODES:
+        raise ConfigError(f"--train_weights_mode {mode!r} is not one of {', '.join(WEIGHT_MODES)}; fix: pick one of "
+                          f"them")
+
+
+def relation_weights(weights: Sequence[float], sizes: Sequence[int], mode: str = "relations") -> list[float]:
+    """One weight per relation from one weight per source of ``sizes`` relations.
+
+    ``relations``: each relation gets its source's weight. ``share``: source ``s`` gets the share
+    ``w_s / sum(w)`` of the ``sum(sizes)`` slots of an epoch, spread evenly over its relations.
+    """
+    _check_mode(mode)
+    if mode == "relations":
+        return [float(w) for w, n in zip(weights, sizes) for _ in range(n)]
+    total_weight, total_relations = math.fsum(weights), sum(sizes)
+    return [w / total_weight * total_relations / n for w, n in zip(weights, sizes) for _ in range(n)]
+
+
+def load_training_sources(sources: Sequence[str], split: str, weights: Optional[Sequence[float]] = None,
+                          mode: str = "relations") -> tuple[RelationDataset, Optional[list[float]]]:
     """Load ``split`` of every source and combine them (see the module docstring).
 
     Args:
         sources: one or more sources as :func:`load_relation_dataset` takes them.
         split: the split to load from each (``"train"``, ``"validation"``, ...).
         weights: optional sampling weight per source (> 0).
+        mode: ``"relations"`` (a weight is each relation's expected appearances per epoch) or
+            ``"share"`` (a weight is the source's share of the slots), see the module docstring.
 
     Returns:
         The combined dataset (``name`` ``"a+b"``, ``source`` every source's path or hub id) and,
@@ -122,26 +149,24 @@ def load_training_sources(sources: Sequence[str], split: str,
     Raises:
         DataError: a source that cannot be read, is empty, lacks ``split``, is named twice, or
             shares a relation name with another source.
-        ConfigError: a weight that is not a positive number, or not one per source.
+        ConfigError: a weight that is not a positive number, or not one per source; an unknown mode.
     """
     checked = _check_weights(sources, weights)
+    _check_mode(mode)
     datasets = _load_each(sources, split)
+    per_relation = None if checked is None else relation_weights(checked, [len(d) for d in datasets], mode)
     if len(datasets) == 1:
-        data = datasets[0]
-        return data, None if checked is None else [checked[0]] * len(data)
+        return datasets[0], per_relation
     shorts = source_short_names(sources, datasets)
     _check_unique_relations(shorts, datasets)
     groups: list[RelationGroup] = []
-    relation_weights: list[float] = []
-    for i, (short, data) in enumerate(zip(shorts, datasets)):
+    for short, data in zip(shorts, datasets):
         for group in data.relations:
             parent = None if group.parent is None else f"{short}:{group.parent}"
             groups.append(RelationGroup(group.relation_type, group.positives, group.negatives, parent))
-        if checked is not None:
-            relation_weights += [checked[i]] * len(data)
     combined = RelationDataset(name="+".join(shorts), split=split, relations=tuple(groups),
                                source=" + ".join(data.source for data in datasets))
-    return combined, relation_weights if checked is not None else None
+    return combined, per_relation
 
 
 def per_source_validation(sources: Sequence[str], split: str) -> list[RelationDataset]:
@@ -158,11 +183,13 @@ def per_source_validation(sources: Sequence[str], split: str) -> list[RelationDa
             for short, data in zip(shorts, datasets)]
 
 
-def load_train_data(sources: Sequence[str], split: str,
-                    weights: Optional[Sequence[float]] = None) -> tuple[RelationDataset, Optional[list[float]]]:
+def load_train_data(sources: Sequence[str], split: str, weights: Optional[Sequence[float]] = None,
+                    mode: str = "relations") -> tuple[RelationDataset, Optional[list[float]]]:
     """The ``--train_data`` sources of a run: one source without weights is read as it is (its
     relation and parent names untouched); several, or weights, are combined by
-    :func:`load_training_sources`. Returns the dataset and the per-relation weights (or None)."""
+    :func:`load_training_sources` (``mode``: ``--train_weights_mode``). Returns the dataset and
+    the per-relation weights (or None)."""
     if len(sources) == 1 and weights is None:
+        _check_mode(mode)
         return load_relation_dataset(sources[0], split), None
-    return load_training_sources(sources, split, weights)
+    return load_training_sources(sources, split, weights, mode)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, Optional, Sequence, get_args, get_origin, get_type_hints
 
+from relbert_ds.data.training_sources import WEIGHT_MODES
 from relbert_ds.errors import ConfigError
 
 # Defaults and choices that belong to a component are read from it (one source each).
@@ -54,8 +55,13 @@ class DataConfig:
     train_data: list = _f(["semeval2012"], "relational-similarity data, one or more sources: bundled name, local "
                                            ".jsonl/folder, or hub id (relation ids are kept apart per source)",
                           nargs="+")
-    train_weights: Optional[list] = _f(None, "sampling weight per --train_data source (> 0; default 1 each: a "
-                                             "source of weight 2 is seen twice per epoch)", item_type=float)
+    train_weights: Optional[list] = _f(None, "sampling weight per --train_data source (> 0; default 1 each): "
+                                             "expected appearances of each of its relations per epoch (2: twice, "
+                                             "0.5: every other epoch), or its share with --train_weights_mode share",
+                                       item_type=float)
+    train_weights_mode: str = _f("relations", "what a --train_weights weight scales: relations (each relation's "
+                                              "appearances per epoch, whatever the source's size) or share (the "
+                                              "source's share of the steps: 1 1 gives two sources half each)")
     train_split: str = _f("train", "split of train_data to train on")
     relations_per_step: Optional[int] = _f(None, "relations per optimizer step over ALL ranks (the global batch, "
                                                  "DeepSpeed's train_batch_size; default: the DS config's, else 16)")
@@ -180,6 +186,7 @@ class RunConfig:
             bad = [w for w in d.train_weights if not (isinstance(w, (int, float)) and math.isfinite(w) and w > 0)]
             if bad:
                 raise ConfigError(f"--train_weights {bad[0]!r} is not a positive number; fix: use weights > 0")
+        _choice("--train_weights_mode", d.train_weights_mode, WEIGHT_MODES)
         if m.dropout is not None and not 0.0 <= m.dropout < 1.0:
             raise ConfigError(f"--dropout is {m.dropout}; fix: use a probability in [0, 1)")
         for name, value, low in (("--keep_last", t.keep_last, 1), ("--log_every_steps", t.log_every_steps, 1),

@@ -21,7 +21,7 @@ def batch_plan(run: RunConfig, world_size: int) -> dict[str, Any]:
     from relbert_ds.training.sampler import RelationAwareSampler
 
     d = run.data
-    data, weights = load_train_data(d.train_data, d.train_split, d.train_weights)
+    data, weights = load_train_data(d.train_data, d.train_split, d.train_weights, d.train_weights_mode)
     ds, source = load_ds_config(run.deepspeed_config)
     batch = resolve_batch(ds, source, d.relations_per_step, world_size, d.relations_per_rank)
     sampler = RelationAwareSampler(data, world_size=world_size, rank=0, relations_per_step=batch.relations_per_step,

@@ -168,7 +168,8 @@ def resolve_batch(ds: dict[str, Any], source: str, relations_per_step: Optional[
     Sources, first match wins: ``--relations_per_step``; the JSON's ``train_batch_size``
     (global, like ours; the two must agree when both are given); the deprecated
     ``--relations_per_rank`` or the JSON's ``train_micro_batch_size_per_gpu`` (per rank: the
-    batch then grows with the world size, which a note says); else 16.
+    batch then grows with the world size, which a note says); else 16, with a note on more than
+    two ranks, where the old default of 8 relations per rank gave a larger batch.
     """
     def given(key: str) -> Optional[int]:
         value = ds.get(key)
@@ -206,6 +207,11 @@ def resolve_batch(ds: dict[str, Any], source: str, relations_per_step: Optional[
         relations_per_step = micro * accum * world_size
         notes.append(f"train_micro_batch_size_per_gpu {micro} in {source} is per rank: the global batch "
                      f"({relations_per_step}) grows with the world size; set train_batch_size for a fixed one")
+    if relations_per_step is None and world_size > 2:
+        # An unchanged multi-GPU command would silently train on a smaller batch than before.
+        notes.append(f"the default global batch is {DEFAULT_RELATIONS_PER_STEP} relations per step over all "
+                     f"{world_size} ranks (relbert-ds before the world-size-invariant batch used 8 per rank: "
+                     f"{8 * world_size} here); for the old batch pass --relations_per_step {8 * world_size}")
     plan = BatchPlan(relations_per_step or DEFAULT_RELATIONS_PER_STEP, accum, world_size, tuple(notes))
     ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"] = \
         plan.deepspeed_triad

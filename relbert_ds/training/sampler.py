@@ -25,24 +25,36 @@ How a step is divided:
 Relation order per epoch: a permutation seeded by ``(seed, epoch)``. With ``parent_grouping``
 the parents are permuted and the relations of each parent kept adjacent (permuted inside the
 parent), so siblings tend to share a global batch and act as hard negatives for each other.
-Relations without a parent are groups of their own. With ``relation_weights`` (per relation,
-e.g. from per-source sampling weights) a relation takes ``floor(w)`` slots per epoch plus one
-more with probability ``w - floor(w)`` (seeded per epoch), so a source of weight 2 is seen twice
-per epoch and one of weight 0.5 half; a step never holds a relation twice (a repeated relation
-is swapped with the next later slot that is not yet in the step).
+Relations without a parent are groups of their own.
+
+Weights (``relation_weights``, per relation, e.g. from per-source weights): a relation of weight
+``w`` is planned ``floor(w*(e+1) + phase) - floor(w*e + phase)`` times in epoch ``e``, so over
+``E`` epochs it is planned ``floor(w*E + phase)`` times: within one of ``w*E`` (the remainders
+carry over from epoch to epoch; a relation of weight 0.5 is in exactly every other epoch, one of
+0.1 in one epoch of ten, one of 2.5 in two or three). The phase is fixed for the run and drawn
+from the seed: the relations sharing a weight get the phases ``(j + u)/n`` (``j`` a seeded
+permutation of their ``n`` positions, ``u`` one seeded offset), which by Hermite's identity keeps
+their total per epoch at ``floor(n*w)`` or ``ceil(n*w)``; arithmetic is exact (integers, weights
+as fractions). A step never holds a relation twice (repeats are moved into other steps), so a
+weight may be at most the steps of an epoch minus one (the last step may be partial).
 
 Uneven tails: ``tail="drop"`` runs ``slots // relations_per_step`` steps and skips the leftover
 this epoch (a new permutation next epoch gives it its turn); ``tail="fill"`` runs
 ``ceil(slots / relations_per_step)`` steps and completes the last one with relations drawn,
-seeded by ``(seed, epoch, step)``, from those not already in it. Both act on whole optimizer
-steps, so gradient accumulation never drops a micro step.
+seeded by ``(seed, epoch, step)``, from those not already in it: uniformly without weights, in
+proportion to the weights with them. Both act on whole optimizer steps, so gradient accumulation
+never drops a micro step. With weights the planned slots of an epoch vary by at most one per
+distinct weight: ``fill`` sizes the epoch for the most, ``drop`` for the fewest.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
+from collections import Counter
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any, Optional, Sequence
 
 import torch
@@ -62,7 +74,10 @@ MIN_POSITIVES = 2  # a contrastive term needs an anchor and another positive
 
 _MASK64 = (1 << 64) - 1
 # Stream tags keep the generators of different purposes independent for equal (epoch, step).
-_TAG_ORDER, _TAG_PARENTS, _TAG_FILL, _TAG_GROUP, _TAG_WEIGHT = 0x0A, 0x0B, 0x0C, 0x0D, 0x0E
+_TAG_ORDER, _TAG_PARENTS, _TAG_FILL, _TAG_GROUP, _TAG_PHASE = 0x0A, 0x0B, 0x0C, 0x0D, 0x0F
+_PHASE_BITS = 32  # resolution of a weight group's seeded phase offset
+# A weight is read as the fraction it was written as (0.1 = 1/10, not the binary float's value).
+_WEIGHT_DENOMINATOR = 10**6
 _STATE_VERSION = 2
 
 
@@ -169,7 +184,8 @@ class RelationAwareSampler:
         tail: ``"fill"`` or ``"drop"`` (see the module docstring).
         parent_grouping: keep relations of one parent adjacent in the epoch order.
         shard_by: ``"prompt"`` (even prompt counts) or ``"relation"`` (whole groups per rank).
-        relation_weights: optional per-relation sampling weights (> 0), see the module docstring.
+        relation_weights: optional per-relation sampling weights (> 0): expected appearances per
+            epoch, see the module docstring.
 
     Attributes:
         steps_per_epoch: optimizer steps per epoch, identical on every rank and world size.
@@ -208,9 +224,13 @@ class RelationAwareSampler:
         self.shard_by = shard_by
         n = len(dataset.relations)
         self.weights = _check_weights(relation_weights, n)
+        # (numerator, offset, denominator) per relation: planned count by epoch e = (num*e + off) // den
+        self._carry = None if self.weights is None else _carry_terms(self.weights, self.seed)
         _check_against_data(self)
-        slots = self.slots_per_epoch
-        self.steps_per_epoch = slots // relations_per_step if tail == "drop" else math.ceil(slots / relations_per_step)
+        fewest, most = self.slot_range
+        self.steps_per_epoch = max(1, fewest // relations_per_step if tail == "drop" else
+                                   math.ceil(most / relations_per_step))
+        _check_weights_fit(self)
 
         self.parent_names: list[str] = []
         self._relation_parent: list[int] = []  # relation index -> parent index or -1
@@ -239,13 +259,24 @@ class RelationAwareSampler:
     # ---------------------------------------------------------------- sizes
 
     @property
-    def slots_per_epoch(self) -> int:
-        """Relation slots in an epoch: the relation count, or the expected count under weights."""
-        if self.weights is None:
-            return len(self.dataset.relations)
-        floors = sum(int(math.floor(w)) for w in self.weights)
-        extra = round(sum(w - math.floor(w) for w in self.weights))
-        return max(1, floors + extra)
+    def slot_range(self) -> tuple[int, int]:
+        """The fewest and the most relation slots an epoch plans: the relation count twice without
+        weights; with weights, over the relations sharing a weight, ``floor`` and ``ceil`` of
+        their count times the weight, summed."""
+        if self._carry is None:
+            n = len(self.dataset.relations)
+            return n, n
+        totals: dict[Fraction, int] = Counter(_exact_weight(w) for w in self.weights)
+        fewest = sum(math.floor(w * k) for w, k in totals.items())
+        most = sum(math.ceil(w * k) for w, k in totals.items())
+        return max(1, fewest), max(1, most)
+
+    def epoch_counts(self, epoch: int) -> list[int]:
+        """How many slots each relation has in ``epoch`` (1 each without weights): with weights
+        ``floor(w*(epoch+1) + phase) - floor(w*epoch + phase)``, exact."""
+        if self._carry is None:
+            return [1] * len(self.dataset.relations)
+        return [(num * (epoch + 1) + off) // den - (num * epoch + off) // den for num, off, den in self._carry]
 
     def group_size(self, relation: int) -> int:
         """Prompts of one relation's group."""
@@ -257,7 +288,7 @@ class RelationAwareSampler:
 
     def epoch_order(self, epoch: int) -> list[int]:
         """The relation slots of ``epoch`` in order (a permutation of all relations without
-        weights; with weights, each relation ``floor(w)`` or ``ceil(w)`` times)."""
+        weights; with weights, each relation :meth:`epoch_counts` times)."""
         if self._order_cache[0] == epoch:
             return list(self._order_cache[1])
         if self.parent_grouping:
@@ -272,19 +303,8 @@ class RelationAwareSampler:
         return list(order)
 
     def _weighted_slots(self, epoch: int) -> list[int]:
-        """Each relation ``floor(w)`` times, plus ``round(sum of fractions)`` more slots drawn
-        without replacement in proportion to the fractional parts (seeded by the epoch): the
-        slot count is the same every epoch, so is ``steps_per_epoch``."""
-        n = len(self.dataset.relations)
-        if self.weights is None:
-            return list(range(n))
-        slots = [i for i, w in enumerate(self.weights) for _ in range(int(math.floor(w)))]
-        fractions = torch.tensor([w - math.floor(w) for w in self.weights], dtype=torch.float64)
-        extra = self.slots_per_epoch - len(slots)
-        if extra > 0:
-            g = _generator(self.seed, epoch, _TAG_WEIGHT)
-            slots += sorted(torch.multinomial(fractions, extra, replacement=False, generator=g).tolist())
-        return slots
+        """Each relation :meth:`epoch_counts` times, in relation order."""
+        return [i for i, c in enumerate(self.epoch_counts(epoch)) for _ in range(c)]
 
     def _grouped_order(self, epoch: int) -> list[int]:
         """Parents in a permuted order, each parent's relations adjacent and permuted."""
@@ -310,7 +330,12 @@ class RelationAwareSampler:
             taken = set(chosen)
             rest = [i for i in range(len(self.dataset.relations)) if i not in taken]
             g = _generator(self.seed, epoch, step, _TAG_FILL)
-            chosen += [rest[j] for j in torch.randperm(len(rest), generator=g)[:missing].tolist()]
+            if self.weights is None:
+                picks = torch.randperm(len(rest), generator=g)[:missing].tolist()
+            else:  # fillers in proportion to the weights, so a fill does not favour light sources
+                share = torch.tensor([self.weights[i] for i in rest], dtype=torch.float64)
+                picks = torch.multinomial(share, missing, replacement=False, generator=g).tolist()
+            chosen += [rest[j] for j in picks]
         return chosen
 
     def _group(self, epoch: int, step: int, relation: int) -> GroupPlan:
@@ -418,7 +443,7 @@ class RelationAwareSampler:
                 ensure_ascii=False,
             ).encode("utf-8")
         ).hexdigest()[:16]
-        return {
+        fingerprint = {
             "n_relations": len(self.dataset.relations),
             "relations_per_step": self.relations_per_step,
             "accumulation": self.accumulation,
@@ -431,6 +456,9 @@ class RelationAwareSampler:
             "dataset": f"{self.dataset.name}/{self.dataset.split}",
             "dataset_digest": digest,
         }
+        if self.weights is not None:  # weighted plans before this scheme differ: refuse to mix them
+            fingerprint["weights_plan"] = _WEIGHTS_PLAN
+        return fingerprint
 
     def state_dict(self) -> dict[str, Any]:
         """The fingerprint a checkpoint's progress belongs to (plain JSON-able types)."""
@@ -459,21 +487,100 @@ class RelationAwareSampler:
 
 
 def _spread_repeats(order: list[int], per_step: int) -> list[int]:
-    """Move repeated relations out of a step: swap each repeat with the next later slot whose
-    relation is not in that step yet (deterministic; the multiset is unchanged). A repeat that
-    finds no partner (only near the end of an epoch) is replaced by a filler in
-    :meth:`RelationAwareSampler._step_relations`."""
+    """Move repeated relations out of a step: swap each repeat with a slot of another step (later
+    steps first, then earlier ones) that lacks the repeated relation and whose own relation is
+    not in this step (deterministic; the multiset is unchanged). A repeat that finds no partner
+    is replaced by a filler in :meth:`RelationAwareSampler._step_relations`."""
     order = list(order)
-    for start in range(0, len(order), per_step):
-        end = min(start + per_step, len(order))
-        seen: set[int] = set()
+    bounds = [(a, min(a + per_step, len(order))) for a in range(0, len(order), per_step)]
+    members = [Counter(order[a:b]) for a, b in bounds]
+    for k, (start, end) in enumerate(bounds):
         for i in range(start, end):
-            if order[i] in seen:
-                j = next((j for j in range(end, len(order)) if order[j] not in seen), None)
+            rel = order[i]
+            if members[k][rel] < 2:
+                continue
+            for k2 in [*range(k + 1, len(bounds)), *range(k)]:
+                if members[k2][rel]:
+                    continue
+                j = next((j for j in range(*bounds[k2]) if not members[k][order[j]]), None)
                 if j is not None:
-                    order[i], order[j] = order[j], order[i]
-            seen.add(order[i])
+                    other = order[j]
+                    order[i], order[j] = other, rel
+                    members[k][rel] -= 1
+                    members[k][other] += 1
+                    members[k2][other] -= 1
+                    members[k2][rel] += 1
+                    break
+    if any(c > 1 for m in members for c in m.values()):
+        return _deal_steps(order, bounds)
     return order
+
+
+def _deal_steps(order: list[int], bounds: list[tuple[int, int]]) -> list[int]:
+    """Steps without repeats when pairwise swaps got stuck (a weight close to the steps of an
+    epoch), by the Gale-Ryser construction: relations by decreasing count, each one's copies into
+    the steps with the most free places. Inside a step relations keep their order of first
+    appearance."""
+    counts = Counter(order)
+    first = {rel: i for i, rel in reversed(list(enumerate(order)))}
+    free = [b - a for a, b in bounds]
+    steps: list[list[int]] = [[] for _ in bounds]
+    for rel in sorted(counts, key=lambda r: (-counts[r], first[r])):
+        open_steps = sorted((k for k in range(len(free)) if free[k] > 0), key=lambda k: -free[k])
+        chosen = open_steps[:counts[rel]]
+        if len(chosen) < counts[rel]:
+            return order  # no arrangement: _step_relations replaces what repeats
+        for k in chosen:
+            steps[k].append(rel)
+            free[k] -= 1
+    return [rel for step in steps for rel in sorted(step, key=first.__getitem__)]
+
+
+@functools.lru_cache(maxsize=1024)  # a few distinct weights, looked up once per relation
+def _exact_weight(w: float) -> Fraction:
+    """The weight as the fraction it was most likely written as (0.1 -> 1/10); the float's exact
+    value when no fraction with a small denominator is that close."""
+    exact = Fraction(w)
+    near = exact.limit_denominator(_WEIGHT_DENOMINATOR)
+    return near if near > 0 and abs(near - exact) * 10**12 <= exact else exact
+
+
+def _carry_terms(weights: Sequence[float], seed: int) -> list[tuple[int, int, int]]:
+    """Per relation ``(num, off, den)`` with ``(num*e + off) // den == floor(w*e + phase)``.
+
+    The relations of one weight ``w = a/b`` (``n`` of them, dataset order) get the phases
+    ``(j + u/2**32)/n`` for a seeded permutation ``j`` and one seeded offset ``u``: evenly spread,
+    so the group's total per epoch stays within one of ``n*w`` (Hermite's identity).
+    """
+    weights = [_exact_weight(w) for w in weights]
+    groups: dict[Fraction, list[int]] = {}
+    for i, w in enumerate(weights):
+        groups.setdefault(w, []).append(i)
+    g = _generator(seed, _TAG_PHASE)
+    scale = 1 << _PHASE_BITS
+    terms: list[tuple[int, int, int]] = [(0, 0, 1)] * len(weights)
+    for w, members in groups.items():
+        n, a, b = len(members), w.numerator, w.denominator
+        positions = torch.randperm(n, generator=g).tolist()
+        u = int(torch.randint(0, scale, (1,), generator=g))
+        for i, j in zip(members, positions):
+            # floor(a/b * e + (j*scale + u)/(n*scale)) over one common denominator
+            terms[i] = (a * n * scale, b * (j * scale + u), b * n * scale)
+    return terms
+
+
+def _check_weights_fit(s: RelationAwareSampler) -> None:
+    """A step holds a relation once, and the last step of an epoch may be partial (or skipped),
+    so an epoch of S steps can place a relation S - 1 times for certain (once when S is 1)."""
+    if s.weights is None:
+        return
+    heaviest = max(s.weights)
+    places, most = math.ceil(_exact_weight(heaviest)), max(1, s.steps_per_epoch - 1)
+    if places > most:
+        raise ConfigError(f"a relation sampling weight of {heaviest:g} needs up to {places} places per epoch, but "
+                          f"an epoch of {s.steps_per_epoch} steps holds a relation at most {most} times (once per "
+                          f"step, the last step may be partial); fix: lower that weight (--train_weights) to at "
+                          f"most {most}, or lower --relations_per_step for more steps per epoch")
 
 
 def _check_weights(weights: Optional[Sequence[float]], n: int) -> Optional[list[float]]:
@@ -520,6 +627,7 @@ _KNOB_OPTION = {
     "parent_grouping": "--parent_grouping",
     "relation_weights": "the sampling weights",
 }
+_WEIGHTS_PLAN = "carry-v1"  # the weighted scheme of the module docstring
 
 
 def _mismatch_message(key: str, theirs: Any, ours: Any) -> str:
@@ -527,6 +635,9 @@ def _mismatch_message(key: str, theirs: Any, ours: Any) -> str:
     if key in ("n_relations", "dataset", "dataset_digest"):
         return (f"checkpoint was written on different training data ({key}: {theirs}, this run: {ours}); fix: "
                 f"resume with the same training set, or start a new run")
+    if key == "weights_plan":
+        return (f"checkpoint was written by a relbert-ds whose weighted batch plan differs ({theirs}, this run: "
+                f"{ours}); fix: resume it with the relbert-ds version that wrote it, or start a new run")
     label = _KNOB_OPTION.get(key, key)
     return f"checkpoint was written with {label} = {theirs}, this run has {ours}; fix: resume with {label} = " \
            f"{theirs}, or start a new run"

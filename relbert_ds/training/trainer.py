@@ -344,7 +344,8 @@ class Trainer:
 
     def _load_inputs(self, info: distributed.DistInfo) -> dict[str, Any]:
         run, m, d = self.run, self.run.model, self.run.data
-        train_data, relation_weights = load_train_data(d.train_data, d.train_split, d.train_weights)
+        train_data, relation_weights = load_train_data(d.train_data, d.train_split, d.train_weights,
+                                                       d.train_weights_mode)
         validation_relations = self._load_validation_relations()
         per_source = None
         if len(d.train_data) > 1 and validation_relations is not None:

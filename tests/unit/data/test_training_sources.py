@@ -14,8 +14,9 @@ import torch
 from relbert_ds.data import load_relation_dataset
 from relbert_ds.data.derived import relation_analogy_questions
 from relbert_ds.data.sources import bundled_path
-from relbert_ds.data.training_sources import load_training_sources, per_source_validation
+from relbert_ds.data.training_sources import load_training_sources, per_source_validation, relation_weights
 from relbert_ds.errors import ConfigError, DataError
+from relbert_ds.training.config import parse_train_command
 from relbert_ds.training.losses import NCELoss
 from relbert_ds.training.sampler import RelationAwareSampler
 from tests.fakes import write_relations
@@ -64,6 +65,49 @@ def test_weights_become_per_relation_weights(tmp_path):
     # one source with a weight: the data unchanged, the weight on every relation
     alone, w = load_training_sources([str(a)], "train", [3])
     assert alone == load_relation_dataset(str(a), "train") and w == [3.0] * 4
+
+
+def test_share_mode_gives_sources_their_share_of_the_slots(tmp_path):
+    # 4 and 10 relations at 1 1: "relations" sees each relation once per epoch (4 and 10 slots),
+    # "share" gives each source half of the 14 slots (7 and 7) whatever its size.
+    a = write_relations(tmp_path / "a", 4, tag="a")
+    b = write_relations(tmp_path / "b", 10, tag="b")
+    data, per_relation = load_training_sources([str(a), str(b)], "train", [1, 1])
+    assert per_relation == [1.0] * 14
+    data, shared = load_training_sources([str(a), str(b)], "train", [1, 1], mode="share")
+    assert shared == pytest.approx([7 / 4] * 4 + [7 / 10] * 10)
+    assert math.fsum(shared) == pytest.approx(len(data))  # the epoch keeps its length
+    sampler = RelationAwareSampler(data, world_size=2, rank=0, relations_per_step=2, relation_weights=shared,
+                                   positives_per_relation=2, negatives_per_relation=1)
+    epochs = 40
+    per_source = [0, 0]
+    for epoch in range(epochs):
+        counts = sampler.epoch_counts(epoch)
+        assert (sum(counts[:4]), sum(counts[4:])) == (7, 7)  # 4 x 7/4 and 10 x 7/10: exactly half each
+        per_source[0] += sum(counts[:4])
+        per_source[1] += sum(counts[4:])
+        trained = [r for step in range(sampler.steps_per_epoch) for r, _, _ in sampler.plan(epoch, step)]
+        assert len(trained) == 14 and sum(r < 4 for r in trained) == 7
+    assert per_source == [7 * epochs, 7 * epochs]
+    # 1 3: a quarter and three quarters of the slots
+    _, quarter = load_training_sources([str(a), str(b)], "train", [1, 3], mode="share")
+    assert math.fsum(quarter[:4]) == pytest.approx(14 / 4) and math.fsum(quarter[4:]) == pytest.approx(14 * 3 / 4)
+    # one source: a share of everything, so no weights at all for the sampler
+    _, single = load_training_sources([str(b)], "train", [5], mode="share")
+    assert single == [1.0] * 10
+    assert relation_weights([2, 0.5], [4, 10]) == [2.0] * 4 + [0.5] * 10
+
+
+def test_train_weights_mode_is_a_checked_option(tmp_path):
+    command = parse_train_command(["--train_data", "semeval2012", "extra", "--train_weights", "1", "3",
+                                   "--train_weights_mode", "share"])
+    assert command.run.data.train_weights_mode == "share"
+    assert parse_train_command([]).run.data.train_weights_mode == "relations"
+    with pytest.raises(ConfigError) as exc:
+        parse_train_command(["--train_weights_mode", "steps"])
+    assert str(exc.value) == "--train_weights_mode 'steps' is not one of relations, share; fix: pick one of them"
+    with pytest.raises(ConfigError, match="--train_weights_mode 'steps' is not one of relations, share; fix:"):
+        load_training_sources(["semeval2012"], "train", [1], mode="steps")
 
 
 def test_same_short_name_twice_is_made_distinct(tmp_path):
@@ -237,3 +281,20 @@ def test_five_thousand_relations_loss_against_the_closed_form(big_source):
     assert out.metrics["retrieval_acc"] == 1.0
     out.loss.backward()
     assert torch.isfinite(emb.grad).all()
+
+
+def test_the_mode_reaches_the_batch_plan(tmp_path):
+    # The command line's --train_weights_mode is what the run's plan uses (the dry run plans as the
+    # trainer does): with equal weights, share gives the small source half of the slots, relations a
+    # twelfth of them, so the first step's prompts differ.
+    from relbert_ds.training.dry_run import batch_plan
+    from tests.fakes import write_relations
+
+    extra = write_relations(tmp_path / "extra", 12, positives=4, negatives=3, parents=3, tag="x")
+    plans = {}
+    for mode in ("relations", "share"):
+        run = parse_train_command(["--train_data", "semeval2012", str(extra), "--train_weights", "1", "1",
+                                   "--train_weights_mode", mode]).run
+        plans[mode] = batch_plan(run, 2)
+    assert plans["relations"]["relations"] == plans["share"]["relations"] == 91
+    assert plans["relations"]["prompts_per_step"] != plans["share"]["prompts_per_step"]

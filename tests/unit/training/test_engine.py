@@ -363,3 +363,25 @@ def test_deepspeed_gets_the_gpu_the_process_group_chose(monkeypatch):
     import deepspeed.runtime.engine as ds_engine
 
     assert "args.device_rank" in inspect.getsource(ds_engine.DeepSpeedEngine._set_distributed_vars)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 8, 64])
+def test_the_default_batch_notes_the_old_per_rank_default(world):
+    # Before the world-size-invariant batch the default was 8 relations per rank: an unchanged
+    # command on more than two ranks now trains on 16 relations instead of 8 x world, and says so.
+    plan = resolve_batch({}, "zero2.json", None, world)
+    old = [n for n in plan.notes if "8 per rank" in n]
+    assert plan.relations_per_step == 16
+    if world > 2:
+        assert old == [f"the default global batch is 16 relations per step over all {world} ranks (relbert-ds "
+                       f"before the world-size-invariant batch used 8 per rank: {8 * world} here); for the old "
+                       f"batch pass --relations_per_step {8 * world}"]
+        assert resolve_batch({}, "zero2.json", 8 * world, world).relations_per_step == 8 * world
+    else:
+        assert old == []
+    # any batch the user chose, globally or per rank, gets no such note
+    for ds, per_step, per_rank in (({}, 16, None), ({"train_batch_size": 32}, None, None),
+                                   ({"train_batch_size": "auto"}, 24, None), ({}, None, 8),
+                                   ({"train_micro_batch_size_per_gpu": 2}, None, None)):
+        chosen = resolve_batch(ds, "zero2.json", per_step, world, relations_per_rank=per_rank)
+        assert not [n for n in chosen.notes if "default global batch" in n]
