@@ -21,7 +21,8 @@ import threading
 from pathlib import Path
 from typing import Any, Optional
 
-from relbert_ds.errors import CheckpointError
+from relbert_ds.errors import CheckpointError, ConfigError
+from relbert_ds.training.run_directory import _reason
 
 LOCK_FILE = "run.lock"
 HEARTBEAT_S = 30.0
@@ -115,9 +116,17 @@ class RunLock:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.me(), f)
-            f.write("\n")
+        except OSError as exc:
+            raise ConfigError(f"{self.path} cannot be created ({_reason(exc)}); fix: pass an --output_dir on a "
+                              f"writable file system") from None
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.me(), f)
+                f.write("\n")
+        except OSError as exc:  # a full disk: the empty file was created, its contents not
+            self.path.unlink(missing_ok=True)
+            raise ConfigError(f"{self.path} cannot be written ({_reason(exc)}); fix: free space on that file system "
+                              f"or pass another --output_dir") from None
         return True
 
     def _read(self) -> dict[str, Any]:

@@ -86,8 +86,8 @@ def test_disk_full_at_a_checkpoint(check, tiny_bert, tmpfs):
 
 
 def test_disk_full_at_the_start(tiny_bert, tmpfs):
-    """A file system with no byte left: the folder and an empty file can be created, config.json
-    cannot (rank 0 writes it; every rank stops)."""
+    """A file system with no byte left: the folder and an empty file can be created, the run lock's
+    contents cannot (rank 0 writes it first; every rank stops, the empty lock file is removed)."""
     disk = tmpfs(256 << 10)
     with open(disk / "filler", "wb", buffering=0) as handle:
         try:
@@ -98,7 +98,7 @@ def test_disk_full_at_the_start(tiny_bert, tmpfs):
     out = disk / "run"
     results = run_ranks(TRAIN, opts(tiny_bert, out, "--max_steps", "2"), world=2, timeout=400)
     message = one_error(results)
-    assert message == (f"error: {out / 'config.json'} cannot be written (no space left on device); fix: free space "
+    assert message == (f"error: {out / 'run.lock'} cannot be written (no space left on device); fix: free space "
                        f"on that file system or pass another --output_dir")
     assert sorted(p.name for p in out.iterdir()) == []
 
