@@ -269,8 +269,22 @@ class RelationEncoder(torch.nn.Module):
         return pool(hidden, input_ids, attention_mask, self.pooling, self.mask_token_id)
 
     def embed(self, pairs: Sequence[Pair]) -> torch.Tensor:
-        """Tokenize and forward ``pairs`` in one batch (autograd as the caller's mode allows)."""
-        return self(**self.tokenize(pairs))
+        """Tokenize and forward ``pairs`` in one batch (autograd as the caller's mode allows).
+
+        Outside autograd (encoding, evaluation, validation) a non-finite vector is a ModelError: a
+        nan vector would otherwise score as the lowest cosine everywhere and turn into a silently
+        wrong accuracy.
+        """
+        vectors = self(**self.tokenize(pairs))
+        if not torch.is_grad_enabled():
+            bad = ~torch.isfinite(vectors).all(dim=1)
+            if bool(bad.any()):
+                first = pairs[int(bad.nonzero()[0])]
+                raise ModelError(f"{self.name} gives non-finite relation vectors (nan or inf) for {int(bad.sum())} of "
+                                 f"{len(pairs)} pairs in a batch, e.g. {tuple(first)}; fix: its weights hold nan or "
+                                 f"inf values (from a training run that diverged?): use an earlier checkpoint or "
+                                 f"export")
+        return vectors
 
     def encode(self, pairs: PairOrPairs, batch_size: int = 64, as_tensor: bool = False,
                show_progress: bool = False) -> np.ndarray | torch.Tensor:

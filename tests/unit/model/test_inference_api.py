@@ -11,6 +11,7 @@ import torch
 from relbert_ds import RelationEncoder
 from relbert_ds.errors import ConfigError
 from relbert_ds.model.encoder import RankedChoice, UntrainedModelWarning, resolve_device
+from tests.assertions import assert_one_line
 
 PAIRS = [("cat", "animal"), ("paris", "france"), ("oak", "tree"), ("hammer", "nail")]
 OTHERS = [("tokyo", "japan"), ("dog", "mammal"), ("rome", "italy"), ("pen", "paper"), ("rose", "flower")]
@@ -173,3 +174,19 @@ def test_equal_rows_get_bit_identical_cosines_wherever_they_sit():
             assert one.shape == (n_choices,) and one[0] == one[repeat_at] and np.allclose(one, scores[1], atol=1e-12)
             assert np.allclose(scores, numpy_cosines(stems, choices), atol=1e-12)
     assert np.array_equal(cosine(np.zeros(4), np.ones((2, 4))), np.zeros(2))  # zero vectors score 0
+
+
+def test_a_model_with_nan_weights_is_an_error_not_a_silent_score(minilm):
+    import copy
+
+    from relbert_ds.errors import ModelError
+
+    broken = copy.deepcopy(minilm)
+    with torch.no_grad():
+        next(broken.backbone.parameters()).fill_(float("nan"))
+    broken.name = "diverged-model"
+    with pytest.raises(ModelError) as err:
+        broken.encode([("paris", "france"), ("dog", "puppy")])
+    assert_one_line(err, "diverged-model gives non-finite relation vectors (nan or inf) for 2 of 2 pairs",
+                    "use an earlier checkpoint")
+    assert minilm.encode([("paris", "france")]).shape == (1, minilm.hidden_size)  # a sound model encodes
