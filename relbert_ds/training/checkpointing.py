@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
 import shutil
 from dataclasses import dataclass
@@ -313,12 +314,9 @@ def read_meta(tag_dir: Path) -> dict[str, Any]:
 
 
 def check_compatible(meta: dict[str, Any], expected: dict[str, Any], tag_dir: Path) -> None:
-    """Refuse to resume where the checkpoint cannot continue this run (before DeepSpeed loads it)."""
-    if meta.get("world_size") != expected["world_size"]:
-        raise CheckpointError(
-            f"checkpoint {tag_dir} was written by {meta.get('world_size')} ranks and this run has "
-            f"{expected['world_size']}; fix: resume with {meta.get('world_size')} ranks (the optimizer's ZeRO "
-            f"shards are split by the world size; the batch plan is not)")
+    """Refuse to resume where the checkpoint cannot continue this run (before DeepSpeed loads it). Another
+    world size is not a reason: the batch plan does not depend on it, and ZeRO shards are converted
+    (:func:`convert_to_universal`)."""
     for key, option in (("model", "model"), ("hidden_size", "model"), ("num_parameters", "model"),
                         ("template", "template"), ("pooling", "pooling"), ("loss", "loss")):
         if key in meta and key in expected and meta[key] != expected[key]:
@@ -327,9 +325,56 @@ def check_compatible(meta: dict[str, Any], expected: dict[str, Any], tag_dir: Pa
                 f"{expected[key]!r}; fix: resume with --{option} {meta.get(option)!r}, or start a new --output_dir")
 
 
-def load_checkpoint(engine: Any, tag_dir: Path) -> dict[str, Any]:
-    """Load engine, optimizer, scheduler and this rank's RNG states; return the client state."""
-    path, client_state = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True,
+UNIVERSAL_SUFFIX = ".universal"
+UNIVERSAL_DONE = "relbert_ds_universal.json"
+
+
+def universal_dir(tag_dir: Path) -> Path:
+    """Where :func:`convert_to_universal` puts the universal form of ``tag_dir``: beside it, named so that
+    :func:`prune` removes it (an incomplete ``global_step*`` folder) once a newer checkpoint is complete."""
+    return tag_dir.with_name(tag_dir.name + UNIVERSAL_SUFFIX)
+
+
+def convert_to_universal(tag_dir: Path, world_size: int) -> Path:
+    """Rank 0: DeepSpeed's universal checkpoint of ``tag_dir``, for a resume at another world size.
+
+    ZeRO 1-3 split the fp32 master weights and Adam moments by the world size; DeepSpeed's
+    ``ds_to_universal`` rewrites them per parameter, which any world size loads
+    (``"checkpoint": {"load_universal": true}``). Done once per checkpoint (reused when complete),
+    into a temporary folder renamed into place, so an interrupted conversion is never loaded.
+    """
+    import subprocess
+    import sys
+
+    out = universal_dir(tag_dir)
+    if (out / UNIVERSAL_DONE).is_file():
+        return out
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)
+    result = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                             str(tag_dir), "--output_folder", str(tmp), "--num_extract_workers", "1",
+                             "--num_merge_workers", "1", "--inject_missing_state"],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise CheckpointError(f"checkpoint {tag_dir} could not be converted for a resume at {world_size} ranks "
+                              f"(DeepSpeed's ds_to_universal: {last}); fix: resume with the world size it was "
+                              f"written with ({read_meta(tag_dir).get('world_size')} ranks)")
+    write_json(tmp / UNIVERSAL_DONE, {"source": tag_dir.name, "for_world_size": world_size})
+    os.replace(tmp, out)
+    return out
+
+
+def load_checkpoint(engine: Any, tag_dir: Path, load_dir: Optional[Path] = None) -> dict[str, Any]:
+    """Load engine, optimizer, scheduler and this rank's RNG states; return the client state.
+
+    ``load_dir``: the folder DeepSpeed loads (the universal form of ``tag_dir`` at another world
+    size); the RNG state comes from ``tag_dir``, where a rank that did not exist there keeps its own.
+    """
+    load_dir = load_dir or tag_dir
+    path, client_state = engine.load_checkpoint(str(load_dir.parent), tag=load_dir.name, load_optimizer_states=True,
                                                 load_lr_scheduler_states=True)
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load {tag_dir}; fix: resume from another checkpoint")

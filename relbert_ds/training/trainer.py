@@ -315,11 +315,26 @@ class Trainer:
             if run.train.resume is not None else None
         inputs = distributed.agree(lambda: self._load_inputs(info))
         check_same_inputs(self._fingerprints(inputs))
+        if resume_dir is not None:
+            self._plan_elastic_resume(resume_dir, inputs["resolved"], info)
         # Last: bad input must leave no folder behind, and --overwrite must not clear a run that
         # this command then cannot replace.
         distributed.agree(lambda: prepare_run_dir(self.run_dir, run.train.resume, run.train.overwrite,
                                                   claim=self._claim_run_dir), main_only=True)
         return {**inputs, "resume_dir": resume_dir}
+
+    def _plan_elastic_resume(self, tag_dir: Path, resolved: ResolvedDeepSpeed, info: distributed.DistInfo) -> None:
+        """A checkpoint of another world size: ZeRO 1-3 load it in DeepSpeed's universal form (rank 0
+        converts it once, before the engine is built: the engine must know it loads universal)."""
+        written_by = distributed.agree(lambda: checkpointing.read_meta(tag_dir).get("world_size"))
+        if written_by == info.world_size:
+            return
+        note = f"resuming a checkpoint written by {written_by} ranks with {info.world_size}"
+        if resolved.zero_stage > 0:
+            distributed.agree(lambda: checkpointing.convert_to_universal(tag_dir, info.world_size), main_only=True)
+            resolved.config.setdefault("checkpoint", {})["load_universal"] = True
+            note += f": ZeRO-{resolved.zero_stage} states converted to {checkpointing.universal_dir(tag_dir)}"
+        resolved.notes.append(note + "; ranks the checkpoint did not have start their dropout RNG from the seed")
 
     def _fingerprints(self, inputs: dict[str, Any]) -> dict[str, str]:
         """What this rank read, as digests (compared across ranks by check_same_inputs)."""
@@ -470,7 +485,9 @@ class Trainer:
         tag_dir, sampler = self.setup.resume_dir, self.setup.sampler
         meta = checkpointing.read_meta(tag_dir)
         distributed.agree(lambda: checkpointing.check_compatible(meta, self._fingerprint(), tag_dir))
-        client = checkpointing.load_checkpoint(self.setup.engine, tag_dir)
+        universal = (self.setup.resolved.config.get("checkpoint") or {}).get("load_universal")
+        client = checkpointing.load_checkpoint(self.setup.engine, tag_dir,
+                                               checkpointing.universal_dir(tag_dir) if universal else None)
         state = client.get("relbert_ds") or {}
         if "progress" not in state:
             raise CheckpointError(f"{tag_dir} has no relbert-ds progress state; fix: resume from a checkpoint written "

@@ -127,8 +127,6 @@ CASES = [
          lambda c: train(c, "--resume", "latest", "--template", NO_MASK_TEMPLATE, "--pooling", "last",
                          model=c.tiny_llama, out=c.trained),
          ("another run", "model"), protect=lambda c: [c.trained]),
-    Case("resume_at_another_world_size", TRAIN, 1, lambda c: train(c, "--resume", "latest", out=c.trained),
-         ("2 ranks", "has 1", "resume with 2 ranks"), protect=lambda c: [c.trained]),
     # ---- evaluation
     Case("evaluate_unknown_dataset", EVALUATE, 2,
          lambda c: ["--model", c.tiny_bert, "--analogy", "sat9", "--classification", "none", "--split", "valid"],

@@ -225,3 +225,26 @@ def test_sigkilled_rank_fails_the_job_without_orphans(slurm_cluster, tiny_bert, 
     assert processes_mentioning(str(out)) == []
     latest = (out / "checkpoints" / "latest").read_text()
     assert (out / "checkpoints" / latest / "relbert_ds_checkpoint.json").exists()
+
+
+def test_a_job_on_fewer_tasks_resumes_the_run_with_resume_auto(slurm_cluster, tiny_bert, tmp_path):
+    """A preemptible cluster hands back fewer GPUs: the run checkpointed by a 2-task job continues in a
+    1-task job with the same command (--resume auto), its ZeRO-2 states converted for one rank."""
+    out = tmp_path / "run"
+    args = ["--model", tiny_bert, "--output_dir", str(out), "--metric", "none", "--analogy", "--no-projector",
+            "--relations_per_step", "8", "--positives_per_relation", "4", "--negatives_per_relation", "4",
+            "--lr", "1e-4", "--warmup_steps", "2", "--save_every_steps", "5", "--resume", "auto"]
+    first = slurm_cluster.sbatch(SLURM / "train.sbatch", *args, "--max_steps", "10", options=CPU_JOB, env=job_env(),
+                                 cwd=tmp_path)
+    info = slurm_cluster.wait(first, timeout=600)
+    assert info["JobState"] == "COMPLETED", describe(slurm_cluster, first, tmp_path)
+    one_task = tuple(o if not o.startswith("--ntasks-per-node") else "--ntasks-per-node=1" for o in CPU_JOB)
+    second = slurm_cluster.sbatch(SLURM / "train.sbatch", *args, "--max_steps", "15", options=one_task,
+                                  env=job_env(), cwd=tmp_path)
+    info = slurm_cluster.wait(second, timeout=600)
+    log = job_log(tmp_path, "relbert-ds-train", second)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", describe(slurm_cluster, second, tmp_path)
+    assert f"resumed from {out / 'checkpoints' / 'global_step10'}" in log
+    assert "resuming a checkpoint written by 2 ranks with 1: ZeRO-2 states converted" in log
+    assert sorted(step_losses(out)) == list(range(1, 16))
+    assert json.loads((out / "config.json").read_text())["resolved"]["world_size"] == 1
