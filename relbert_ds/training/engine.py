@@ -469,17 +469,25 @@ def initialize_engine(module: Any, resolved: ResolvedDeepSpeed) -> Any:
 
     attach_deepspeed_comm()
     params = [p for p in module.parameters() if p.requires_grad]
-    try:
-        scheduler = None
-        if resolved.schedule is not None:
-            import torch
 
-            schedule = resolved.schedule
-            scheduler = lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)  # noqa: E731
-        engine, _, _, _ = deepspeed.initialize(args=engine_args(), model=module, model_parameters=params,
-                                               config=resolved.config, lr_scheduler=scheduler)
-    except (AssertionError, ValueError) as exc:
-        # DeepSpeed validates its JSON with assertions; surface them as config errors.
-        raise ConfigError(f"DeepSpeed rejected {resolved.source}: {str(exc).splitlines()[0] if str(exc) else exc!r}; "
-                          f"fix: correct that setting (see ds_configs/ for working examples)") from exc
-    return engine
+    def initialize() -> Any:
+        try:
+            scheduler = None
+            if resolved.schedule is not None:
+                import torch
+
+                schedule = resolved.schedule
+                scheduler = lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)  # noqa: E731
+            engine, _, _, _ = deepspeed.initialize(args=engine_args(), model=module, model_parameters=params,
+                                                   config=resolved.config, lr_scheduler=scheduler)
+        except (AssertionError, ValueError) as exc:
+            # DeepSpeed validates its JSON with assertions; surface them as config errors.
+            # pydantic's report is several lines (the model, then the field and why): one line of them
+            lines = [" ".join(line.split()) for line in str(exc).splitlines() if line.strip()]
+            why = " / ".join(lines)[:400] if lines else repr(exc)
+            raise ConfigError(f"DeepSpeed rejected {resolved.source}: {why}; fix: correct that setting (see "
+                              f"ds_configs/ for working examples)") from exc
+        return engine
+
+    # Agreed: DeepSpeed checks its JSON on every rank alike, so a rejection is printed once (rank 0).
+    return distributed.agree(initialize)

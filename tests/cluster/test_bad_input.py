@@ -112,6 +112,10 @@ CASES = [
          setup=ds_config(json.dumps({**ZERO2, "train_batch_size": 7}))),
     Case("fp16_on_cpu", TRAIN, 1, lambda c: train(c, "--deepspeed_config", str(c.tmp / "ds.json")),
          ("fp16", "gpu"), setup=ds_config(json.dumps({**ZERO2, "fp16": {"enabled": True}}))),
+    Case("deepspeed_rejects_its_json", TRAIN, 2, lambda c: train(c, "--deepspeed_config", str(c.tmp / "ds.json")),
+         ("deepspeed rejected", "offload_optimizer", "tpu"),
+         setup=ds_config(json.dumps({**ZERO2, "zero_optimization": {**ZERO2["zero_optimization"],
+                                                                    "offload_optimizer": {"device": "tpu"}}}))),
     Case("lr_in_ds_config_and_option", TRAIN, 1,
          lambda c: train(c, "--deepspeed_config", str(c.tmp / "ds.json")),  # FAST passes --lr 1e-4
          ("--lr", "optimizer section"), setup=ds_config(json.dumps(WITH_OPTIMIZER))),
