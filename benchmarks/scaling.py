@@ -145,9 +145,20 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
                                           "negatives_per_relation", "steps", "deepspeed_config", "threads")}
 
 
-def _collective_parts(step: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """One rank's step: seconds, bytes and calls per reported part, plus per phase."""
-    parts = {k: {"seconds": 0.0, "bytes": 0, "calls": 0} for k in
+def wire_factor(op: str, world: int) -> float:
+    """Bytes one rank sends per byte of a collective's payload (the shim's ``bytes``), for the ring
+    algorithms NCCL uses: an all-reduce is a reduce-scatter plus an all-gather, 2(N-1)/N; a reduce to
+    one rank, a reduce-scatter, an all-gather (payload: the output) and a broadcast, (N-1)/N each."""
+    if world < 2:
+        return 0.0
+    share = (world - 1) / world
+    return 2 * share if op in ("all_reduce", "all_reduce_coalesced") else share
+
+
+def _collective_parts(step: dict[str, Any], world: int = 1) -> dict[str, dict[str, float]]:
+    """One rank's step: seconds, bytes (payload, and sent on a ring: ``wire``) and calls per reported part,
+    plus per phase."""
+    parts = {k: {"seconds": 0.0, "bytes": 0, "wire": 0.0, "calls": 0} for k in
              ("gather_fwd", "gather_bwd", "gather_ids", "gradient_allreduce", "parameter_allgather", "small")}
     in_phase = {"forward": 0.0, "backward": 0.0, "step": 0.0, "other": 0.0}
     for c in step["collectives"]:
@@ -162,6 +173,7 @@ def _collective_parts(step: dict[str, Any]) -> dict[str, dict[str, float]]:
             key = "small"  # loss statistics, counts, DeepSpeed's overflow/norm scalars
         parts[key]["seconds"] += c["seconds"]
         parts[key]["bytes"] += c["bytes"]
+        parts[key]["wire"] += c["bytes"] * wire_factor(op, world)
         parts[key]["calls"] += c["calls"]
         in_phase[c["phase"]] += c["seconds"]
     parts["_phase"] = in_phase  # type: ignore[assignment]
@@ -197,9 +209,11 @@ def summarise(run: dict[str, Any], warmup: int) -> dict[str, Any]:
     nbytes: dict[str, Any] = {}
     for key in ("gather_fwd", "gather_bwd", "gather_ids", "gradient_allreduce", "parameter_allgather", "small"):
         per_rank = [statistics.fmean(_collective_parts(r["steps"][i])[key]["bytes"] for i in timed) for r in ranks]
+        wire = [statistics.fmean(_collective_parts(r["steps"][i], world)[key]["wire"] for i in timed) for r in ranks]
         calls = statistics.fmean(_collective_parts(r0["steps"][i])[key]["calls"] for i in timed)
         nbytes[key] = {"bytes_per_rank": statistics.fmean(per_rank), "min_rank": min(per_rank),
-                       "max_rank": max(per_rank), "calls_per_step": calls}
+                       "max_rank": max(per_rank), "calls_per_step": calls,
+                       "ring_bytes_sent_per_rank": statistics.fmean(wire)}
     max_rows = max(r0["prompts_per_rank"]) if r0["prompts_per_rank"] else 0
     formula = {"gather_fwd": prompts * hidden * 4, "gather_bwd": prompts * hidden * 4,
                "gradient_allreduce": r0["trainable_parameters"] * 4, "parameter_allgather": r0["parameters"] * 4,

@@ -39,8 +39,11 @@ DEFAULT_WARMUP_STEPS = 10
 
 # Kept identical to ds_configs/zero2.json (a test checks it): what plain `python train.py` uses.
 EMBEDDED_DS_CONFIG: dict[str, Any] = {
+    # use_multi_rank_bucket_allreduce false: gradient slices reduced to their owners (the reduce-scatter ZeRO-2
+    # needs), not DeepSpeed's default all-reduce of every bucket (twice the bytes; benchmarks/zero2_reduction.py)
     "zero_optimization": {"stage": 2, "overlap_comm": False, "contiguous_gradients": True,
-                          "reduce_bucket_size": 50000000, "allgather_bucket_size": 50000000},
+                          "reduce_bucket_size": 50000000, "allgather_bucket_size": 50000000,
+                          "use_multi_rank_bucket_allreduce": False},
     "bf16": {"enabled": "auto"},
     "fp16": {"enabled": "auto", "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
              "hysteresis": 2, "min_loss_scale": 1},

@@ -86,6 +86,12 @@ def test_quick_run_reports_every_part_and_measured_bytes_equal_the_formula(tiny_
     # ZeRO-2 on gloo: one gradient all-reduce of the parameters that get gradients (the unused pooler
     # does not: 33 x 32 of ~1M), and the all-gather of the updated parameters.
     assert b["gradient_allreduce"]["bytes_per_rank"] == pytest.approx(params * 4, rel=0.01)
+    # The shipped zero2.json reduces each slice to its owner (one reduce per rank, not DeepSpeed's default
+    # all-reduce of the bucket): on a ring that sends (N-1)/N of the payload, half an all-reduce's 2(N-1)/N.
+    assert b["gradient_allreduce"]["calls_per_step"] == 2
+    assert b["gradient_allreduce"]["ring_bytes_sent_per_rank"] == pytest.approx(
+        b["gradient_allreduce"]["bytes_per_rank"] / 2)
+    assert scaling.wire_factor("all_reduce", 4) == 1.5 and scaling.wire_factor("reduce", 4) == 0.75
     assert b["parameter_allgather"]["bytes_per_rank"] == pytest.approx(params * 4, rel=0.01)
     assert all(c["relative_error"] < 0.01 for c in doc["byte_checks"])
     assert {c["collective"] for c in doc["byte_checks"]} == {"gather_fwd", "gather_bwd", "gradient_allreduce",
