@@ -101,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch CPU threads per rank (encoding), and parallel sklearn classifier fits per rank "
                         "(default: CPU cores / ranks on this node); the torch probe always trains on one thread "
                         "(more would change its numbers with the number of ranks)")
-    r.add_argument("--progress", action="store_true", help="show a progress bar of the encoding (rank 0)")
+    r.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="report the encoding's and the probes' progress (rank 0): a bar on a terminal, a line every "
+                        "RELBERT_DS_PROGRESS_EVERY seconds (30) in a log file")
     o = p.add_argument_group("outputs")
     o.add_argument("--output", default=None, metavar="FILE.json", help="results JSON")
     o.add_argument("--tensorboard_dir", default=None, help="write the metrics as TensorBoard scalars here")
@@ -151,10 +153,9 @@ def _run(args: argparse.Namespace, info: Any, start: float) -> int:
     # loading, agreed so that one rank reports it.
     protocol = args.probe_protocol or ("paper" if args.preset == "paper" else None)
     protocol = distributed.agree(lambda: classification_mod.check_probe(args.probe, args.probe_features, protocol))
-    if not args.progress:
-        from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()  # the per-rank "Loading weights" bars
+    hf_logging.disable_progress_bar()  # the per-rank "Loading weights" bars: carriage returns in every log
     threads = distributed.set_threads(args.threads, info.local_world_size)
     splits = [("validation" if s == "valid" else s) for s in args.split]
     analogy, classification = args.analogy, args.classification

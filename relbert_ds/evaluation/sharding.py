@@ -32,6 +32,7 @@ from relbert_ds.data.schemas import Pair
 from relbert_ds.model.batching import PairRows, plan_batches
 from relbert_ds.model.encoder import validate_pairs
 from relbert_ds.parallel.collectives import all_gather_no_grad, world_info
+from relbert_ds.progress import Progress
 
 
 @dataclass(frozen=True)
@@ -81,16 +82,19 @@ def encode_sharded(encoder: torch.nn.Module, pairs: Sequence[Sequence[str]], bat
     unique = batching.unique
     plan = deal_batches(batching.batches, world)
     mine: list[torch.Tensor] = []
+    steps = plan.steps[rank] if plan.steps else ()
+    # Rank 0's share in unique pairs, scaled to the job (the ranks' shares differ by at most one batch).
+    progress = Progress(len(unique), f"encode ({world} rank{'s' if world > 1 else ''})", unit="pair",
+                        enabled=show_progress and rank == 0)
     with _eval_mode(encoder):
-        steps = plan.steps[rank] if plan.steps else ()
-        if show_progress and rank == 0:
-            from tqdm.auto import tqdm
-            steps = tqdm(steps, desc=f"encode ({world} rank{'s' if world > 1 else ''})", unit="batch")
         for batch in steps:
             if batch is None:
                 _embed(encoder, [unique[0]])  # lockstep dummy; its output is discarded
                 continue
             mine.append(_embed(encoder, [unique[i] for i in batch]))
+            progress.advance_to(min(len(unique), progress.n + len(batch) * world))
+    progress.advance_to(len(unique))
+    progress.close()
     local = torch.cat(mine) if mine else torch.zeros(0, int(encoder.hidden_size), dtype=torch.float32)
     # Send the vectors from the compute device when there is one (nccl moves CUDA tensors).
     gathered = all_gather_no_grad(local).cpu()
@@ -139,11 +143,9 @@ def encode_sharing_ranks(encoder: torch.nn.Module, pairs: Sequence[Sequence[str]
     share = {"encode_s": 0.0, "jobs_s": 0.0, "batches": 0.0, "jobs": 0.0}
 
     def work() -> None:
-        progress = None
-        if show_progress and rank == 0:
-            from tqdm.auto import tqdm
-            progress = tqdm(total=queue.n_items, desc=f"encode + probes ({world} rank{'s' if world > 1 else ''})",
-                            unit="item")
+        # The queue's position is every rank's progress: items are batches of pairs and whole probes.
+        progress = Progress(queue.n_items, f"encode + probes ({world} rank{'s' if world > 1 else ''})",
+                            unit="item", enabled=show_progress and rank == 0)
         with _eval_mode(encoder):
             for item in queue:
                 start = time.perf_counter()
@@ -156,10 +158,9 @@ def encode_sharing_ranks(encoder: torch.nn.Module, pairs: Sequence[Sequence[str]
                     encoded.append((batch, _embed(encoder, [unique[i] for i in batches[batch]])))
                     share["encode_s"] += time.perf_counter() - start
                     share["batches"] += 1
-                if progress is not None:
-                    progress.update(item + 1 - progress.n)  # the queue's position: every rank's progress
-        if progress is not None:
-            progress.close()
+                progress.advance_to(item + 1)
+        progress.advance_to(queue.n_items)
+        progress.close()
 
     agree(work)
     hidden = int(encoder.hidden_size)

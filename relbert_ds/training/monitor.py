@@ -108,7 +108,8 @@ def peak_memory_bytes() -> int:
 
 
 class TrainingMonitor:
-    """Rank 0's TensorBoard writer and progress bar; a no-op on other ranks."""
+    """Rank 0's TensorBoard writer and progress (a bar on a terminal, plain lines in a log:
+    :class:`relbert_ds.progress.Progress`); a no-op on other ranks."""
 
     def __init__(self, log_dir: Optional[Path], enabled: bool, total_steps: int, initial_step: int = 0) -> None:
         self.enabled = enabled
@@ -120,10 +121,10 @@ class TrainingMonitor:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(log_dir))
-        from tqdm.auto import tqdm
+        from relbert_ds.progress import Progress
 
-        self.bar = tqdm(total=total_steps, initial=initial_step, desc="train", unit="step", dynamic_ncols=True,
-                        file=sys.stderr, mininterval=1.0)
+        self.bar = Progress(total_steps, "train", unit="step", initial=initial_step, dynamic_ncols=True,
+                            mininterval=1.0)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if self.writer is not None:
@@ -132,8 +133,7 @@ class TrainingMonitor:
 
     def progress(self, steps: int, postfix: dict[str, Any]) -> None:
         if self.bar is not None:
-            self.bar.update(steps)
-            self.bar.set_postfix(postfix, refresh=False)
+            self.bar.update(steps, postfix)
 
     def embeddings(self, step: int, vectors: torch.Tensor, labels: Sequence[Sequence[str]], header: Sequence[str],
                    tag: str) -> None:
@@ -145,7 +145,7 @@ class TrainingMonitor:
     def write(self, message: str) -> None:
         if self.enabled:
             if self.bar is not None:
-                self.bar.write(message, file=sys.stderr)
+                self.bar.write(message)
             else:
                 print(message, file=sys.stderr)
 

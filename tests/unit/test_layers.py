@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 PACKAGE = "relbert_ds"
 FOREIGN = ("benchmarks", "tests", "launchers")
 ENTRY_POINTS = {"train", "evaluate", "push", "plot"}
-BASE = {"errors", "_version_check"}
+BASE = {"errors", "_version_check", "progress"}
 
 
 def layer_rules(architecture: Path = REPO / "docs" / "ARCHITECTURE.md") -> dict[str, set[str]]:
