@@ -86,13 +86,20 @@ def encode_sharded(encoder: torch.nn.Module, pairs: Sequence[Sequence[str]], bat
     # Rank 0's share in unique pairs, scaled to the job (the ranks' shares differ by at most one batch).
     progress = Progress(len(unique), f"encode ({world} rank{'s' if world > 1 else ''})", unit="pair",
                         enabled=show_progress and rank == 0)
-    with _eval_mode(encoder):
-        for batch in steps:
-            if batch is None:
-                _embed(encoder, [unique[0]])  # lockstep dummy; its output is discarded
-                continue
-            mine.append(_embed(encoder, [unique[i] for i in batch]))
-            progress.advance_to(min(len(unique), progress.n + len(batch) * world))
+    def encode_mine() -> None:
+        with _eval_mode(encoder):
+            for batch in steps:
+                if batch is None:
+                    _embed(encoder, [unique[0]])  # lockstep dummy; its output is discarded
+                    continue
+                mine.append(_embed(encoder, [unique[i] for i in batch]))
+                progress.advance_to(min(len(unique), progress.n + len(batch) * world))
+
+    from relbert_ds.parallel.distributed import agree
+
+    # Agreed before the gather: a rank whose batch fails (a model giving nan vectors) stops every rank with
+    # one message, and no rank waits in the gather for it.
+    agree(encode_mine)
     progress.advance_to(len(unique))
     progress.close()
     local = torch.cat(mine) if mine else torch.zeros(0, int(encoder.hidden_size), dtype=torch.float32)

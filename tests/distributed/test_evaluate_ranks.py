@@ -143,3 +143,21 @@ def test_bad_input_one_error_line_every_rank_exits(tmp_path):
     assert_one_error_line(r.stdout + r.stderr, "line 2: answer index 7 is out of range for 2 choices",
                           launcher="torchrun")
     assert "| task |" not in r.stdout  # nothing was evaluated
+
+
+def test_a_model_with_nan_weights_stops_every_rank_with_one_line(tiny_bert, tmp_path):
+    # A diverged model's vectors are nan on every rank: one message (rank 0), not one per rank, and no
+    # rank left waiting in the gather of the vectors.
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    broken = tmp_path / "nan_model"
+    model = AutoModel.from_pretrained(tiny_bert)
+    with torch.no_grad():
+        model.embeddings.word_embeddings.weight.fill_(float("nan"))
+    model.save_pretrained(str(broken))
+    AutoTokenizer.from_pretrained(tiny_bert).save_pretrained(str(broken))
+    r = run(_torchrun(2) + ["--model", str(broken), "--analogy", "sat", "--classification", "none"], timeout=120)
+    assert r.returncode != 0
+    assert_one_error_line(r.stdout + r.stderr, f"{broken} gives non-finite relation vectors (nan or inf)",
+                          launcher="torchrun")
