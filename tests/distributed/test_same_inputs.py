@@ -1,6 +1,7 @@
 """Every rank must plan from the same inputs: two real ranks started by hand, each in its own "node"
 folder, given the same relative paths to per-node copies of the data and the model; a copy that differs on
 rank 1 stops the job before step 1 with one line naming rank 1, its host and the input."""
+import json
 import os
 import shutil
 import subprocess
@@ -73,3 +74,27 @@ def test_identical_inputs_pass_and_the_report_names_the_first_difference():
     report = first_difference(ranks)
     assert report.startswith("rank 2 on host n2 read a different model file m/vocab.txt than rank 0 on host n0 "
                              "(sha256 cc vs sha256 bb)")
+
+
+def test_the_evaluator_compares_its_inputs_too(tiny_bert, tmp_path):
+    port = str(free_port())
+    procs = []
+    for rank in (0, 1):
+        node = tmp_path / f"node{rank}"
+        shutil.copytree(REPO / "relbert_ds" / "resources" / "data" / "analogy" / "sat", node / "sat")
+        if rank == 1:  # this node's copy gives the first question another answer
+            test = node / "sat" / "test.jsonl"
+            lines = test.read_text().splitlines()
+            first = json.loads(lines[0])
+            first["answer"] = (first["answer"] + 1) % len(first["choice"])
+            test.write_text("\n".join([json.dumps(first), *lines[1:]]) + "\n")
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen(
+            [sys.executable, str(REPO / "launchers" / "evaluate.py"), "--model", tiny_bert, "--analogy", "./sat",
+             "--classification", "none", "--output", str(tmp_path / "r.json")],
+            cwd=str(node), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    stderr = "".join(p.communicate(timeout=300)[1] for p in procs)
+    assert [p.returncode for p in procs] == [2, 2], stderr[-3000:]
+    assert_one_error_line(stderr, "rank 1 on host", "read a different analogy set", "than rank 0")
+    assert not (tmp_path / "r.json").exists()  # stopped before scoring anything
