@@ -207,10 +207,12 @@ def summarise(run: dict[str, Any], warmup: int) -> dict[str, Any]:
     r0 = ranks[0]
     prompts, hidden = r0["prompts_per_step"], r0["hidden_size"]
     nbytes: dict[str, Any] = {}
+    # each timed step of each rank classified once
+    classified = [[_collective_parts(r["steps"][i], world) for i in timed] for r in ranks]
     for key in ("gather_fwd", "gather_bwd", "gather_ids", "gradient_allreduce", "parameter_allgather", "small"):
-        per_rank = [statistics.fmean(_collective_parts(r["steps"][i])[key]["bytes"] for i in timed) for r in ranks]
-        wire = [statistics.fmean(_collective_parts(r["steps"][i], world)[key]["wire"] for i in timed) for r in ranks]
-        calls = statistics.fmean(_collective_parts(r0["steps"][i])[key]["calls"] for i in timed)
+        per_rank = [statistics.fmean(parts[key]["bytes"] for parts in steps) for steps in classified]
+        wire = [statistics.fmean(parts[key]["wire"] for parts in steps) for steps in classified]
+        calls = statistics.fmean(parts[key]["calls"] for parts in classified[0])
         nbytes[key] = {"bytes_per_rank": statistics.fmean(per_rank), "min_rank": min(per_rank),
                        "max_rank": max(per_rank), "calls_per_step": calls,
                        "ring_bytes_sent_per_rank": statistics.fmean(wire)}

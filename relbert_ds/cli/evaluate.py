@@ -173,13 +173,15 @@ def _run(args: argparse.Namespace, info: Any, start: float) -> int:
                                                                           override_prompt=args.override_prompt))
                 for label, spec in specs.items()}
     # Every rank scores from the same inputs (per-node copies of the data or the model can differ).
-    from relbert_ds.training.same_inputs import check_same_inputs, digest_of, model_folder_digests
+    from relbert_ds.training.same_inputs import analogy_and_model_digests, check_same_inputs, digest_of
 
-    fingerprints = {f"analogy set {a.name}/{a.split}": digest_of(a.questions) for a in tasks.analogy}
-    fingerprints.update({f"classification set {getattr(d, 'name', i)}/{split}": digest_of(d)
-                         for i, (d, split) in enumerate(tasks.classification)})
-    for label, (spec, _, _) in specs.items():
-        fingerprints.update(model_folder_digests(resolved[label].resolved, spec))
+    def fingerprints() -> dict[str, str]:
+        out = analogy_and_model_digests(tasks.analogy, {spec: resolved[label].resolved
+                                                        for label, (spec, _, _) in specs.items()})
+        out.update({f"classification set {getattr(d, 'name', i)}/{split}": digest_of(d)
+                    for i, (d, split) in enumerate(tasks.classification)})
+        return out
+
     check_same_inputs(fingerprints)
     device = _device(info.local_rank)
     encoding = EncodingOptions(batch_size=args.batch_size, show_progress=args.progress, cache_dir=args.cache_dir)

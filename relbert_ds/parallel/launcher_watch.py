@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from typing import Optional
 
 # Command-line fragments of launcher processes (the deepspeed runner and its inner launcher, torchrun,
@@ -74,7 +75,7 @@ def watch_launcher(poll_s: float = POLL_S) -> list[int]:
                 if not _alive(pid, created):
                     os.kill(os.getpid(), signal.SIGTERM)
                     return
-            threading.Event().wait(poll_s)
+            time.sleep(poll_s)
 
     _watcher = threading.Thread(target=watch, name="relbert-ds-launcher-watch", daemon=True)
     _watcher.start()

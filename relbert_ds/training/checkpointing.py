@@ -448,8 +448,8 @@ def _with_fp32_masters(saved: dict[str, Any]) -> dict[str, torch.Tensor]:
     in the module's order of trainable parameters (what relbert-ds hands to deepspeed.initialize).
     The shapes are checked one by one: a checkpoint that does not line up keeps its module state.
     """
-    module = saved["module"]
-    groups = (saved.get("optimizer") or {}).get("fp32_groups") if isinstance(saved.get("optimizer"), dict) else None
+    module, optimizer = saved["module"], saved.get("optimizer")
+    groups = optimizer.get("fp32_groups") if isinstance(optimizer, dict) else None
     if not groups:
         return module
     masters = [t for group in groups for t in group]

@@ -299,9 +299,8 @@ def _choose_adam_kernel(ds: dict[str, Any], source: str, on_cpu: bool) -> str:
     """
     params = ds["optimizer"].setdefault("params", {})
     offload = _offload_device(ds)
-    op = "cpu_adam" if offload else "fused_adam"
-    if on_cpu:
-        op = "cpu_adam" if offload else None
+    # the DeepSpeed op that would be JIT-built: none for plain torch on CPU
+    op = "cpu_adam" if offload else (None if on_cpu else "fused_adam")
     if params.get("torch_adam") is False:
         missing = None if op is None or _deepspeed_op_prebuilt(op) else _compiler_for(op)
         if missing:

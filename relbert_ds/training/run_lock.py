@@ -106,7 +106,8 @@ class RunLock:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        if self._read().get("pid") == os.getpid() and self._read().get("host") == socket.gethostname():
+        holder = self._read()
+        if holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
             self.path.unlink(missing_ok=True)
         atexit.unregister(self.release)
 

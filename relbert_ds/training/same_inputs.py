@@ -12,7 +12,7 @@ import hashlib
 import json
 import socket
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 from relbert_ds.errors import DataError
 from relbert_ds.parallel import collectives, distributed
@@ -58,13 +58,26 @@ def model_folder_digests(folder: Optional[str], name: str) -> dict[str, str]:
             if p.is_file() and not p.name.startswith(".")}
 
 
-def check_same_inputs(fingerprints: Mapping[str, str]) -> None:
-    """Compare this rank's ``fingerprints`` (input name -> digest) with every other rank's.
+def analogy_and_model_digests(analogy_sets: Iterable[Any], models: Mapping[str, Optional[str]]) -> dict[str, str]:
+    """The digests the trainer and the evaluator both take: each analogy set as parsed, and the files
+    of each local model folder (``models``: the name the user gave -> the resolved folder)."""
+    out = {f"analogy set {a.name}/{a.split}": digest_of(a.questions) for a in analogy_sets}
+    for name, folder in models.items():
+        out.update(model_folder_digests(folder, name))
+    return out
 
-    Collective. Raises :class:`DataError` on every rank, with the same one line (printed once),
-    naming the first rank that read something other than rank 0, its host and the input.
+
+def check_same_inputs(fingerprints: Callable[[], Mapping[str, str]]) -> None:
+    """Compare this rank's fingerprints (input name -> digest) with every other rank's.
+
+    Collective. ``fingerprints`` is called only where there is another rank to compare with (hashing
+    data and model files is start-up work a single process does not need). Raises :class:`DataError`
+    on every rank, with the same one line (printed once), naming the first rank that read something
+    other than rank 0, its host and the input.
     """
-    mine = {"host": socket.gethostname(), "rank": distributed.rank(), "inputs": dict(fingerprints)}
+    if distributed.world_size() < 2:
+        return
+    mine = {"host": socket.gethostname(), "rank": distributed.rank(), "inputs": dict(fingerprints())}
     everyone = collectives.all_gather_object(mine)
     message = first_difference(everyone)
     if message is not None:

@@ -62,7 +62,7 @@ from relbert_ds.training.monitor import (
 )
 from relbert_ds.training.run_directory import HistoryError, RunDirectory
 from relbert_ds.training.run_lock import RunLock
-from relbert_ds.training.same_inputs import check_same_inputs, digest_of, model_folder_digests
+from relbert_ds.training.same_inputs import analogy_and_model_digests, check_same_inputs, digest_of
 from relbert_ds.training.sampler import LocalBatch, RelationAwareSampler
 from relbert_ds.training.schedule import StepPlan
 
@@ -314,7 +314,7 @@ class Trainer:
         resume_dir = distributed.agree(lambda: checkpointing.find_checkpoint(self.run_dir, run.train.resume)) \
             if run.train.resume is not None else None
         inputs = distributed.agree(lambda: self._load_inputs(info))
-        check_same_inputs(self._fingerprints(inputs))
+        check_same_inputs(lambda: self._fingerprints(inputs))
         if resume_dir is not None:
             self._plan_elastic_resume(resume_dir, inputs["resolved"], info)
         # Last: bad input must leave no folder behind, and --overwrite must not clear a run that
@@ -344,9 +344,8 @@ class Trainer:
                "DeepSpeed config": digest_of(inputs["resolved"].config)}
         if inputs["validation_relations"] is not None:
             out[f"validation data ({train})"] = digest_of(inputs["validation_relations"].relations)
-        for analogy in inputs["analogy_sets"]:
-            out[f"analogy set {analogy.name}/{analogy.split}"] = digest_of(analogy.questions)
-        out.update(model_folder_digests(backbones.resolve_model_name(self.run.model.model), self.run.model.model))
+        model = self.run.model.model
+        out.update(analogy_and_model_digests(inputs["analogy_sets"], {model: backbones.resolve_model_name(model)}))
         return out
 
     def _claim_run_dir(self) -> bool:
