@@ -22,12 +22,27 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
-from relbert_ds.parallel.distributed import free_port  # noqa: F401 (the one copy; re-exported for launches)
-from relbert_ds.training.run_directory import read_history  # noqa: F401 (the one history.jsonl reader)
-
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 BIN = Path(sys.executable).parent
+
+
+# relbert_ds (and with it torch) is imported where it is used, not here: the GPU check's driver uses this
+# module and must hold no CUDA context, so it imports no torch at all.
+
+
+def free_port() -> int:
+    """A free local TCP port (the one copy, in relbert_ds.parallel.distributed)."""
+    from relbert_ds.parallel.distributed import free_port as _free_port
+
+    return _free_port()
+
+
+def read_history(run_dir: Path | str) -> Any:
+    """A run's history.jsonl as (step records, evaluation records): the one reader, in run_directory."""
+    from relbert_ds.training.run_directory import read_history as _read_history
+
+    return _read_history(run_dir)
 
 
 # --------------------------------------------------------------------------- context
@@ -86,15 +101,20 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def header(benchmark: str, argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
-    """The common top of every results JSON."""
-    import relbert_ds
+def header(benchmark: str, argv: Optional[Sequence[str]] = None,
+           machine_info: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """The common top of every results JSON. ``machine_info``: :func:`machine` as a child process
+    measured it (a driver that must not import torch itself passes it in)."""
+    if machine_info is None:
+        import relbert_ds
 
+        machine_info = {**machine(), "relbert_ds_version": relbert_ds.__version__}
     return {"benchmark": benchmark,
             "command": "python " + " ".join([f"benchmarks/{benchmark}.py",
                                               *(argv if argv is not None else sys.argv[1:])]),
             "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "relbert_ds_version": relbert_ds.__version__, "git_commit": git_commit(), "machine": machine(),
+            "relbert_ds_version": machine_info.get("relbert_ds_version"), "git_commit": git_commit(),
+            "machine": {k: v for k, v in machine_info.items() if k != "relbert_ds_version"},
             "loadavg_start": loadavg()}
 
 
@@ -302,6 +322,28 @@ def run(cmd: Sequence[str], timeout: float = 3600, env: Optional[dict] = None, e
         raise RuntimeError(f"{' '.join(cmd)} failed with exit {proc.returncode}\nstdout:\n{out[-3000:]}\n"
                            f"stderr:\n{err[-6000:]}")
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def run_logged(cmd: Sequence[str], log_path: Path, timeout: float, env: Optional[dict] = None) -> Optional[int]:
+    """Run ``cmd`` in its own session with stdout and stderr in ``log_path`` (a file, not pipes: a rank
+    that outlives a kill cannot block the caller on a pipe); return its exit code, or None when it ran
+    past ``timeout`` and it and every process under it were killed (:func:`kill_group`)."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as log:
+        log.write(f"$ {' '.join(cmd)}\n")
+        log.flush()
+        proc = subprocess.Popen(list(cmd), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=env or rank_env(), cwd=str(REPO), start_new_session=True)
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_group(proc)
+            proc.wait()
+            return None
+        except BaseException:  # SIGTERM or Ctrl-C of the caller: no rank outlives it
+            kill_group(proc)
+            proc.wait()
+            raise
 
 
 def setup_single_process(threads: Optional[int] = None) -> Any:

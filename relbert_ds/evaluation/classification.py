@@ -132,15 +132,21 @@ def fit_predict(config: dict, x_train: np.ndarray, y_train: np.ndarray, x_eval: 
 
 
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, labels: Sequence[str]) -> dict:
-    """Accuracy, macro/micro F1 and per-class F1 of integer-coded predictions."""
-    from sklearn.metrics import accuracy_score, f1_score
-
+    """Accuracy, macro/micro F1 and per-class F1 of integer-coded predictions: sklearn's definitions over
+    the labels present in either array (``zero_division=0``), in numpy, so that the torch probe runs where
+    scikit-learn is not installed (an offline GPU node); tests compare with ``sklearn.metrics``."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     present = sorted(set(y_true.tolist()) | set(y_pred.tolist()))
-    per_class = f1_score(y_true, y_pred, labels=present, average=None, zero_division=0)
+    tp = np.array([np.sum((y_true == c) & (y_pred == c)) for c in present], dtype=np.float64)
+    fp = np.array([np.sum((y_true != c) & (y_pred == c)) for c in present], dtype=np.float64)
+    fn = np.array([np.sum((y_true == c) & (y_pred != c)) for c in present], dtype=np.float64)
+    # F1 = 2PR / (P + R) = 2tp / (2tp + fp + fn); 0 where a class has no true positive.
+    per_class = np.divide(2 * tp, 2 * tp + fp + fn, out=np.zeros_like(tp), where=tp > 0)
+    micro_denominator = 2 * tp.sum() + fp.sum() + fn.sum()
     return {
-        "accuracy": float(accuracy_score(y_true, y_pred)),
-        "f1_macro": float(f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0)),
-        "f1_micro": float(f1_score(y_true, y_pred, labels=present, average="micro", zero_division=0)),
+        "accuracy": float(np.mean(y_true == y_pred)),
+        "f1_macro": float(per_class.mean()) if len(present) else 0.0,
+        "f1_micro": float(2 * tp.sum() / micro_denominator) if micro_denominator else 0.0,
         "f1_per_class": {labels[i]: float(f) for i, f in zip(present, per_class)},
     }
 

@@ -280,6 +280,26 @@ def test_macro_f1_columns_equals_sklearn_over_present_labels():
         assert value == pytest.approx(want, abs=1e-12)
 
 
+def test_classification_metrics_equal_sklearn_metrics():
+    """numpy metrics (the torch probe needs no scikit-learn) against sklearn's own, labels present in
+    either array, zero_division=0: a constant prediction, a label only predicted, one only true."""
+    from sklearn.metrics import accuracy_score, f1_score
+
+    rng = np.random.default_rng(5)
+    y = rng.integers(0, 6, 300)
+    cases = [rng.integers(0, 6, 300), np.where(rng.random(300) < 0.6, y, 1), np.full(300, 2),
+             np.where(y == 4, 5, y), np.where(y == 0, 3, y)]
+    for pred in cases:
+        got = classification.classification_metrics(y, pred, [str(i) for i in range(7)])
+        present = sorted(set(y.tolist()) | set(pred.tolist()))
+        per_class = f1_score(y, pred, labels=present, average=None, zero_division=0)
+        assert got["accuracy"] == pytest.approx(accuracy_score(y, pred), abs=1e-12)
+        for average in ("macro", "micro"):
+            want = f1_score(y, pred, labels=present, average=average, zero_division=0)
+            assert got[f"f1_{average}"] == pytest.approx(want, abs=1e-12)
+        assert got["f1_per_class"] == pytest.approx({str(c): f for c, f in zip(present, per_class)}, abs=1e-12)
+
+
 def _split(n_train: int = 600, n_val: int = 200):
     x, y = blobs(n=n_train + n_val)
     return x[:n_train], y[:n_train], (x[n_train:], y[n_train:])
