@@ -561,15 +561,18 @@ def batch_search_part(jobs: Jobs, work: Path, on_gpu: bool) -> dict[str, Any]:
     return found
 
 
-def inspect(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """The child-process view of the machine (gpus, devices, versions)."""
+def inspect(args: argparse.Namespace) -> dict[str, Any]:
+    """The child-process view of the machine (gpus, devices, versions); leaves no file behind."""
+    import tempfile
+
     from benchmarks import common
 
-    result = work / "inspect.json"
-    rc = common.run_logged(worker_cmd(args, "inspect", ["--result", str(result)]), work / "inspect.log", timeout=120)
-    if rc != 0:
-        raise RuntimeError(f"gpu_check: could not read the machine (exit {rc}): {_tail(work / 'inspect.log')}")
-    return json.loads(result.read_text())
+    with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
+        result, log = Path(tmp) / "inspect.json", Path(tmp) / "inspect.log"
+        rc = common.run_logged(worker_cmd(args, "inspect", ["--result", str(result)]), log, timeout=120)
+        if rc != 0:
+            raise SystemExit(f"gpu_check: could not read the machine (exit {rc}): {_tail(log)}")
+        return json.loads(result.read_text())
 
 
 def table(doc: dict[str, Any]) -> str:
@@ -637,15 +640,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from benchmarks import common
 
     started = time.monotonic()
-    work = Path(args.work_dir)
-    work.mkdir(parents=True, exist_ok=True)
-    info = inspect(args, work)
+    info = inspect(args)
     gpus = info["gpus"]
     if gpus == 0 and not args.allow_cpu:
         print(f"gpu_check: no CUDA GPU visible (torch {info['torch']}, CUDA_VISIBLE_DEVICES="
               f"{os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}); nothing to check, nothing written")
         return 0
     on_gpu = gpus > 0
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
     if args.quick:
         args.steps = min(args.steps, 8)
         args.max_tile = min(args.max_tile, 256)
