@@ -249,10 +249,12 @@ class RelationEncoder(torch.nn.Module):
                 f"are truncated (the longest, ({head!r}, {tail!r}), has {lengths[longest]}); raise --max_length to "
                 f"keep them whole, or fix those pairs in the data")
 
-    def tokenize(self, pairs: Sequence[Pair], device: torch.device | None = None) -> dict[str, torch.Tensor]:
-        """Padded ``input_ids``/``attention_mask`` for ``pairs`` on ``device`` (default: the model's)."""
-        batch = self.tokenizer(self.prompts(pairs), truncation=True, max_length=self.max_length, padding=True,
-                               return_tensors="pt", return_token_type_ids=False)
+    def tokenize(self, pairs: Sequence[Pair], device: torch.device | None = None,
+                 tokenizer: Any = None) -> dict[str, torch.Tensor]:
+        """Padded ``input_ids``/``attention_mask`` for ``pairs`` on ``device`` (default: the model's).
+        ``tokenizer``: a copy of :attr:`tokenizer` for another thread (one is not safe to share)."""
+        batch = (tokenizer or self.tokenizer)(self.prompts(pairs), truncation=True, max_length=self.max_length,
+                                              padding=True, return_tensors="pt", return_token_type_ids=False)
         if self.pooling == "mask":
             has_mask = (batch["input_ids"] == self.mask_token_id).any(dim=1)
             if not bool(has_mask.all()):

@@ -57,6 +57,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Optional, Sequence
 
+import numpy as np
 import torch
 
 from relbert_ds.data.schemas import Pair, RelationDataset
@@ -108,6 +109,12 @@ def split_evenly(n: int, parts: int) -> list[tuple[int, int]]:
     base, extra = divmod(n, parts)
     starts = [i * base + min(i, extra) for i in range(parts + 1)]
     return [(starts[i], starts[i + 1]) for i in range(parts)]
+
+
+def even_part(n: int, parts: int, i: int) -> tuple[int, int]:
+    """``split_evenly(n, parts)[i]`` without building the other parts (O(1) at any world size)."""
+    base, extra = divmod(n, parts)
+    return i * base + min(i, extra), (i + 1) * base + min(i + 1, extra)
 
 
 @dataclass
@@ -254,7 +261,11 @@ class RelationAwareSampler:
         self.num_pairs = len(pair_index)
 
         self._fingerprint = self._make_fingerprint()
-        self._order_cache: tuple[int, list[int]] = (-1, [])
+        self._order_cache: tuple[int, np.ndarray] = (-1, np.zeros(0, dtype=np.int64))
+        # prompts per group: known without drawing it
+        self._sizes = np.array([self.group_size(i) for i in range(n)], dtype=np.int64)
+        self._step_cache: tuple[tuple[int, int], np.ndarray, np.ndarray] = ((-1, -1), self._sizes[:0], self._sizes[:0])
+        self._weight_array = None if self.weights is None else np.array(self.weights, dtype=np.float64)
 
     # ---------------------------------------------------------------- sizes
 
@@ -289,18 +300,25 @@ class RelationAwareSampler:
     def epoch_order(self, epoch: int) -> list[int]:
         """The relation slots of ``epoch`` in order (a permutation of all relations without
         weights; with weights, each relation :meth:`epoch_counts` times)."""
+        return self._epoch_array(epoch).tolist()
+
+    def _epoch_array(self, epoch: int) -> np.ndarray:
+        """:meth:`epoch_order` as an int64 array, computed once per epoch (steps slice it)."""
         if self._order_cache[0] == epoch:
-            return list(self._order_cache[1])
+            return self._order_cache[1]
         if self.parent_grouping:
             order = self._grouped_order(epoch)
+        elif self.weights is None:  # the slots are the relations 0..n-1: the permutation is the order
+            order = torch.randperm(len(self.dataset.relations), generator=_generator(self.seed, epoch,
+                                                                                       _TAG_ORDER)).numpy()
         else:
             slots = self._weighted_slots(epoch)
             order = [slots[i] for i in torch.randperm(len(slots), generator=_generator(self.seed, epoch,
                                                                                          _TAG_ORDER)).tolist()]
         if self.weights is not None:
-            order = _spread_repeats(order, self.relations_per_step)
-        self._order_cache = (epoch, order)
-        return list(order)
+            order = _spread_repeats(list(order), self.relations_per_step)
+        self._order_cache = (epoch, np.asarray(order, dtype=np.int64))
+        return self._order_cache[1]
 
     def _weighted_slots(self, epoch: int) -> list[int]:
         """Each relation :meth:`epoch_counts` times, in relation order."""
@@ -320,22 +338,24 @@ class RelationAwareSampler:
             order.extend(members[j] for j in torch.randperm(len(members), generator=g).tolist())
         return order
 
-    def _step_relations(self, epoch: int, step: int) -> list[int]:
-        """The ``relations_per_step`` distinct relation indices of one global step."""
+    def _step_relations(self, epoch: int, step: int) -> np.ndarray:
+        """The ``relations_per_step`` distinct relation indices of one global step (int64)."""
         per_step = self.relations_per_step
-        # dict.fromkeys drops a weighted repeat that could not be moved to another step
-        chosen = list(dict.fromkeys(self.epoch_order(epoch)[step * per_step:(step + 1) * per_step]))
+        chosen = self._epoch_array(epoch)[step * per_step:(step + 1) * per_step]
+        if self.weights is not None:  # dict.fromkeys drops a weighted repeat that could not be moved
+            chosen = np.fromiter(dict.fromkeys(chosen.tolist()), dtype=np.int64)
         missing = per_step - len(chosen)
         if missing > 0:  # the last step under tail="fill" (or a repeat dropped above)
-            taken = set(chosen)
-            rest = [i for i in range(len(self.dataset.relations)) if i not in taken]
+            free = np.ones(len(self.dataset.relations), dtype=bool)
+            free[chosen] = False
+            rest = np.flatnonzero(free)  # the relations not in the step, ascending
             g = _generator(self.seed, epoch, step, _TAG_FILL)
             if self.weights is None:
-                picks = torch.randperm(len(rest), generator=g)[:missing].tolist()
+                picks = torch.randperm(len(rest), generator=g)[:missing].numpy()
             else:  # fillers in proportion to the weights, so a fill does not favour light sources
-                share = torch.tensor([self.weights[i] for i in rest], dtype=torch.float64)
-                picks = torch.multinomial(share, missing, replacement=False, generator=g).tolist()
-            chosen += [rest[j] for j in picks]
+                share = torch.from_numpy(self._weight_array[rest])
+                picks = torch.multinomial(share, missing, replacement=False, generator=g).numpy()
+            chosen = np.concatenate([chosen, rest[picks]])
         return chosen
 
     def _group(self, epoch: int, step: int, relation: int) -> GroupPlan:
@@ -352,7 +372,7 @@ class RelationAwareSampler:
         Identical on every rank and for every world size (no communication needed).
         """
         self._check_step(epoch, step)
-        return [self._group(epoch, step, rel) for rel in self._step_relations(epoch, step)]
+        return [self._group(epoch, step, rel) for rel in self._step_relations(epoch, step).tolist()]
 
     def micro_plan(self, epoch: int, step: int, micro: int) -> list[GroupPlan]:
         """The groups of micro step ``micro`` (0-based, < ``accumulation``) of a global step."""
@@ -377,10 +397,41 @@ class RelationAwareSampler:
         return self.batch_from_groups(self.micro_plan(epoch, step, micro), epoch, step, micro)
 
     def local_batch(self, epoch: int, step: int, micro: int = 0) -> LocalBatch:
-        """This rank's contiguous share of :meth:`global_batch`."""
-        groups = self.micro_plan(epoch, step, micro)
-        start, end = self.rank_rows(groups)[self.rank]
-        return self.batch_from_groups(groups, epoch, step, micro, rows=(start, end))
+        """This rank's contiguous share of :meth:`global_batch`, planning only the groups it holds.
+
+        Group sizes are known without drawing the groups, so the rank's rows are found from their
+        prefix sums and only the (one or few) groups that overlap them are drawn: the host work
+        does not grow with the world size (a rank of 512 draws its own groups, not 4,096)."""
+        if not 0 <= micro < self.accumulation:
+            raise ValueError(f"micro step {micro} is outside 0..{self.accumulation - 1}")
+        relations, ends = self._step_layout(epoch, step)
+        first, last = even_part(len(relations), self.accumulation, micro)
+
+        def end_of(group: int) -> int:  # rows of the step up to and including ``group`` (-1: none)
+            return int(ends[group]) if group >= 0 else 0
+
+        base = end_of(first - 1)  # rows of the micro steps before this one
+        if self.shard_by == "prompt":
+            start, end = even_part(end_of(last - 1) - base, self.world_size, self.rank)
+        else:
+            a, b = even_part(last - first, self.world_size, self.rank)
+            start, end = end_of(first + a - 1) - base, end_of(first + b - 1) - base
+        # Groups [g0, g1) of the step overlap this rank's rows [start, end) of the micro step.
+        g0 = first + int(np.searchsorted(ends[first:last], base + start, side="right"))
+        g1 = first + int(np.searchsorted(ends[first:last], base + end, side="left")) + 1 if end > start else g0
+        g1 = min(g1, last)
+        groups = [self._group(epoch, step, rel) for rel in relations[g0:g1].tolist()]
+        offset = end_of(g0 - 1) - base  # row of the first drawn group in the micro step
+        return self.batch_from_groups(groups, epoch, step, micro, rows=(start - offset, end - offset))
+
+    def _step_layout(self, epoch: int, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """The step's relations and the running totals of their group sizes (cached per step, so
+        the micro steps of one optimizer step share it)."""
+        if self._step_cache[0] != (epoch, step):
+            self._check_step(epoch, step)
+            relations = self._step_relations(epoch, step)
+            self._step_cache = ((epoch, step), relations, np.cumsum(self._sizes[relations]))
+        return self._step_cache[1], self._step_cache[2]
 
     def batch_from_groups(self, groups: Sequence[GroupPlan], epoch: int = 0, step: int = 0, micro: int = 0,
                           rows: Optional[tuple[int, int]] = None) -> LocalBatch:

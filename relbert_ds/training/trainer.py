@@ -60,6 +60,7 @@ from relbert_ds.training.monitor import (
     matmul_parameters,
     synchronize,
 )
+from relbert_ds.training.prefetch import MicroBatchPrefetcher, next_position
 from relbert_ds.training.run_directory import HistoryError, RunDirectory
 from relbert_ds.training.run_lock import RunLock
 from relbert_ds.training.same_inputs import analogy_and_model_digests, check_same_inputs, digest_of
@@ -246,6 +247,7 @@ class Trainer:
         self.progress = TrainProgress()
         self.monitor: Optional[TrainingMonitor] = None
         self.setup: Optional[TrainingSetup] = None  # built by prepare()
+        self._prefetcher: Optional[MicroBatchPrefetcher] = None  # made at the first train_step
 
     def _ready(self) -> TrainingSetup:
         if self.setup is None:
@@ -529,9 +531,15 @@ class Trainer:
         engine.train()
         meter = StepMeter()
         epoch, step = p.epoch, p.step_in_epoch
-        for micro in range(setup.resolved.accumulation):
-            batch = sampler.local_batch(epoch, step, micro)
-            out, tokens, lr = self._forward_backward_step(batch, meter)
+        if self._prefetcher is None:
+            self._prefetcher = MicroBatchPrefetcher(sampler, setup.encoder)
+        accumulation = setup.resolved.accumulation
+        for micro in range(accumulation):
+            # This micro step's batch was drawn and tokenized while the previous one computed; the
+            # next one is prepared while this one does.
+            batch, host_tokens = self._prefetcher.get((epoch, step, micro))
+            self._prefetcher.prefetch(next_position((epoch, step, micro), accumulation, sampler.steps_per_epoch))
+            out, tokens, lr = self._forward_backward_step(batch, meter, host_tokens)
             meter.add(out, len(batch), tokens)
         p.advance(sampler.steps_per_epoch)
         record = meter.close(engine, p.optimizer_steps, epoch, setup.info.world_size, setup.matmul_parameters,
@@ -563,7 +571,9 @@ class Trainer:
             monitor.write_events([(f"relbert_ds/{name}", float(value), step) for name, value in scalars.items()
                                   if isinstance(value, (int, float)) and math.isfinite(value)])
 
-    def _forward_backward_step(self, batch: LocalBatch, meter: StepMeter) -> tuple[LossOutput, int, float]:
+    def _forward_backward_step(self, batch: LocalBatch, meter: StepMeter,
+                               host_tokens: Optional[dict[str, torch.Tensor]] = None) -> tuple[LossOutput, int, float]:
+        """One micro step; ``host_tokens``: the batch already tokenized on the CPU (the prefetcher's)."""
         device = self.engine.device
 
         def clock() -> float:
@@ -571,7 +581,8 @@ class Trainer:
             return time.perf_counter()
 
         t0 = clock()
-        tokens = self.encoder.tokenize(batch.pairs, device=device)
+        tokens = ({k: v.to(device) for k, v in host_tokens.items()} if host_tokens is not None
+                  else self.encoder.tokenize(batch.pairs, device=device))
         out = self.engine(**tokens, relation_ids=batch.relation_ids.to(device),
                           is_positive=batch.is_positive.to(device), parent_ids=batch.parent_ids.to(device),
                           pair_ids=batch.pair_ids.to(device))
@@ -604,6 +615,8 @@ class Trainer:
         finally:  # an error mid-run still leaves complete TensorBoard files
             self.stop_flag.uninstall()
             self.lock.release()
+            if self._prefetcher is not None:
+                self._prefetcher.close()
             if self.monitor is not None:
                 self.monitor.close()
 

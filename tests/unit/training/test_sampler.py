@@ -115,6 +115,53 @@ def test_union_of_rank_slices_is_the_global_batch(shard_by, world):
                     assert int((whole.relation_ids == rel).sum()) == int((p.relation_ids == rel).sum())
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_local_batches_are_the_global_batch_sliced_for_every_knob(seed):
+    """local_batch plans only its own groups; whatever the knobs, the ranks' batches concatenated are
+    global_batch (the whole plan, flattened) for every micro step: tails, weights (repeats moved,
+    fills), accumulation, both shardings, more ranks than prompts."""
+    rnd = random.Random(seed)
+    data = _synthetic(n_relations=rnd.randint(5, 14), n_pos=rnd.randint(2, 9), n_neg=rnd.randint(1, 6))
+    n = len(data.relations)
+    weighted = seed % 2 == 1  # a weight of 1.5 needs two steps an epoch: at least three steps then
+    kw = dict(relations_per_step=rnd.randint(2, max(2, n // 3) if weighted else n - 1),
+              tail=rnd.choice(["fill", "drop"]),
+              parent_grouping=rnd.random() < 0.5, shard_by=rnd.choice(["prompt", "relation"]),
+              positives_per_relation=rnd.randint(2, 6), negatives_per_relation=rnd.randint(0, 4), seed=seed)
+    kw["accumulation"] = rnd.randint(1, min(3, kw["relations_per_step"]))
+    if weighted:
+        kw["relation_weights"] = [rnd.choice([0.5, 1.0, 1.5]) for _ in range(n)]
+    tested = []
+    for world in (1, 2, 3, 7, 40):
+        try:
+            samplers = [_sampler(r, world, data, **kw) for r in range(world)]
+        except ConfigError as exc:  # more ranks than a micro step's prompts (or relations) is refused
+            assert "ranks" in str(exc) and world > 1
+            continue
+        tested.append(world)
+        for epoch in range(2):
+            for step in range(samplers[0].steps_per_epoch):
+                for micro in range(kw["accumulation"]):
+                    whole = samplers[0].global_batch(epoch, step, micro)
+                    parts = [sm.local_batch(epoch, step, micro) for sm in samplers]
+                    assert sum((q.pairs for q in parts), []) == whole.pairs, (world, epoch, step, micro, kw)
+                    for field in ("relation_ids", "is_positive", "parent_ids", "pair_ids"):
+                        assert torch.equal(torch.cat([getattr(q, field) for q in parts]), getattr(whole, field))
+    assert len(tested) >= 2, (tested, kw)
+
+
+def test_a_rank_draws_only_the_groups_its_rows_touch(monkeypatch):
+    """The host work of a rank does not grow with the global batch: at 64 ranks over 64 relations of
+    about 10 prompts, a rank draws the one or two groups its ~10 rows fall in, not 64."""
+    data = _synthetic(n_relations=80, n_pos=8, n_neg=4, parents=0)
+    sampler = _sampler(5, 64, data, relations_per_step=64)
+    drawn = []
+    real = RelationAwareSampler._group
+    monkeypatch.setattr(RelationAwareSampler, "_group", lambda self, e, st, r: drawn.append(r) or real(self, e, st, r))
+    batch = sampler.local_batch(0, 0)
+    assert 1 <= len(drawn) <= 2 and len(batch) in (12, 13) and set(batch.relation_ids.tolist()) <= set(drawn)
+
+
 def test_split_evenly():
     assert split_evenly(10, 3) == [(0, 4), (4, 7), (7, 10)]
     assert split_evenly(3, 5) == [(0, 1), (1, 2), (2, 3), (3, 3), (3, 3)]
