@@ -17,8 +17,13 @@ step by step on the same sampler positions:
 Each timed call starts on a sampler whose step cache is cold (a fresh step), over several epochs, so
 the epoch permutation and the last step's fill are counted where they fall. Reported: ms per step
 (median and max over steps and the sampled ranks) per arm and the ratio, and the mean of ten times
-as many steps of the new path back to back (no other arm between them: warm caches). Results:
-``benchmarks/results/host_planning.json``.
+as many steps of the new path back to back (no other arm between them: warm caches).
+
+Tokenization (``--prompts_per_rank``, default 128 256 512: a GPU micro batch): ms to tokenize one
+micro batch with the bundled backbone's fast tokenizer, and how much of it the trainer's prefetcher
+(``relbert_ds.training.prefetch``) hides behind a step: ``--gpu_step_ms`` (20) of simulated device
+time per micro step (a sleep, which releases the GIL as a CUDA synchronize does), run with the
+batch prepared inline and prefetched, interleaved. Results: ``benchmarks/results/host_planning.json``.
 """
 from __future__ import annotations
 
@@ -40,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negatives", type=int, default=20, help="negative pairs per relation in the data")
     p.add_argument("--relations_per_rank", type=int, default=8)
     p.add_argument("--steps", type=int, default=12, help="optimizer steps timed per world size and rank")
+    p.add_argument("--prompts_per_rank", type=int, nargs="+", default=[128, 256, 512])
+    p.add_argument("--gpu_step_ms", type=float, default=20.0, help="simulated device time per micro step")
     p.add_argument("--output", default=None)
     return p
 
@@ -91,6 +98,44 @@ def measure(data: Any, world: int, args: argparse.Namespace) -> dict[str, Any]:
             "ratio_median": summary["own_groups"]["median_ms"] / summary["whole_plan"]["median_ms"]}
 
 
+def tokenization(data: Any, prompts: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Tokenizing one micro batch of ``prompts`` prompts, inline and behind a simulated device step."""
+    from relbert_ds.model.encoder import RelationEncoder
+    from relbert_ds.training.prefetch import MicroBatchPrefetcher, next_position
+    from relbert_ds.training.sampler import RelationAwareSampler
+
+    encoder = RelationEncoder.from_pretrained("all-MiniLM-L6-v2")
+    sampler = RelationAwareSampler(data, world_size=1, rank=0, relations_per_step=prompts // 16)
+    cpu = __import__("torch").device("cpu")
+    alone = []
+    for k in range(args.steps):
+        batch = sampler.local_batch(0, k)
+        start = time.perf_counter()
+        encoder.tokenize(batch.pairs, device=cpu)
+        alone.append(time.perf_counter() - start)
+    prefetcher = MicroBatchPrefetcher(sampler, encoder)
+    walls: dict[str, list[float]] = {"inline": [], "prefetched": []}
+    position = (0, 0, 0)
+    try:
+        for k in range(args.steps):
+            for arm in walls:  # interleaved
+                start = time.perf_counter()
+                if arm == "inline":
+                    encoder.tokenize(sampler.local_batch(*position).pairs, device=cpu)
+                else:
+                    prefetcher.get(position)
+                    prefetcher.prefetch(next_position(position, 1, sampler.steps_per_epoch))
+                time.sleep(args.gpu_step_ms / 1e3)  # the device step
+                walls[arm].append(time.perf_counter() - start)
+            position = next_position(position, 1, sampler.steps_per_epoch)
+    finally:
+        prefetcher.close()
+    inline, prefetched = (1e3 * statistics.median(walls[a][1:]) for a in walls)
+    return {"prompts": prompts, "tokenize_ms": 1e3 * statistics.median(alone), "step_inline_ms": inline,
+            "step_prefetched_ms": prefetched, "gpu_step_ms": args.gpu_step_ms,
+            "hidden_fraction": (inline - prefetched) / max(inline - args.gpu_step_ms, 1e-9)}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from benchmarks import common
 
@@ -106,8 +151,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"{r['own_groups']['median_ms']:.3f} / {r['own_groups']['max_ms']:.3f}", r["ratio_median"],
           r["own_groups_alone_mean_ms"]] for r in rows],
         digits=3)
+    tokens = [tokenization(data, n, args) for n in args.prompts_per_rank]
+    table += "\n" + common.markdown_table(
+        ["prompts / micro step", "tokenize ms", f"step ms inline (device {args.gpu_step_ms:g} ms)",
+         "step ms prefetched", "share of tokenization hidden"],
+        [[t["prompts"], t["tokenize_ms"], t["step_inline_ms"], t["step_prefetched_ms"],
+          f"{100 * t['hidden_fraction']:.0f}%"] for t in tokens], digits=2)
     common.emit(table, Path(args.output or common.default_output("host_planning")),
-                {**head, "config": vars(args), "rows": rows})
+                {**head, "config": vars(args), "rows": rows, "tokenization": tokens})
     return 0
 
 

@@ -286,3 +286,21 @@ def test_measurement_run_sets_each_option_in_its_section_and_refuses_unknown_one
     run.validate()  # a valid run config
     with pytest.raises(TypeError, match="no run option 'learning_rate'"):
         measurement_run(None, "m", "/tmp/out", learning_rate=1e-4)
+
+
+def test_host_planning_runs_both_arms_on_the_same_rows_and_writes_its_json(tmp_path):
+    """benchmarks/host_planning.py at small sizes: both arms hand out the rank's rows (prompt counts
+    of an even split), the tokenization part runs both arms; the figures are not asserted."""
+    from benchmarks import host_planning
+
+    out = tmp_path / "host_planning.json"
+    assert host_planning.main(["--world_sizes", "2", "8", "--relations", "100", "--steps", "3",
+                               "--prompts_per_rank", "32", "--gpu_step_ms", "2", "--output", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    rows = {r["world_size"]: r for r in doc["rows"]}
+    assert rows[8]["relations_per_step"] == 64 and rows[8]["ranks_sampled"] == [0, 4, 7]
+    assert rows[8]["prompts_per_rank"] == [128] and rows[2]["prompts_per_rank"] == [128]  # 8 groups of 8 + 8
+    for arm in ("whole_plan", "own_groups"):
+        assert all(r[arm]["n"] == 3 * len(r["ranks_sampled"]) for r in rows.values())
+    (tokens,) = doc["tokenization"]
+    assert tokens["prompts"] == 32 and tokens["step_inline_ms"] >= 2 and tokens["step_prefetched_ms"] >= 2
