@@ -39,8 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 # Collectives of torch.distributed worth counting (point-to-point and object collectives are not
 # used on the training path; barrier moves no payload).
-_OPS = ("all_gather", "all_gather_into_tensor", "_all_gather_base", "all_gather_coalesced", "all_reduce",
-        "all_reduce_coalesced", "reduce", "reduce_scatter", "reduce_scatter_tensor", "_reduce_scatter_base",
+_OPS = ("all_gather", "all_gather_into_tensor", "all_gather_single", "_all_gather_base", "all_gather_coalesced",
+        "all_reduce", "all_reduce_coalesced", "reduce", "reduce_scatter", "reduce_scatter_tensor",
+        "reduce_scatter_single", "_reduce_scatter_base",
         "broadcast", "scatter", "gather", "all_to_all", "all_to_all_single")
 
 
@@ -88,8 +89,11 @@ class CommMeter:
                 # The gather's backward runs inside engine.backward (on gloo as an autograd all-to-all
                 # whose forward issues the scatters), its forward inside engine.forward.
                 return "gather_bwd" if func == "backward" or METER.phase == "backward" else "gather_fwd"
+            if name.endswith("relbert_ds/parallel/collectives.py") and func in ("forward", "backward"):
+                # the loss's one gather of rows and ids (collectives._GatherRows) and its backward
+                return "gather_fwd" if func == "forward" else "gather_bwd"
             if name.endswith("relbert_ds/training/losses.py"):
-                return "loss_stats" if "all_reduce_sum" in seen else "gather_ids"
+                return "loss_stats" if "all_reduce_sum" in seen else "gather_ids"  # gather_ids: the sizes
             if "/deepspeed/" in name and "/deepspeed/comm/" not in name:
                 return "deepspeed"
             if name.endswith(("relbert_ds/training/trainer.py", "relbert_ds/parallel/distributed.py",
@@ -104,9 +108,10 @@ class CommMeter:
         import torch.distributed as dist
 
         first = args[0] if args else next(iter(kwargs.values()), None)
-        if op in ("all_gather", "all_gather_coalesced", "all_gather_into_tensor", "_all_gather_base"):
+        if op in ("all_gather", "all_gather_coalesced", "all_gather_into_tensor", "all_gather_single",
+                  "_all_gather_base"):
             return _nbytes(args[0] if args else kwargs.get("tensor_list", kwargs.get("output_tensor")))
-        if op in ("reduce_scatter", "reduce_scatter_tensor", "_reduce_scatter_base"):
+        if op in ("reduce_scatter", "reduce_scatter_tensor", "reduce_scatter_single", "_reduce_scatter_base"):
             src = args[1] if len(args) > 1 else \
                 kwargs.get("input_list", kwargs.get("input", kwargs.get("input_tensor")))
             return _nbytes(src)

@@ -12,16 +12,17 @@ step 1 excluded as warm-up) the step time is split into:
 
 - encode forward: tokenizing, the encoder and the loss, without the loss's collectives;
 - encode backward: the backward pass without collectives;
-- embedding gather: the loss's all-gather of the prompt embeddings (forward), its reduce-scatter
-  (backward; gloo emulates it with one scatter per rank) and the gathers of sizes and ids;
+- embedding gather: the loss's one all-gather of the prompt embeddings with their ids (forward; the
+  row counts come from the batch plan, no size exchange) and its reduce-scatter (backward);
 - gradient all-reduce: DeepSpeed's reduction of the gradients (ZeRO-2 on gloo: one all-reduce);
 - parameter all-gather: ZeRO-2's all-gather of the updated parameter partitions (in the step);
 - optimizer: DeepSpeed's step without its collectives; other: the rest of the step's wall time.
 
 Every collective is counted by a shim around ``torch.distributed`` installed in the worker before
 DeepSpeed starts (no library file changes): calls, bytes and seconds per step, per rank. Bytes are
-compared with the formulas: gather = prompts x hidden x 4 bytes per rank (fp32 embeddings; its
-backward moves the same), gradient all-reduce = trainable parameters x 4 bytes, parameter
+compared with the formulas: gather = prompts x (hidden x 4 + 32) bytes per rank (fp32 embeddings and
+four int64 ids per row; under bf16 training hidden x 2 + 32), its backward prompts x hidden x 4 (the
+gradient is reduced in fp32), gradient all-reduce = trainable parameters x 4 bytes, parameter
 all-gather = parameters x 4 bytes.
 
 MODEL (not a measurement). From the measured byte formulas and the measured tokens per prompt, the
@@ -217,9 +218,10 @@ def summarise(run: dict[str, Any], warmup: int) -> dict[str, Any]:
                        "max_rank": max(per_rank), "calls_per_step": calls,
                        "ring_bytes_sent_per_rank": statistics.fmean(wire)}
     max_rows = max(r0["prompts_per_rank"]) if r0["prompts_per_rank"] else 0
-    formula = {"gather_fwd": prompts * hidden * 4, "gather_bwd": prompts * hidden * 4,
+    # The forward gather carries each row's embedding (fp32 here) and its 4 int64 ids in one tensor.
+    formula = {"gather_fwd": prompts * (hidden * 4 + 32), "gather_bwd": prompts * hidden * 4,
                "gradient_allreduce": r0["trainable_parameters"] * 4, "parameter_allgather": r0["parameters"] * 4,
-               "gather_padded": world * max_rows * hidden * 4}
+               "gather_padded": world * max_rows * (hidden * 4 + 32)}
     if world == 1:  # one rank: no collective runs at all
         formula = {k: 0 for k in formula}
     steps0 = [r0["steps"][i] for i in timed]
@@ -294,12 +296,15 @@ def model_step(args: argparse.Namespace, shape: dict[str, Any], n: int, prompts_
                                            tokens_per_prompt)
     compute = flops / (args.peak_tflops * 1e12 * args.mfu)
     bus, lat = bus_bandwidth(args, n), args.latency_us * 1e-6
-    gather_size = prompts_per_gpu * n * shape["hidden_size"] * 4  # fp32 embeddings, every prompt on every rank
+    # Every prompt on every rank: the embedding in the training precision (grad_bytes: 2 = bf16) and four
+    # int64 ids forward; the gradient in fp32 backward.
+    gather_fwd = prompts_per_gpu * n * (shape["hidden_size"] * args.grad_bytes + 32)
+    gather_bwd = prompts_per_gpu * n * shape["hidden_size"] * 4
     grad_size = shape["parameters"] * args.grad_bytes
     # Adam over this rank's ZeRO-2 shard: fp32 master, two moments, read and written, grad read, 16-bit param written
     optimizer = shape["parameters"] / n * (3 * 4 * 2 + args.grad_bytes + args.grad_bytes) / (args.hbm_TBps * 1e12)
     parts = {"encode_forward": compute / 3, "encode_backward": 2 * compute / 3,
-             "embedding_gather": 2 * _ring_seconds(gather_size, n, bus, lat),  # all-gather + reduce-scatter
+             "embedding_gather": _ring_seconds(gather_fwd, n, bus, lat) + _ring_seconds(gather_bwd, n, bus, lat),
              "gradient_allreduce": _ring_seconds(grad_size, n, bus, lat),  # ZeRO-2: reduce-scatter of gradients
              "parameter_allgather": _ring_seconds(grad_size, n, bus, lat),  # and all-gather of parameters
              "optimizer": optimizer}
@@ -348,7 +353,8 @@ def gpu_model(args: argparse.Namespace, tokens_per_prompt: float) -> dict[str, A
                    "ring_bus_GBps_intra_node": args.nvlink_GBps / 2, "inter_node_Gbps_per_nic": args.inter_node_Gbps,
                    "nics_per_node": args.nics_per_node, "gpus_per_node": args.gpus_per_node,
                    "latency_us_per_log2_step": args.latency_us, "hbm_TBps": args.hbm_TBps,
-                   "grad_bytes": args.grad_bytes, "embedding_bytes": 4, "tokens_per_prompt": tokens_per_prompt,
+                   "grad_bytes": args.grad_bytes, "embedding_bytes": args.grad_bytes,
+                   "tokens_per_prompt": tokens_per_prompt,
                    "prompts_per_gpu_weak": args.model_prompts_per_gpu,
                    "global_prompts_strong": args.model_global_prompts,
                    "overlap": "none (communication and compute add up: an upper bound on the communication share)",
@@ -395,10 +401,11 @@ def tables(doc: dict[str, Any]) -> str:
                       f"{b['gradient_allreduce']['bytes_per_rank']:,.0f} / {f['gradient_allreduce']:,}",
                       f"{b['parameter_allgather']['bytes_per_rank']:,.0f} / {f['parameter_allgather']:,}",
                       f"{b['small']['bytes_per_rank']:,.0f} ({b['small']['calls_per_step']:.0f} calls)"])
-    text += common.markdown_table(["ranks", "emb. gather fwd", "emb. gather bwd", "sizes+ids gathers",
+    text += common.markdown_table(["ranks", "emb. gather fwd (with ids)", "emb. gather bwd", "size gathers",
                                    "grad all-reduce", "param all-gather", "small collectives"], brows)
     worst = max((c["relative_error"] for c in doc["byte_checks"] if c["relative_error"] is not None), default=None)
-    text += (f"\nFormulas: gather = prompts x hidden x 4 = {s[0]['prompts_per_step']} x {s[0]['hidden_size']} x 4; "
+    text += (f"\nFormulas: gather = prompts x (hidden x 4 + 32 bytes of ids) = {s[0]['prompts_per_step']} x "
+             f"({s[0]['hidden_size']} x 4 + 32), its backward prompts x hidden x 4; "
              f"gradient all-reduce = trainable parameters x 4 = {s[0]['trainable_parameters']:,} x 4; parameter "
              f"all-gather = parameters x 4 = {s[0]['parameters']:,} x 4. Largest relative difference: "
              f"{'n/a' if worst is None else f'{100 * worst:.2f}%'}")

@@ -30,6 +30,7 @@ __all__ = [
     "world_info",
     "is_distributed",
     "gather_sizes",
+    "gather_rows",
     "all_gather_with_grad",
     "all_gather_no_grad",
     "all_reduce_sum",
@@ -106,6 +107,79 @@ def all_gather_with_grad(x: Tensor, sizes: Optional[Sequence[int]] = None) -> Te
     padded = _pad_rows(x.contiguous(), max(sizes)).contiguous()
     parts = dist_fn.all_gather(padded)  # tuple of world tensors (max_n, ...)
     return _strip_and_concat(parts, sizes)
+
+
+def _all_gather_single(out: Tensor, x: Tensor) -> None:
+    # torch 2.13 renames all_gather_into_tensor (deprecated there); older torch has only that name.
+    (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(out, x)
+
+
+def _reduce_scatter_single(out: Tensor, x: Tensor) -> None:
+    (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(out, x)
+
+
+class _GatherRows(torch.autograd.Function):
+    """Every rank's rows of ``x`` (float, with autograd) and ``ids`` (int64, none) in ONE collective.
+
+    Forward: each rank packs its rows as bytes, ``x`` in ``payload`` dtype then its ids, pads to the
+    largest rank's row count and all-gathers one flat tensor; the padding is dropped. Backward: the
+    gradient of the gathered rows, in ``x``'s dtype (fp32: the sum over ranks is not rounded), is
+    reduce-scattered (SUM) back to the ranks that own them, which is the sum over ranks of each
+    rank's gradient for this rank's rows, as torch's autograd all_gather gives.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, ids: Tensor, sizes: tuple[int, ...],
+                payload: torch.dtype) -> tuple[Tensor, Tensor]:
+        world, rows = len(sizes), max(sizes)
+        n, width = x.shape
+        device = _comm_device(x.device)
+        send_x = x.detach().to(device=device, dtype=payload).contiguous()
+        send_ids = ids.to(device=device, dtype=torch.int64).contiguous()
+        x_bytes, id_bytes = width * send_x.element_size(), 8 * ids.shape[1]
+        packed = torch.zeros(rows, x_bytes + id_bytes, dtype=torch.uint8, device=device)
+        packed[:n, :x_bytes] = send_x.view(torch.uint8).reshape(n, x_bytes)
+        packed[:n, x_bytes:] = send_ids.view(torch.uint8).reshape(n, id_bytes)
+        out = packed.new_empty(world * rows, packed.shape[1])
+        _all_gather_single(out, packed)
+        keep = torch.cat([torch.arange(r * rows, r * rows + s, device=device) for r, s in enumerate(sizes)])
+        out = out[keep]
+        emb = out[:, :x_bytes].contiguous().view(payload).reshape(-1, width).to(device=x.device, dtype=x.dtype)
+        gathered_ids = out[:, x_bytes:].contiguous().view(torch.int64).reshape(-1, ids.shape[1]).to(ids.device)
+        ctx.save_for_backward(keep)
+        ctx.shape, ctx.rows, ctx.world, ctx.device = (n, width), rows, world, x.device
+        ctx.mark_non_differentiable(gathered_ids)
+        return emb, gathered_ids
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor, _grad_ids: Optional[Tensor]) -> tuple[Optional[Tensor], None, None, None]:
+        (keep,) = ctx.saved_tensors
+        (n, width), rows = ctx.shape, ctx.rows
+        device = _comm_device(grad.device)
+        padded = torch.zeros(ctx.world * rows, width, dtype=grad.dtype, device=device)
+        padded[keep] = grad.to(device)
+        mine = padded.new_empty(rows, width)
+        _reduce_scatter_single(mine, padded)
+        return mine[:n].to(ctx.device), None, None, None
+
+
+def gather_rows(x: Tensor, ids: Tensor, sizes: Optional[Sequence[int]] = None,
+                payload: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
+    """``x`` (n_r, d) and ``ids`` (n_r, k) of every rank concatenated in rank order, in one
+    collective: ``x`` with autograd (backward: one reduce-scatter), ``ids`` without.
+
+    ``sizes``: every rank's row count when the caller knows them (the batch plan does), else they
+    are gathered first. ``payload``: the dtype ``x`` travels in (e.g. bf16 under bf16 training: half
+    the bytes of fp32); the result is ``x``'s dtype again. Without a multi-rank process group it
+    returns ``x`` itself and ``ids``.
+    """
+    _, world = world_info()
+    if world == 1:
+        return x, ids
+    sizes = tuple(int(s) for s in sizes) if sizes is not None else tuple(gather_sizes(x.shape[0], x.device))
+    if len(sizes) != world or sizes[world_info()[0]] != x.shape[0]:
+        raise ValueError(f"row counts {list(sizes)} do not fit this rank's {x.shape[0]} rows of {world} ranks")
+    return _GatherRows.apply(x, ids, sizes, payload or x.dtype)
 
 
 def all_gather_no_grad(x: Tensor, sizes: Optional[Sequence[int]] = None) -> Tensor:

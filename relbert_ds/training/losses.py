@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from functools import cached_property
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -131,6 +131,8 @@ class _GlobalBatch:
         is_positive: Tensor,
         parent_ids: Optional[Tensor],
         pair_ids: Optional[Tensor],
+        row_counts: Optional[Sequence[int]] = None,
+        gather_dtype: Optional[torch.dtype] = None,
     ) -> None:
         if embeddings.dim() != 2:
             raise ValueError(f"embeddings must be (n, d), got shape {tuple(embeddings.shape)}")
@@ -144,7 +146,8 @@ class _GlobalBatch:
         emb = embeddings if embeddings.dtype == torch.float64 else embeddings.float()
         device = emb.device
         self.rank, self.world_size = collectives.world_info()
-        sizes = collectives.gather_sizes(n, device)  # one size exchange serves both gathers
+        # Every rank's row count: from the batch plan when the caller passes it, else one size exchange.
+        sizes = list(row_counts) if row_counts is not None else collectives.gather_sizes(n, device)
         self.offset = sum(sizes[: self.rank])
 
         def _long(t: Tensor) -> Tensor:
@@ -159,9 +162,10 @@ class _GlobalBatch:
                 _long(pair_ids) if pair_ids is not None else -1 - local_rows,  # each row its own pair
             ],
             dim=1,
-        )  # (n, 4): one gather for all ids
-        self.cand = collectives.all_gather_with_grad(emb, sizes)  # (N, d), autograd
-        gids = collectives.all_gather_no_grad(ids, sizes)  # (N, 4)
+        )  # (n, 4)
+        # One collective for the embeddings (autograd; in ``gather_dtype`` on the wire) and the ids.
+        payload = gather_dtype if gather_dtype not in (None, torch.float32) else None  # fp64 stays fp64
+        self.cand, gids = collectives.gather_rows(emb, ids, sizes, payload)  # (N, d), (N, 4)
         self.rel, self.pos, self.par, self.pair = gids[:, 0], gids[:, 1].bool(), gids[:, 2], gids[:, 3]
         # Only positives are anchors: the (n_anchors, N) matrices skip the local negatives
         # (with RelBERT's 400 negatives per relation that is ~40x less work and memory).
@@ -323,6 +327,8 @@ class RelationLoss(torch.nn.Module):
     then reduces them exactly (module docstring). Subclasses implement :meth:`families`.
     """
 
+    gather_dtype: torch.dtype = torch.float32  # the embeddings' dtype on the wire
+
     def forward(
         self,
         embeddings: Tensor,
@@ -330,13 +336,18 @@ class RelationLoss(torch.nn.Module):
         is_positive: Tensor,
         parent_ids: Optional[Tensor] = None,
         pair_ids: Optional[Tensor] = None,
+        row_counts: Optional[Sequence[int]] = None,
     ) -> LossOutput:
         """Loss of this rank's rows ``embeddings`` (n, d) with ids of shape (n,).
 
         ``parent_ids`` -1 (or None) where there is no parent; ``pair_ids`` None treats every
-        row as a distinct pair. Every rank of the process group must call it (collectives).
+        row as a distinct pair; ``row_counts`` every rank's row count when the caller knows them
+        (the sampler's plan; else they are exchanged). Every rank of the process group must call
+        it (collectives). The embeddings travel in :attr:`gather_dtype` (fp32 by default; the
+        trainer sets bf16 under bf16 training), the loss is computed in fp32.
         """
-        batch = _GlobalBatch(embeddings, relation_ids, is_positive, parent_ids, pair_ids)
+        batch = _GlobalBatch(embeddings, relation_ids, is_positive, parent_ids, pair_ids, row_counts,
+                             self.gather_dtype)
         return batch.reduce(self.family_groups(batch))
 
     def family_groups(self, batch: _GlobalBatch) -> dict[str, list[_Family]]:

@@ -20,7 +20,8 @@ from relbert_ds.model.encoder import RelationEncoder
 from relbert_ds.training.sampler import LocalBatch, RelationAwareSampler
 
 Position = tuple[int, int, int]  # (epoch, step in epoch, micro step)
-Prepared = tuple[LocalBatch, dict[str, torch.Tensor]]
+# The rank's batch, its CPU token tensors, and every rank's row count (for the loss's one gather).
+Prepared = tuple[LocalBatch, dict[str, torch.Tensor], list[int]]
 
 __all__ = ["MicroBatchPrefetcher", "next_position"]
 
@@ -35,7 +36,8 @@ def next_position(position: Position, accumulation: int, steps_per_epoch: int) -
 
 
 class MicroBatchPrefetcher:
-    """This rank's batch and its CPU token tensors for a plan position, prepared one position ahead.
+    """This rank's batch, its CPU token tensors and the ranks' row counts for a plan position,
+    prepared one position ahead.
 
     ``get(position)`` returns the prefetched result when it is for that position (re-raising what
     the worker raised), else prepares it now; ``prefetch(position)`` starts the next one.
@@ -50,9 +52,11 @@ class MicroBatchPrefetcher:
         self._pending: Optional[tuple[Position, Future]] = None
 
     def prepare(self, position: Position) -> Prepared:
-        """The batch and its tokens (on the CPU) for ``position``, computed in the calling thread."""
+        """The batch, its tokens (on the CPU) and the ranks' row counts for ``position``, computed in
+        the calling thread."""
         batch = self._sampler.local_batch(*position)
-        return batch, self._encoder.tokenize(batch.pairs, device=torch.device("cpu"), tokenizer=self._tokenizer)
+        tokens = self._encoder.tokenize(batch.pairs, device=torch.device("cpu"), tokenizer=self._tokenizer)
+        return batch, tokens, self._sampler.row_counts(*position)
 
     def get(self, position: Position) -> Prepared:
         pending, self._pending = self._pending, None

@@ -406,10 +406,7 @@ class RelationAwareSampler:
             raise ValueError(f"micro step {micro} is outside 0..{self.accumulation - 1}")
         relations, ends = self._step_layout(epoch, step)
         first, last = even_part(len(relations), self.accumulation, micro)
-
-        def end_of(group: int) -> int:  # rows of the step up to and including ``group`` (-1: none)
-            return int(ends[group]) if group >= 0 else 0
-
+        end_of = functools.partial(_rows_through, ends)
         base = end_of(first - 1)  # rows of the micro steps before this one
         if self.shard_by == "prompt":
             start, end = even_part(end_of(last - 1) - base, self.world_size, self.rank)
@@ -423,6 +420,18 @@ class RelationAwareSampler:
         groups = [self._group(epoch, step, rel) for rel in relations[g0:g1].tolist()]
         offset = end_of(g0 - 1) - base  # row of the first drawn group in the micro step
         return self.batch_from_groups(groups, epoch, step, micro, rows=(start - offset, end - offset))
+
+    def row_counts(self, epoch: int, step: int, micro: int = 0) -> list[int]:
+        """Every rank's number of rows in micro step ``micro`` (what the loss would otherwise have to
+        exchange), from the group sizes alone."""
+        relations, ends = self._step_layout(epoch, step)
+        first, last = even_part(len(relations), self.accumulation, micro)
+        end_of = functools.partial(_rows_through, ends)
+        if self.shard_by == "prompt":
+            total = end_of(last - 1) - end_of(first - 1)
+            return [b - a for a, b in (even_part(total, self.world_size, r) for r in range(self.world_size))]
+        parts = (even_part(last - first, self.world_size, r) for r in range(self.world_size))
+        return [end_of(first + b - 1) - end_of(first + a - 1) for a, b in parts]
 
     def _step_layout(self, epoch: int, step: int) -> tuple[np.ndarray, np.ndarray]:
         """The step's relations and the running totals of their group sizes (cached per step, so
@@ -535,6 +544,11 @@ class RelationAwareSampler:
                 f"the checkpoint's position (epoch {epoch}, step {step}) is outside this run's "
                 f"{self.steps_per_epoch} steps per epoch: the checkpoint is damaged; fix: resume from an earlier one"
             )
+
+
+def _rows_through(ends: np.ndarray, group: int) -> int:
+    """Rows of a step up to and including ``group`` (``ends``: running totals of group sizes; -1: 0)."""
+    return int(ends[group]) if group >= 0 else 0
 
 
 def _spread_repeats(order: list[int], per_step: int) -> list[int]:

@@ -83,9 +83,10 @@ class RelationTrainingModule(torch.nn.Module):
         self.loss = loss
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, relation_ids: torch.Tensor,
-                is_positive: torch.Tensor, parent_ids: torch.Tensor, pair_ids: torch.Tensor) -> LossOutput:
+                is_positive: torch.Tensor, parent_ids: torch.Tensor, pair_ids: torch.Tensor,
+                row_counts: Optional[list[int]] = None) -> LossOutput:
         embeddings = self.encoder(input_ids, attention_mask)
-        return self.loss(embeddings, relation_ids, is_positive, parent_ids, pair_ids)
+        return self.loss(embeddings, relation_ids, is_positive, parent_ids, pair_ids, row_counts)
 
 
 @dataclass
@@ -427,6 +428,9 @@ class Trainer:
         with partitioned_parameters(resolved):
             loss = build_loss(t.loss, hidden_size=encoder.hidden_size, temperature=t.temperature,
                               margin=t.margin, classification=t.classification_loss)
+        # The embeddings cross the wire in bf16 under bf16 training (half the bytes; the backbone's
+        # outputs are bf16 anyway); the loss itself and the gradients' reduction stay fp32.
+        loss.gather_dtype = torch.bfloat16 if resolved.precision == "bf16" else torch.float32
         module = RelationTrainingModule(encoder, loss)
         num_parameters = sum(getattr(p, "ds_numel", p.numel()) for p in encoder.parameters())
         n_matmul = matmul_parameters(encoder)
@@ -537,9 +541,9 @@ class Trainer:
         for micro in range(accumulation):
             # This micro step's batch was drawn and tokenized while the previous one computed; the
             # next one is prepared while this one does.
-            batch, host_tokens = self._prefetcher.get((epoch, step, micro))
+            batch, host_tokens, row_counts = self._prefetcher.get((epoch, step, micro))
             self._prefetcher.prefetch(next_position((epoch, step, micro), accumulation, sampler.steps_per_epoch))
-            out, tokens, lr = self._forward_backward_step(batch, meter, host_tokens)
+            out, tokens, lr = self._forward_backward_step(batch, meter, host_tokens, row_counts)
             meter.add(out, len(batch), tokens)
         p.advance(sampler.steps_per_epoch)
         record = meter.close(engine, p.optimizer_steps, epoch, setup.info.world_size, setup.matmul_parameters,
@@ -572,8 +576,10 @@ class Trainer:
                                   if isinstance(value, (int, float)) and math.isfinite(value)])
 
     def _forward_backward_step(self, batch: LocalBatch, meter: StepMeter,
-                               host_tokens: Optional[dict[str, torch.Tensor]] = None) -> tuple[LossOutput, int, float]:
-        """One micro step; ``host_tokens``: the batch already tokenized on the CPU (the prefetcher's)."""
+                               host_tokens: Optional[dict[str, torch.Tensor]] = None,
+                               row_counts: Optional[list[int]] = None) -> tuple[LossOutput, int, float]:
+        """One micro step; ``host_tokens``: the batch already tokenized on the CPU (the prefetcher's);
+        ``row_counts``: every rank's rows from the plan (else the loss exchanges them)."""
         device = self.engine.device
 
         def clock() -> float:
@@ -585,7 +591,7 @@ class Trainer:
                   else self.encoder.tokenize(batch.pairs, device=device))
         out = self.engine(**tokens, relation_ids=batch.relation_ids.to(device),
                           is_positive=batch.is_positive.to(device), parent_ids=batch.parent_ids.to(device),
-                          pair_ids=batch.pair_ids.to(device))
+                          pair_ids=batch.pair_ids.to(device), row_counts=row_counts)
         t1 = clock()
         self.engine.backward(out.loss)
         lr = float(self.engine.get_lr()[0])  # the lr this step uses (step() moves the schedule on)

@@ -110,12 +110,15 @@ CASES = ("nce", "iloob", "triplet", "nce+classification")
 BUGGY_CASES = ("nce", "triplet")
 
 
-def run_case(case: str, batch: LocalBatch, feats: torch.Tensor) -> dict:
-    """Forward + backward of one loss on ``batch``; grads averaged over ranks."""
+def run_case(case: str, batch: LocalBatch, feats: torch.Tensor, row_counts=None,
+             gather_dtype: torch.dtype = torch.float32) -> dict:
+    """Forward + backward of one loss on ``batch``; grads averaged over ranks. ``row_counts``: the
+    ranks' rows from the plan (else the loss exchanges them); ``gather_dtype``: the wire dtype."""
     model, loss_fn = encoder(), make_loss(case)
+    loss_fn.gather_dtype = gather_dtype
     params = list(model.parameters()) + list(loss_fn.parameters())
     emb = model(feats[batch.pair_ids])  # (n, DIM) fp32
-    out = loss_fn(emb, batch.relation_ids, batch.is_positive, batch.parent_ids, batch.pair_ids)
+    out = loss_fn(emb, batch.relation_ids, batch.is_positive, batch.parent_ids, batch.pair_ids, row_counts)
     out.loss.backward()
     _, world = collectives.world_info()
     grads = []
@@ -128,13 +131,41 @@ def run_case(case: str, batch: LocalBatch, feats: torch.Tensor) -> dict:
     return {"loss": out.loss.item(), "value": out.value, "metrics": out.metrics, "grads": grads}
 
 
-def _biased_gather(x: torch.Tensor, sizes=None) -> torch.Tensor:
+_GATHER_ROWS = collectives.gather_rows
+
+
+def _biased_gather(x: torch.Tensor, ids: torch.Tensor, sizes=None, payload=None):
     """The classic bug (open_clip#616): other ranks' rows gathered without autograd."""
     rank, _ = collectives.world_info()
     sizes = sizes if sizes is not None else collectives.gather_sizes(x.shape[0])
-    full = collectives.all_gather_no_grad(x, sizes)
+    with torch.no_grad():
+        full, gids = _GATHER_ROWS(x.detach(), ids, sizes, payload)
     start = sum(sizes[:rank])
-    return torch.cat([full[:start], x, full[start + x.shape[0]:]])
+    return torch.cat([full[:start], x, full[start + x.shape[0]:]]), gids
+
+
+def count_collectives(fn: Callable[[], object]) -> dict[str, int]:
+    """Calls of each torch.distributed collective while ``fn`` runs (what one loss step issues)."""
+    counts: dict[str, int] = {}
+    names = [n for n in ("all_gather", "all_gather_into_tensor", "all_gather_single", "reduce_scatter_tensor",
+                         "reduce_scatter_single", "all_to_all", "all_to_all_single", "all_reduce")
+             if hasattr(torch.distributed, n)]
+    originals = {n: getattr(torch.distributed, n) for n in names}
+
+    def counted(name: str) -> Callable:
+        def call(*args, **kwargs):
+            counts[name] = counts.get(name, 0) + 1
+            return originals[name](*args, **kwargs)
+        return call
+
+    for n in names:
+        setattr(torch.distributed, n, counted(n))
+    try:
+        fn()
+    finally:
+        for n in names:
+            setattr(torch.distributed, n, originals[n])
+    return counts
 
 
 def check_collectives(rank: int) -> dict:
@@ -146,7 +177,13 @@ def check_collectives(rank: int) -> dict:
     (y * weight).sum().backward()
     ids = collectives.all_gather_no_grad(torch.tensor([rank] * n))
     flags = collectives.all_gather_no_grad(torch.tensor([rank == 1] * n))
+    # The one-collective gather of rows and ids, with the sizes given (no size exchange).
+    x2 = (torch.arange(n * 3, dtype=torch.float32).view(n, 3) + 100 * rank).requires_grad_(True)
+    ids2 = torch.stack([torch.full((n,), rank), torch.arange(n) - 7], dim=1)
+    y2, gids2 = collectives.gather_rows(x2, ids2, [2, 3])
+    (y2 * weight).sum().backward()
     return {
+        "rows_gathered": y2.detach(), "rows_grad": x2.grad.clone(), "rows_ids": gids2,
         "gathered": y.detach(), "grad": x.grad.clone(), "ids": ids, "flags": flags,
         "sum": collectives.all_reduce_sum(torch.tensor([float(rank), 2.0 * rank], dtype=torch.float64)),
         "objects": collectives.all_gather_object({"rank": rank, "failed": [] if rank == 0 else ["x"]}),
@@ -166,19 +203,25 @@ def main(rank: int, world: int, port: int, out_file: str) -> None:
         batch = s.local_batch(epoch, step)
         feats = features(s.num_pairs)
         results: dict = {"n_local": len(batch), "cases": {}, "buggy": {}}
+        counts = s.row_counts(epoch, step)
         for case in CASES:
             results["cases"][case] = run_case(case, batch, feats)
+            # The row counts from the plan instead of a size exchange: the same numbers.
+            results["cases"][case + "/planned_counts"] = run_case(case, batch, feats, counts)
+        results["cases"]["nce/bf16_wire"] = run_case("nce", batch, feats, counts, torch.bfloat16)
+        results["collective_calls"] = {
+            "sizes_exchanged": count_collectives(lambda: run_case("nce", batch, feats)),
+            "sizes_planned": count_collectives(lambda: run_case("nce", batch, feats, counts))}
         if world == WORLD:
             results["collectives"] = check_collectives(rank)
             # Rank 1 brings no rows at all: no hang, and the result is rank 0's batch alone.
             results["empty_rank1"] = run_case("triplet", batch if rank == 0 else s.batch_from_groups([]), feats)
-            original: Callable = collectives.all_gather_with_grad
-            collectives.all_gather_with_grad = _biased_gather
+            collectives.gather_rows = _biased_gather
             try:
                 for case in BUGGY_CASES:
                     results["buggy"][case] = run_case(case, batch, feats)
             finally:
-                collectives.all_gather_with_grad = original
+                collectives.gather_rows = _GATHER_ROWS
         torch.save(results, out_file)
         # Nobody tears down while a peer still talks to the store (rank 0 hosts it).
         torch.distributed.barrier()

@@ -28,8 +28,9 @@ def test_model_collectives_follow_the_ring_formula():
     # Within a node: half of NVLink; across nodes: the node's NIC (400 Gb/s = 50 GB/s).
     assert scaling.bus_bandwidth(args, 8) == 450e9 and scaling.bus_bandwidth(args, 16) == 50e9
     p8 = scaling.model_step(args, SHAPE, 8, 128, 20.0)
-    gather_bytes = 128 * 8 * 1024 * 4  # every prompt's fp32 embedding on every rank
-    assert p8["embedding_gather"] == pytest.approx(2 * 7 / 8 * gather_bytes / 450e9)  # all-gather + reduce-scatter
+    # every prompt's bf16 embedding and 4 int64 ids on every rank; the gradient back in fp32
+    fwd, bwd = 128 * 8 * (1024 * 2 + 32), 128 * 8 * 1024 * 4
+    assert p8["embedding_gather"] == pytest.approx(7 / 8 * (fwd + bwd) / 450e9)  # all-gather + reduce-scatter
     assert p8["gradient_allreduce"] == pytest.approx(7 / 8 * 2_000_000 / 450e9)  # bf16 reduce-scatter
     flops = 128 * 20 * 3 * (2 * 800_000 + 4 * 4 * 20 * 1024)
     assert p8["encode_forward"] + p8["encode_backward"] == pytest.approx(flops / (989e12 * 0.4))
@@ -80,7 +81,9 @@ def test_quick_run_reports_every_part_and_measured_bytes_equal_the_formula(tiny_
     prompts = 8 * (4 + 4)
     assert two["prompts_per_step"] == prompts and two["prompts_per_rank"] == [32, 32]
     b = two["bytes"]
-    assert b["gather_fwd"]["bytes_per_rank"] == prompts * config["hidden_size"] * 4  # exact: 32 rows per rank
+    # exact: 32 rows per rank; forward: fp32 embeddings and 4 int64 ids per row in one all-gather
+    assert b["gather_fwd"]["bytes_per_rank"] == prompts * (config["hidden_size"] * 4 + 32)
+    assert b["gather_fwd"]["calls_per_step"] == 1 and b["gather_ids"]["calls_per_step"] == 0  # no size exchange
     assert b["gather_bwd"]["bytes_per_rank"] == prompts * config["hidden_size"] * 4
     assert b["gather_fwd"]["min_rank"] == b["gather_fwd"]["max_rank"]
     # ZeRO-2 on gloo: one gradient all-reduce of the parameters that get gradients (the unused pooler

@@ -135,9 +135,46 @@ def test_uneven_autograd_gather(rank_results):
         assert tuple(c["world_info"]) == (rank, 2)
 
 
+def test_gather_rows_is_one_collective_with_exact_values_ids_and_gradients(rank_results):
+    x0 = torch.arange(6, dtype=torch.float32).view(2, 3)
+    x1 = torch.arange(9, dtype=torch.float32).view(3, 3) + 100
+    w = torch.arange(15, dtype=torch.float32).view(5, 3)
+    for rank, res in enumerate(rank_results):
+        c = res["collectives"]
+        assert torch.equal(c["rows_gathered"], torch.cat([x0, x1]))
+        assert c["rows_ids"].tolist() == [[0, -7], [0, -6], [1, -7], [1, -6], [1, -5]]
+        assert torch.equal(c["rows_grad"], 3 * w[slice(0, 2) if rank == 0 else slice(2, 5)])
+
+
+def test_a_loss_step_is_one_gather_and_one_reduce_scatter_with_planned_row_counts(rank_results, edge_results):
+    """Per loss forward + backward: before, a size gather, the embedding gather and an id gather (3
+    all-gathers); now one all-gather of rows and ids (plus the size gather when the caller does not
+    pass the plan's counts) and the gradient's one reduce-scatter. The loss's statistics all-reduce
+    is the same in both."""
+    for res in [*rank_results, *edge_results]:
+        planned, exchanged = res["collective_calls"]["sizes_planned"], res["collective_calls"]["sizes_exchanged"]
+        gathers = {k: v for k, v in planned.items() if k.startswith("all_gather")}
+        assert sum(gathers.values()) == 1 and sum(v for k, v in planned.items() if "reduce_scatter" in k) == 1
+        assert sum(v for k, v in exchanged.items() if k.startswith("all_gather")) == 2  # + the sizes
+        assert planned.get("all_reduce") == exchanged.get("all_reduce")
+        assert not any(k.startswith("all_to_all") for k in planned)
+
+
 @pytest.mark.parametrize("case", ["nce", "iloob", "triplet", "nce+classification"])
-def test_two_ranks_equal_one_process(rank_results, reference, case):
-    assert_equal_to_one_process([r["cases"][case] for r in rank_results], reference[case])
+@pytest.mark.parametrize("counts", ["", "/planned_counts"])
+def test_two_ranks_equal_one_process(rank_results, reference, case, counts):
+    assert_equal_to_one_process([r["cases"][case + counts] for r in rank_results], reference[case])
+
+
+def test_bf16_on_the_wire_follows_the_fp32_loss(rank_results, edge_results, reference, edge_reference):
+    """Embeddings sent in bf16 (rounded to 8 bits of mantissa; the loss and the gradient sum stay fp32):
+    the loss within 2e-3 relative of fp32's, gradients within 2% of their largest entry; and not equal,
+    so the payload really was bf16."""
+    for ranks, ref in ((rank_results, reference["nce"]), (edge_results, edge_reference["nce"])):
+        for res in (r["cases"]["nce/bf16_wire"] for r in ranks):
+            assert res["value"] == pytest.approx(ref["value"], rel=2e-3) and res["value"] != ref["value"]
+            for got, want in zip(res["grads"], ref["grads"]):
+                assert (got - want).abs().max() <= 0.02 * want.abs().max()
 
 
 @pytest.mark.parametrize("case", ["nce", "iloob", "triplet", "nce+classification"])

@@ -29,17 +29,19 @@ def test_prefetched_batches_and_tokens_equal_the_inline_ones(encoder):
     position = (0, sampler.steps_per_epoch - 2, 0)  # crosses a step and an epoch boundary
     try:
         for _ in range(7):
-            batch, tokens = prefetcher.get(position)
+            batch, tokens, counts = prefetcher.get(position)
             prefetcher.prefetch(next_position(position, 2, sampler.steps_per_epoch))
             want = inline.local_batch(*position)
             want_tokens = encoder.tokenize(want.pairs, device=torch.device("cpu"))
             assert batch.pairs == want.pairs and torch.equal(batch.pair_ids, want.pair_ids)
             assert (batch.epoch, batch.step, batch.micro) == position
+            assert counts == [len(RelationAwareSampler(SEMEVAL, world_size=3, rank=r, relations_per_step=12,
+                                                       accumulation=2).local_batch(*position)) for r in range(3)]
             assert tokens.keys() == want_tokens.keys()
             assert all(torch.equal(tokens[k], want_tokens[k]) for k in tokens)
             position = next_position(position, 2, sampler.steps_per_epoch)
         # A position other than the prefetched one (a resume, a skipped step) is prepared on the spot.
-        batch, _ = prefetcher.get((3, 1, 1))
+        batch, _, _ = prefetcher.get((3, 1, 1))
         assert batch.pairs == inline.local_batch(3, 1, 1).pairs
     finally:
         prefetcher.close()

@@ -145,6 +145,7 @@ def test_local_batches_are_the_global_batch_sliced_for_every_knob(seed):
                     whole = samplers[0].global_batch(epoch, step, micro)
                     parts = [sm.local_batch(epoch, step, micro) for sm in samplers]
                     assert sum((q.pairs for q in parts), []) == whole.pairs, (world, epoch, step, micro, kw)
+                    assert samplers[-1].row_counts(epoch, step, micro) == [len(q) for q in parts]
                     for field in ("relation_ids", "is_positive", "parent_ids", "pair_ids"):
                         assert torch.equal(torch.cat([getattr(q, field) for q in parts]), getattr(whole, field))
     assert len(tested) >= 2, (tested, kw)
