@@ -99,6 +99,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model_global_prompts", type=int, default=4096, help="strong scaling: prompts in total")
     g.add_argument("--model_tokens_per_prompt", type=float, default=None,
                    help="default: the mean measured in the CPU runs")
+    g.add_argument("--prompts_per_group", type=int, default=16,
+                   help="prompts of one relation in a step (8 positives + 8 negatives): sizes the relations a "
+                        "step needs")
+    g.add_argument("--dataset_relations", type=int, default=79,
+                   help="relations the training data has (SemEval-2012: 79)")
+    g.add_argument("--host_results", default="benchmarks/results/host_planning.json",
+                   help="measured host work per step (benchmarks/host_planning.py); absent: none assumed")
+    g.add_argument("--small_collectives", type=int, default=4,
+                   help="latency-bound collectives per step besides the named ones (loss statistics, DeepSpeed's "
+                        "overflow check and gradient norm)")
     o = p.add_argument_group("output")
     o.add_argument("--work_dir", default="runs/benchmarks/scaling")
     o.add_argument("--output", default=None, help="results JSON (default benchmarks/results/scaling.json)")
@@ -270,14 +280,6 @@ def model_shape(name: str) -> dict[str, Any]:
             "num_layers": int(config.num_hidden_layers)}
 
 
-def _ring_seconds(size_bytes: float, n: int, bus_Bps: float, latency_s: float, factor: float = 1.0) -> float:
-    """A ring collective of ``size_bytes`` (all-gather output / reduce-scatter input; factor 2 for an
-    all-reduce) over ``n`` ranks, plus a tree-like latency term."""
-    if n <= 1:
-        return 0.0
-    return factor * (n - 1) / n * size_bytes / bus_Bps + latency_s * math.ceil(math.log2(n))
-
-
 def bus_bandwidth(args: argparse.Namespace, n: int) -> float:
     """Bytes/s a ring collective sustains per GPU: half of NVLink within a node, the node's NICs across."""
     intra = args.nvlink_GBps * 1e9 / 2
@@ -286,28 +288,69 @@ def bus_bandwidth(args: argparse.Namespace, n: int) -> float:
     return min(intra, args.nics_per_node * args.inter_node_Gbps * 1e9 / 8)
 
 
+def _zero2_buckets(ds_config: str) -> tuple[int, int]:
+    """(reduce_bucket_size, allgather_bucket_size) in elements, from the shipped ZeRO-2 config."""
+    zero = json.loads((common.REPO / ds_config).read_text()).get("zero_optimization", {})
+    return int(zero.get("reduce_bucket_size", 5e8)), int(zero.get("allgather_bucket_size", 5e8))
+
+
+def host_ms(args: argparse.Namespace, n: int) -> float:
+    """Host work per step at ``n`` ranks measured by benchmarks/host_planning.py (the plan of the rank's
+    share; tokenization is prefetched behind the step): the nearest measured world size, else 0."""
+    if not args.host_results:
+        return 0.0
+    path = common.REPO / args.host_results if not Path(args.host_results).is_absolute() else Path(args.host_results)
+    try:
+        rows = json.loads(path.read_text())["rows"]
+    except (OSError, ValueError, KeyError):
+        return 0.0
+    nearest = min(rows, key=lambda r: abs(math.log2(r["world_size"]) - math.log2(max(n, 1))))
+    return float(nearest["own_groups"]["median_ms"])
+
+
 def model_step(args: argparse.Namespace, shape: dict[str, Any], n: int, prompts_per_gpu: float,
-               tokens_per_prompt: float) -> dict[str, float]:
-    """Modelled seconds per part of one optimizer step on ``n`` GPUs."""
+               tokens_per_prompt: float, reduction: str = "reduce", zeropp: bool = False,
+               overlap: bool = False) -> dict[str, float]:
+    """Modelled seconds per part of one optimizer step on ``n`` GPUs.
+
+    ``reduction``: how ZeRO-2 reduces a gradient bucket: ``"reduce"`` (the shipped config: each
+    partition's slice to its owner, one call per owner and bucket, (N-1)/N of the bytes) or
+    ``"all_reduce"`` (DeepSpeed's default, one call per bucket, 2(N-1)/N). ``zeropp``: ZeRO++'s qgZ
+    (gradients sent as int4: a quarter of bf16's bytes) and hpZ (the parameter all-gather inside a node).
+    ``overlap``: DeepSpeed's ``overlap_comm``: the gradient reduction runs beside the backward pass, so
+    only what exceeds the backward, and at least the last bucket, is exposed. Every collective call
+    costs ``--latency_us`` x log2(N) on top of its bytes."""
     from relbert_ds.training.monitor import model_flops_per_token
 
     tokens = prompts_per_gpu * tokens_per_prompt
     flops = tokens * model_flops_per_token(shape["matmul_parameters"], shape["num_layers"], shape["hidden_size"],
                                            tokens_per_prompt)
     compute = flops / (args.peak_tflops * 1e12 * args.mfu)
-    bus, lat = bus_bandwidth(args, n), args.latency_us * 1e-6
+    bus = bus_bandwidth(args, n)
+    lat = args.latency_us * 1e-6 * math.ceil(math.log2(n)) if n > 1 else 0.0  # per collective call
+    share = (n - 1) / n if n > 1 else 0.0
     # Every prompt on every rank: the embedding in the training precision (grad_bytes: 2 = bf16) and four
-    # int64 ids forward; the gradient in fp32 backward.
+    # int64 ids forward; the gradient in fp32 backward; one call each.
     gather_fwd = prompts_per_gpu * n * (shape["hidden_size"] * args.grad_bytes + 32)
     gather_bwd = prompts_per_gpu * n * shape["hidden_size"] * 4
     grad_size = shape["parameters"] * args.grad_bytes
+    reduce_bucket, allgather_bucket = _zero2_buckets(args.deepspeed_config)
+    buckets = math.ceil(shape["parameters"] / reduce_bucket)
+    wire_grad = grad_size * (0.25 if zeropp else 1.0)
+    if reduction == "reduce":  # a bucket spans several owners' partitions: about N + buckets calls in all
+        grad = share * wire_grad / bus + (n + buckets - 1) * lat if n > 1 else 0.0
+    else:
+        grad = 2 * share * wire_grad / bus + buckets * lat
+    if overlap:
+        grad = max(grad - 2 * compute / 3, grad / buckets)
+    param_bus = args.nvlink_GBps * 1e9 / 2 if zeropp else bus
+    param = share * grad_size / param_bus + math.ceil(shape["parameters"] / allgather_bucket) * lat
     # Adam over this rank's ZeRO-2 shard: fp32 master, two moments, read and written, grad read, 16-bit param written
     optimizer = shape["parameters"] / n * (3 * 4 * 2 + args.grad_bytes + args.grad_bytes) / (args.hbm_TBps * 1e12)
     parts = {"encode_forward": compute / 3, "encode_backward": 2 * compute / 3,
-             "embedding_gather": _ring_seconds(gather_fwd, n, bus, lat) + _ring_seconds(gather_bwd, n, bus, lat),
-             "gradient_allreduce": _ring_seconds(grad_size, n, bus, lat),  # ZeRO-2: reduce-scatter of gradients
-             "parameter_allgather": _ring_seconds(grad_size, n, bus, lat),  # and all-gather of parameters
-             "optimizer": optimizer}
+             "embedding_gather": share * (gather_fwd + gather_bwd) / bus + 2 * lat if n > 1 else 0.0,
+             "gradient_allreduce": grad, "parameter_allgather": param, "optimizer": optimizer,
+             "small_collectives": args.small_collectives * lat, "host": host_ms(args, n) / 1e3}
     parts["step"] = sum(parts.values())
     return parts
 
@@ -339,12 +382,21 @@ def gpu_model(args: argparse.Namespace, tokens_per_prompt: float) -> dict[str, A
             for n in args.gpus:
                 per_gpu = args.model_prompts_per_gpu if mode == "weak" else args.model_global_prompts / n
                 p = model_step(args, shape, n, per_gpu, tokens_per_prompt)
-                comm = p["embedding_gather"] + p["gradient_allreduce"] + p["parameter_allgather"]
+                ar = model_step(args, shape, n, per_gpu, tokens_per_prompt, reduction="all_reduce")
+                ov = model_step(args, shape, n, per_gpu, tokens_per_prompt, overlap=True)
+                comm = (p["embedding_gather"] + p["gradient_allreduce"] + p["parameter_allgather"]
+                        + p["small_collectives"])
                 eff = one_weak / p["step"] if mode == "weak" else one_strong / (n * p["step"])
+                eff_ar, eff_ov = (one_weak / x["step"] if mode == "weak" else one_strong / (n * x["step"])
+                                  for x in (ar, ov))
+                relations = per_gpu * n / args.prompts_per_group
                 rows.append({"model": name, "scaling": mode, "gpus": n, "prompts_per_gpu": per_gpu,
                              "global_prompts": per_gpu * n, "step_s": p["step"], "parts_s": p,
                              "communication_share": comm / p["step"], "gather_share": p["embedding_gather"] / p["step"],
-                             "efficiency": eff, "bus_bandwidth_GBps": bus_bandwidth(args, n) / 1e9})
+                             "efficiency": eff, "efficiency_all_reduce": eff_ar, "step_s_all_reduce": ar["step"],
+                             "efficiency_overlap": eff_ov,
+                             "relations_per_step": relations, "data_can_feed": relations <= args.dataset_relations,
+                             "bus_bandwidth_GBps": bus_bandwidth(args, n) / 1e9})
         limits[name] = {"shape": shape,
                         "largest_world_gather_under_10pct_weak": largest_world(args, shape, tokens_per_prompt, "weak"),
                         "largest_world_gather_under_10pct_strong": largest_world(args, shape, tokens_per_prompt,
@@ -358,8 +410,21 @@ def gpu_model(args: argparse.Namespace, tokens_per_prompt: float) -> dict[str, A
                    "prompts_per_gpu_weak": args.model_prompts_per_gpu,
                    "global_prompts_strong": args.model_global_prompts,
                    "overlap": "none (communication and compute add up: an upper bound on the communication share)",
-                   "zero_stage": 2}
-    return {"label": "MODEL (not a measurement)", "assumptions": assumptions, "rows": rows, "limits": limits}
+                   "zero_stage": 2, "reduction": "reduce to each partition's owner (the shipped zero2.json)",
+                   "buckets_elements": dict(zip(("reduce", "allgather"), _zero2_buckets(args.deepspeed_config))),
+                   "host_ms": {n: host_ms(args, n) for n in args.gpus}, "host_results": args.host_results,
+                   "small_collectives": args.small_collectives, "prompts_per_group": args.prompts_per_group,
+                   "dataset_relations": args.dataset_relations}
+    zeropp = []
+    shape = model_shape("roberta-large")
+    one = model_step(args, shape, 1, args.model_prompts_per_gpu, tokens_per_prompt)["step"]
+    for n in args.gpus:
+        base = model_step(args, shape, n, args.model_prompts_per_gpu, tokens_per_prompt)
+        plus = model_step(args, shape, n, args.model_prompts_per_gpu, tokens_per_prompt, zeropp=True)
+        zeropp.append({"model": "roberta-large", "scaling": "weak", "gpus": n, "efficiency": one / base["step"],
+                       "efficiency_zeropp": one / plus["step"], "step_s": base["step"], "step_s_zeropp": plus["step"]})
+    return {"label": "MODEL (not a measurement)", "assumptions": assumptions, "rows": rows, "limits": limits,
+            "zeropp": zeropp}
 
 
 # --------------------------------------------------------------------------- output
@@ -424,32 +489,55 @@ def tables(doc: dict[str, Any]) -> str:
              f"{100 * a['mfu']:.0f}% MFU for the encoder's compute; NVLink {a['nvlink_GBps_bidirectional']:.0f} GB/s "
              f"per GPU ({a['ring_bus_GBps_intra_node']:.0f} GB/s ring bus bandwidth) within a node of "
              f"{a['gpus_per_node']} GPUs; {a['nics_per_node']} x {a['inter_node_Gbps_per_nic']:.0f} Gb/s per node "
-             f"between nodes; {a['latency_us_per_log2_step']:.0f} us latency per log2(N) step; Adam at "
-             f"{a['hbm_TBps']} TB/s HBM; gradients and parameters on the wire in {8 * a['grad_bytes']}-bit, "
-             f"embeddings in fp32; {a['tokens_per_prompt']:.1f} tokens per prompt (measured above); ZeRO-2; no "
-             f"overlap of communication with compute. Weak scaling: {a['prompts_per_gpu_weak']} prompts per GPU; "
-             f"strong scaling: {a['global_prompts_strong']} prompts per step in total. Efficiency is against one GPU "
-             f"running the same batch without communication.\n\n")
+             f"between nodes; {a['latency_us_per_log2_step']:.0f} us latency per log2(N) step for every collective "
+             f"call; Adam at {a['hbm_TBps']} TB/s HBM; gradients, parameters and the gathered embeddings on the wire "
+             f"in {8 * a['grad_bytes']}-bit (the embeddings with 32 bytes of ids per prompt, their gradient back in "
+             f"fp32); {a['tokens_per_prompt']:.1f} tokens per prompt (measured above); ZeRO-2 as shipped: each "
+             f"gradient bucket ({a['buckets_elements']['reduce']:,} elements) reduced to its partitions' owners, "
+             f"about N + buckets calls per step, and the parameters all-gathered in "
+             f"{a['buckets_elements']['allgather']:,}-element buckets; {a['small_collectives']} small "
+             f"latency-bound collectives per step; host work per step as measured by "
+             f"`benchmarks/host_planning.py` ({', '.join(f'{v:.2f} ms at {k}' for k, v in a['host_ms'].items())}; "
+             f"tokenization is prefetched behind the step); no overlap of communication with compute. Weak "
+             f"scaling: {a['prompts_per_gpu_weak']} prompts per GPU; strong scaling: {a['global_prompts_strong']} "
+             f"prompts per step in total. Efficiency is against one GPU running the same batch without "
+             f"communication; the all-reduce column is the same step with DeepSpeed's default bucket all-reduce, "
+             f"the overlap_comm column the shipped reduction overlapped with the backward pass (only what exceeds "
+             f"the backward, and at least the last bucket, exposed; `\"overlap_comm\": true`, off in the shipped "
+             f"configs because CPU ranks have no stream to overlap on). "
+             f"A step holds each relation once, in groups of {a['prompts_per_group']} prompts: a row whose "
+             f"relations per step exceed the data's ({a['dataset_relations']} in SemEval-2012) is marked *: that "
+             f"batch needs more relations than SemEval-2012 has.\n\n")
     mrows = []
     for r in m["rows"]:
         p = r["parts_s"]
-        mrows.append([r["model"], r["scaling"], r["gpus"], f"{r['prompts_per_gpu']:g}", 1000 * r["step_s"],
+        mrows.append([r["model"], r["scaling"], r["gpus"], f"{r['prompts_per_gpu']:g}",
+                      _relations_cell(r), 1000 * r["step_s"],
                       1000 * (p["encode_forward"] + p["encode_backward"]), 1000 * p["embedding_gather"],
                       1000 * (p["gradient_allreduce"] + p["parameter_allgather"]),
+                      1000 * (p["small_collectives"] + p["host"]),
                       f"{100 * r['communication_share']:.0f}%",
-                      f"{100 * r['gather_share']:.1f}%", f"{100 * r['efficiency']:.0f}%"])
-    text += common.markdown_table(["model", "scaling", "GPUs", "prompts/GPU", "step ms", "compute ms", "gather ms",
-                                   "ZeRO-2 grad+param ms", "comm share", "gather share", "efficiency"], mrows, digits=1)
+                      f"{100 * r['gather_share']:.1f}%", f"{100 * r['efficiency']:.0f}%",
+                      f"{100 * r['efficiency_all_reduce']:.0f}%", f"{100 * r['efficiency_overlap']:.0f}%"])
+    text += common.markdown_table(["model", "scaling", "GPUs", "prompts/GPU", "relations/step", "step ms",
+                                   "compute ms", "gather ms", "ZeRO-2 grad+param ms", "small + host ms",
+                                   "comm share", "gather share", "efficiency", "efficiency, all-reduce",
+                                   "efficiency, overlap_comm"], mrows, digits=1)
     alt = doc.get("model_8_nics")
     if alt:
         text += (f"\nThe same MODEL with {alt['assumptions']['nics_per_node']} x "
                  f"{alt['assumptions']['inter_node_Gbps_per_nic']:.0f} Gb/s NICs per node (a DGX H100-class "
                  f"network; within a node nothing changes):\n\n")
         text += common.markdown_table(
-            ["model", "scaling", "GPUs", "step ms", "comm share", "gather share", "efficiency"],
-            [[r["model"], r["scaling"], r["gpus"], 1000 * r["step_s"], f"{100 * r['communication_share']:.0f}%",
-              f"{100 * r['gather_share']:.1f}%", f"{100 * r['efficiency']:.0f}%"]
+            ["model", "scaling", "GPUs", "relations/step", "step ms", "comm share", "gather share", "efficiency",
+             "efficiency, all-reduce", "efficiency, overlap_comm"],
+            [[r["model"], r["scaling"], r["gpus"], _relations_cell(r), 1000 * r["step_s"],
+              f"{100 * r['communication_share']:.0f}%",
+              f"{100 * r['gather_share']:.1f}%", f"{100 * r['efficiency']:.0f}%",
+              f"{100 * r['efficiency_all_reduce']:.0f}%", f"{100 * r['efficiency_overlap']:.0f}%"]
              for r in alt["rows"] if r["gpus"] > m["assumptions"]["gpus_per_node"]], digits=1)
+        text += _verdict(m, alt)
+        text += _zeropp_text(m, alt)
     text += "\nLargest world size (power of two) where the embedding gather stays under 10% of the step (MODEL):\n\n"
     lim_rows = []
     for k, v in m["limits"].items():
@@ -470,6 +558,53 @@ def tables(doc: dict[str, Any]) -> str:
              f"{m['assumptions']['global_prompts_strong']} prompts in all (the search stops at one prompt per GPU), "
              f"where the gradient reduction, not the gather, is what stops scaling.\n")
     return text
+
+
+def _verdict(one_nic: dict[str, Any], eight_nics: dict[str, Any], target: float = 0.90) -> str:
+    """What the model says of the weak-scaling target (roberta-large, 64 GPUs), from its own rows."""
+    def row(model: dict[str, Any], gpus: int) -> Optional[dict[str, Any]]:
+        return next((r for r in model["rows"] if r["model"] == "roberta-large" and r["scaling"] == "weak"
+                     and r["gpus"] == gpus), None)
+
+    r8, r1 = row(eight_nics, 64), row(one_nic, 64)
+    if r8 is None or r1 is None:
+        return ""
+    big = row(eight_nics, max(r["gpus"] for r in eight_nics["rows"]))
+    met = "meet" if r8["efficiency"] >= target else "miss"
+    text = (f"\nThe weak-scaling target ({100 * target:.0f}% at 64 GPUs, roberta-large, "
+            f"{eight_nics['assumptions']['nics_per_node']} x {eight_nics['assumptions']['inter_node_Gbps_per_nic']:.0f}"
+            f" Gb/s per node) in this MODEL: the shipped configs {met} it at {100 * r8['efficiency']:.0f}% "
+            f"(1 NIC per node: {100 * r1['efficiency']:.0f}%); DeepSpeed's default all-reduce gives "
+            f"{100 * r8['efficiency_all_reduce']:.0f}%, and the shipped reduction with `\"overlap_comm\": true` "
+            f"{100 * r8['efficiency_overlap']:.0f}% (1 NIC: {100 * r1['efficiency_overlap']:.0f}%): on GPUs, turn "
+            f"overlap_comm on.")
+    if big is not None and big["efficiency_all_reduce"] > big["efficiency"]:
+        text += (f" At {big['gpus']} GPUs the owner-by-owner reduction's {big['gpus']}+ calls per step cost more than "
+                 f"the bytes they save ({100 * big['efficiency']:.0f}% against "
+                 f"{100 * big['efficiency_all_reduce']:.0f}% with the all-reduce): there, set "
+                 f"`\"use_multi_rank_bucket_allreduce\": true`.")
+    return text + (" Efficiencies above 100% are ZeRO-2 sharding the optimizer step, which one GPU runs whole. Every "
+                   "row past 9 GPUs at 128 prompts per GPU needs more relations per step than SemEval-2012's 79 (*).\n")
+
+
+def _relations_cell(row: dict[str, Any]) -> str:
+    """Relations a step needs; * where the training data has fewer."""
+    return f"{row['relations_per_step']:g}{'' if row['data_can_feed'] else ' *'}"
+
+
+def _zeropp_text(one_nic: dict[str, Any], eight_nics: dict[str, Any]) -> str:
+    """The roberta-large weak-scaling efficiencies with and without ZeRO++ (qgZ + hpZ), both networks."""
+    rows = []
+    for label, model in (("1 NIC/node", one_nic), (f"{eight_nics['assumptions']['nics_per_node']} NICs/node",
+                                                         eight_nics)):
+        for r in model["zeropp"]:
+            rows.append([label, r["gpus"], 1000 * r["step_s"], f"{100 * r['efficiency']:.0f}%",
+                         1000 * r["step_s_zeropp"], f"{100 * r['efficiency_zeropp']:.0f}%"])
+    return ("\nWhat ZeRO++ would add (MODEL; roberta-large, weak scaling; qgZ sends gradients as int4, a quarter "
+            "of bf16's bytes, and hpZ keeps a parameter copy per node so that the all-gather stays on NVLink; "
+            "DeepSpeed's `zero_quantized_gradients` and `zero_hpz_partition_size`, not in the shipped configs):\n\n"
+            + common.markdown_table(["network", "GPUs", "step ms", "efficiency", "step ms, ZeRO++",
+                                     "efficiency, ZeRO++"], rows, digits=1))
 
 
 def _fmt_limit(found: dict[str, Any]) -> str:
@@ -587,7 +722,11 @@ the mean over ranks; "other" is the rest of the step's wall time (sampling, smal
   shrinks as 1/N while the communication stays: the efficiency then falls.
 - Collectives are not overlapped with compute in the model; DeepSpeed's `overlap_comm` can hide part
   of the gradient reduction behind the backward pass, so the communication shares are upper bounds.
-- The gather is in fp32 (the loss casts embeddings to float); sending bf16 would halve it.
+- The gather sends the embeddings in the training precision (bf16) with each prompt's ids in one
+  all-gather; the row counts come from the batch plan, so no size exchange precedes it.
+- Every collective call pays a latency on top of its bytes. The shipped ZeRO-2 reduction sends half
+  the bytes of an all-reduce but issues a call per partition owner: at a few hundred GPUs and small
+  models those calls cost more than the bytes saved (the all-reduce column).
 """
 
 

@@ -15,7 +15,8 @@ from tests.launch import check, rank_env, run
 def _assumptions(**over):
     base = dict(gpus_per_node=8, peak_tflops=989.0, mfu=0.4, nvlink_GBps=900.0, inter_node_Gbps=400.0,
                 nics_per_node=1, latency_us=0.0, hbm_TBps=3.35, grad_bytes=2, model_prompts_per_gpu=128,
-                model_global_prompts=4096)
+                model_global_prompts=4096, deepspeed_config="ds_configs/zero2.json", host_results="",
+                small_collectives=4, prompts_per_group=16, dataset_relations=79)
     base.update(over)
     return SimpleNamespace(**base)
 
