@@ -294,6 +294,11 @@ def _zero2_buckets(ds_config: str) -> tuple[int, int]:
     return int(zero.get("reduce_bucket_size", 5e8)), int(zero.get("allgather_bucket_size", 5e8))
 
 
+def _zero2_overlaps(ds_config: str) -> bool:
+    """Whether the ZeRO-2 config overlaps the gradient reduction with the backward (``overlap_comm``)."""
+    return bool(json.loads((common.REPO / ds_config).read_text()).get("zero_optimization", {}).get("overlap_comm"))
+
+
 def host_ms(args: argparse.Namespace, n: int) -> float:
     """Host work per step at ``n`` ranks measured by benchmarks/host_planning.py (the plan of the rank's
     share; tokenization is prefetched behind the step): the nearest measured world size, else 0."""
@@ -310,15 +315,16 @@ def host_ms(args: argparse.Namespace, n: int) -> float:
 
 def model_step(args: argparse.Namespace, shape: dict[str, Any], n: int, prompts_per_gpu: float,
                tokens_per_prompt: float, reduction: str = "reduce", zeropp: bool = False,
-               overlap: bool = False) -> dict[str, float]:
+               overlap: Optional[bool] = None) -> dict[str, float]:
     """Modelled seconds per part of one optimizer step on ``n`` GPUs.
 
     ``reduction``: how ZeRO-2 reduces a gradient bucket: ``"reduce"`` (the shipped config: each
     partition's slice to its owner, one call per owner and bucket, (N-1)/N of the bytes) or
     ``"all_reduce"`` (DeepSpeed's default, one call per bucket, 2(N-1)/N). ``zeropp``: ZeRO++'s qgZ
     (gradients sent as int4: a quarter of bf16's bytes) and hpZ (the parameter all-gather inside a node).
-    ``overlap``: DeepSpeed's ``overlap_comm``: the gradient reduction runs beside the backward pass, so
-    only what exceeds the backward, and at least the last bucket, is exposed. Every collective call
+    ``overlap``: DeepSpeed's ``overlap_comm`` (default: as the config says; the shipped one overlaps):
+    the gradient reduction runs beside the backward pass, so only what exceeds the backward, and at least
+    the last bucket, is exposed. Every collective call
     costs ``--latency_us`` x log2(N) on top of its bytes."""
     from relbert_ds.training.monitor import model_flops_per_token
 
@@ -341,7 +347,7 @@ def model_step(args: argparse.Namespace, shape: dict[str, Any], n: int, prompts_
         grad = share * wire_grad / bus + (n + buckets - 1) * lat if n > 1 else 0.0
     else:
         grad = 2 * share * wire_grad / bus + buckets * lat
-    if overlap:
+    if overlap if overlap is not None else _zero2_overlaps(args.deepspeed_config):
         grad = max(grad - 2 * compute / 3, grad / buckets)
     param_bus = args.nvlink_GBps * 1e9 / 2 if zeropp else bus
     param = share * grad_size / param_bus + math.ceil(shape["parameters"] / allgather_bucket) * lat
@@ -383,7 +389,8 @@ def gpu_model(args: argparse.Namespace, tokens_per_prompt: float) -> dict[str, A
                 per_gpu = args.model_prompts_per_gpu if mode == "weak" else args.model_global_prompts / n
                 p = model_step(args, shape, n, per_gpu, tokens_per_prompt)
                 ar = model_step(args, shape, n, per_gpu, tokens_per_prompt, reduction="all_reduce")
-                ov = model_step(args, shape, n, per_gpu, tokens_per_prompt, overlap=True)
+                ov = model_step(args, shape, n, per_gpu, tokens_per_prompt,
+                                overlap=not _zero2_overlaps(args.deepspeed_config))  # the other choice
                 comm = (p["embedding_gather"] + p["gradient_allreduce"] + p["parameter_allgather"]
                         + p["small_collectives"])
                 eff = one_weak / p["step"] if mode == "weak" else one_strong / (n * p["step"])
@@ -394,7 +401,7 @@ def gpu_model(args: argparse.Namespace, tokens_per_prompt: float) -> dict[str, A
                              "global_prompts": per_gpu * n, "step_s": p["step"], "parts_s": p,
                              "communication_share": comm / p["step"], "gather_share": p["embedding_gather"] / p["step"],
                              "efficiency": eff, "efficiency_all_reduce": eff_ar, "step_s_all_reduce": ar["step"],
-                             "efficiency_overlap": eff_ov,
+                             "efficiency_other_overlap": eff_ov,
                              "relations_per_step": relations, "data_can_feed": relations <= args.dataset_relations,
                              "bus_bandwidth_GBps": bus_bandwidth(args, n) / 1e9})
         limits[name] = {"shape": shape,
@@ -409,8 +416,10 @@ def gpu_model(args: argparse.Namespace, tokens_per_prompt: float) -> dict[str, A
                    "tokens_per_prompt": tokens_per_prompt,
                    "prompts_per_gpu_weak": args.model_prompts_per_gpu,
                    "global_prompts_strong": args.model_global_prompts,
-                   "overlap": "none (communication and compute add up: an upper bound on the communication share)",
+                   "overlap": "the gradient reduction beside the backward pass when overlap_comm is on (what exceeds "
+                              "the backward, at least the last bucket, exposed); every other collective adds up",
                    "zero_stage": 2, "reduction": "reduce to each partition's owner (the shipped zero2.json)",
+                   "overlap_comm": _zero2_overlaps(args.deepspeed_config),
                    "buckets_elements": dict(zip(("reduce", "allgather"), _zero2_buckets(args.deepspeed_config))),
                    "host_ms": {n: host_ms(args, n) for n in args.gpus}, "host_results": args.host_results,
                    "small_collectives": args.small_collectives, "prompts_per_group": args.prompts_per_group,
@@ -485,6 +494,7 @@ def tables(doc: dict[str, Any]) -> str:
     text += ".\n"
     m = doc["model"]
     a = m["assumptions"]
+    other = "off" if a.get("overlap_comm") else "on"
     text += (f"\n### GPU {m['label']}\n\nAssumed: {a['peak_tflops']:.0f} TFLOP/s bf16 peak per GPU (H100 SXM) at "
              f"{100 * a['mfu']:.0f}% MFU for the encoder's compute; NVLink {a['nvlink_GBps_bidirectional']:.0f} GB/s "
              f"per GPU ({a['ring_bus_GBps_intra_node']:.0f} GB/s ring bus bandwidth) within a node of "
@@ -498,13 +508,13 @@ def tables(doc: dict[str, Any]) -> str:
              f"{a['buckets_elements']['allgather']:,}-element buckets; {a['small_collectives']} small "
              f"latency-bound collectives per step; host work per step as measured by "
              f"`benchmarks/host_planning.py` ({', '.join(f'{v:.2f} ms at {k}' for k, v in a['host_ms'].items())}; "
-             f"tokenization is prefetched behind the step); no overlap of communication with compute. Weak "
+             f"tokenization is prefetched behind the step); the gradient reduction "
+             f"{'overlapped with the backward pass as the shipped overlap_comm does (what exceeds the backward, and at least the last bucket, exposed)' if a.get('overlap_comm') else 'not overlapped'}, "  # noqa: E501
+             f"every other collective added to the step. Weak "
              f"scaling: {a['prompts_per_gpu_weak']} prompts per GPU; strong scaling: {a['global_prompts_strong']} "
              f"prompts per step in total. Efficiency is against one GPU running the same batch without "
              f"communication; the all-reduce column is the same step with DeepSpeed's default bucket all-reduce, "
-             f"the overlap_comm column the shipped reduction overlapped with the backward pass (only what exceeds "
-             f"the backward, and at least the last bucket, exposed; `\"overlap_comm\": true`, off in the shipped "
-             f"configs because CPU ranks have no stream to overlap on). "
+             f"the last column with overlap_comm {other}. "
              f"A step holds each relation once, in groups of {a['prompts_per_group']} prompts: a row whose "
              f"relations per step exceed the data's ({a['dataset_relations']} in SemEval-2012) is marked *: that "
              f"batch needs more relations than SemEval-2012 has.\n\n")
@@ -518,11 +528,11 @@ def tables(doc: dict[str, Any]) -> str:
                       1000 * (p["small_collectives"] + p["host"]),
                       f"{100 * r['communication_share']:.0f}%",
                       f"{100 * r['gather_share']:.1f}%", f"{100 * r['efficiency']:.0f}%",
-                      f"{100 * r['efficiency_all_reduce']:.0f}%", f"{100 * r['efficiency_overlap']:.0f}%"])
+                      f"{100 * r['efficiency_all_reduce']:.0f}%", f"{100 * r['efficiency_other_overlap']:.0f}%"])
     text += common.markdown_table(["model", "scaling", "GPUs", "prompts/GPU", "relations/step", "step ms",
                                    "compute ms", "gather ms", "ZeRO-2 grad+param ms", "small + host ms",
                                    "comm share", "gather share", "efficiency", "efficiency, all-reduce",
-                                   "efficiency, overlap_comm"], mrows, digits=1)
+                                   f"efficiency, overlap_comm {other}"], mrows, digits=1)
     alt = doc.get("model_8_nics")
     if alt:
         text += (f"\nThe same MODEL with {alt['assumptions']['nics_per_node']} x "
@@ -530,11 +540,11 @@ def tables(doc: dict[str, Any]) -> str:
                  f"network; within a node nothing changes):\n\n")
         text += common.markdown_table(
             ["model", "scaling", "GPUs", "relations/step", "step ms", "comm share", "gather share", "efficiency",
-             "efficiency, all-reduce", "efficiency, overlap_comm"],
+             "efficiency, all-reduce", f"efficiency, overlap_comm {other}"],
             [[r["model"], r["scaling"], r["gpus"], _relations_cell(r), 1000 * r["step_s"],
               f"{100 * r['communication_share']:.0f}%",
               f"{100 * r['gather_share']:.1f}%", f"{100 * r['efficiency']:.0f}%",
-              f"{100 * r['efficiency_all_reduce']:.0f}%", f"{100 * r['efficiency_overlap']:.0f}%"]
+              f"{100 * r['efficiency_all_reduce']:.0f}%", f"{100 * r['efficiency_other_overlap']:.0f}%"]
              for r in alt["rows"] if r["gpus"] > m["assumptions"]["gpus_per_node"]], digits=1)
         text += _verdict(m, alt)
         text += _zeropp_text(m, alt)
@@ -569,15 +579,15 @@ def _verdict(one_nic: dict[str, Any], eight_nics: dict[str, Any], target: float 
     r8, r1 = row(eight_nics, 64), row(one_nic, 64)
     if r8 is None or r1 is None:
         return ""
+    other = "off" if eight_nics["assumptions"].get("overlap_comm") else "on"
     big = row(eight_nics, max(r["gpus"] for r in eight_nics["rows"]))
     met = "meet" if r8["efficiency"] >= target else "miss"
     text = (f"\nThe weak-scaling target ({100 * target:.0f}% at 64 GPUs, roberta-large, "
             f"{eight_nics['assumptions']['nics_per_node']} x {eight_nics['assumptions']['inter_node_Gbps_per_nic']:.0f}"
             f" Gb/s per node) in this MODEL: the shipped configs {met} it at {100 * r8['efficiency']:.0f}% "
-            f"(1 NIC per node: {100 * r1['efficiency']:.0f}%); DeepSpeed's default all-reduce gives "
-            f"{100 * r8['efficiency_all_reduce']:.0f}%, and the shipped reduction with `\"overlap_comm\": true` "
-            f"{100 * r8['efficiency_overlap']:.0f}% (1 NIC: {100 * r1['efficiency_overlap']:.0f}%): on GPUs, turn "
-            f"overlap_comm on.")
+            f"(1 NIC per node: {100 * r1['efficiency']:.0f}%); with overlap_comm {other} "
+            f"{100 * r8['efficiency_other_overlap']:.0f}%, with DeepSpeed's default all-reduce "
+            f"{100 * r8['efficiency_all_reduce']:.0f}%.")
     if big is not None and big["efficiency_all_reduce"] > big["efficiency"]:
         text += (f" At {big['gpus']} GPUs the owner-by-owner reduction's {big['gpus']}+ calls per step cost more than "
                  f"the bytes they save ({100 * big['efficiency']:.0f}% against "
@@ -720,8 +730,9 @@ the mean over ranks; "other" is the rest of the step's wall time (sampling, smal
   the number of parameters, and neither shrinks when GPUs are added. Under weak scaling the compute
   per GPU is constant and the gather grows linearly with N; under strong scaling the compute per GPU
   shrinks as 1/N while the communication stays: the efficiency then falls.
-- Collectives are not overlapped with compute in the model; DeepSpeed's `overlap_comm` can hide part
-  of the gradient reduction behind the backward pass, so the communication shares are upper bounds.
+- Only the gradient reduction is overlapped with compute in the model (the shipped `overlap_comm`: it
+  runs while the backward pass goes on); the gather and the parameter all-gather add to the step.
+  On CPU ranks there is no stream to overlap on: the measured CPU steps show no overlap.
 - The gather sends the embeddings in the training precision (bf16) with each prompt's ids in one
   all-gather; the row counts come from the batch plan, so no size exchange precedes it.
 - Every collective call pays a latency on top of its bytes. The shipped ZeRO-2 reduction sends half

@@ -41,7 +41,7 @@ DEFAULT_WARMUP_STEPS = 10
 EMBEDDED_DS_CONFIG: dict[str, Any] = {
     # use_multi_rank_bucket_allreduce false: gradient slices reduced to their owners (the reduce-scatter ZeRO-2
     # needs), not DeepSpeed's default all-reduce of every bucket (twice the bytes; benchmarks/zero2_reduction.py)
-    "zero_optimization": {"stage": 2, "overlap_comm": False, "contiguous_gradients": True,
+    "zero_optimization": {"stage": 2, "overlap_comm": True, "contiguous_gradients": True,
                           "reduce_bucket_size": 50000000, "allgather_bucket_size": 50000000,
                           "use_multi_rank_bucket_allreduce": False},
     "bf16": {"enabled": "auto"},

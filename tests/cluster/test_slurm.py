@@ -62,15 +62,34 @@ def describe(cluster, job: int, folder: Path) -> str:
     return f"job {job}: {cluster.job(job)}\n{logs}\n{cluster.logs_tail()}"
 
 
-def signal_mid_run(cluster, job: int, out: Path, folder: Path, steps: int = 3) -> None:
-    """Wait until the ranks are training (``steps`` logged), then send what SLURM sends before the
-    time limit (--signal=USR1@...) or before pre-emption: SIGUSR1 to every task."""
+def wait_until_training(cluster, job: int, out: Path, folder: Path, steps: int) -> None:
+    """Wait (10 minutes at most) until the job's run has logged ``steps`` optimizer steps."""
     deadline = time.monotonic() + 600
     while len(step_losses(out)) < steps:
         state = cluster.job(job)["JobState"]
         assert state in ("PENDING", "CONFIGURING", "RUNNING"), describe(cluster, job, folder)
         assert time.monotonic() < deadline, describe(cluster, job, folder)
         time.sleep(0.1)
+
+
+def pids_where(match) -> list[int]:
+    """Live processes whose (argv list, environment bytes) satisfy ``match``."""
+    found = []
+    for pid in Path("/proc").iterdir():
+        try:
+            argv = (pid / "cmdline").read_bytes().split(b"\0")
+            environ = (pid / "environ").read_bytes()
+        except OSError:
+            continue
+        if match(argv, environ):
+            found.append(int(pid.name))
+    return found
+
+
+def signal_mid_run(cluster, job: int, out: Path, folder: Path, steps: int = 3) -> None:
+    """Wait until the ranks are training (``steps`` logged), then send what SLURM sends before the
+    time limit (--signal=USR1@...) or before pre-emption: SIGUSR1 to every task."""
+    wait_until_training(cluster, job, out, folder, steps)
     cluster.cmd("scancel", "--signal=USR1", str(job))
 
 
@@ -195,22 +214,14 @@ def test_sigkilled_rank_fails_the_job_without_orphans(slurm_cluster, tiny_bert, 
     args[args.index("--max_steps") + 1] = "100000"
     args[args.index("--save_every_steps") + 1] = "3"
     job = slurm_cluster.sbatch(SLURM / "train.sbatch", *args, options=CPU_JOB, env=job_env(), cwd=tmp_path)
-    deadline = time.monotonic() + 600
-    while len(step_losses(out)) < 7:
-        assert slurm_cluster.job(job)["JobState"] in ("PENDING", "CONFIGURING", "RUNNING"), \
-            describe(slurm_cluster, job, tmp_path)
-        assert time.monotonic() < deadline, describe(slurm_cluster, job, tmp_path)
-        time.sleep(0.1)
-    victims = []
-    for pid in Path("/proc").iterdir():
-        try:
-            environ = (pid / "environ").read_bytes().split(b"\0")
-            cmdline = (pid / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"SLURM_PROCID=1" in environ and b"launchers/train.py" in cmdline and b"python" in cmdline \
-                and not cmdline.startswith(b"bash"):
-            victims.append(int(pid.name))
+    wait_until_training(slurm_cluster, job, out, tmp_path, 7)
+
+    def rank1(argv: list[bytes], environ: bytes) -> bool:
+        cmdline = b" ".join(argv)
+        return (b"SLURM_PROCID=1" in environ.split(b"\0") and b"launchers/train.py" in cmdline and b"python" in cmdline
+                and not cmdline.startswith(b"bash"))
+
+    victims = pids_where(rank1)
     assert victims, "rank 1 not found"
     os.kill(victims[0], signal.SIGKILL)
     killed = time.monotonic()
@@ -248,3 +259,36 @@ def test_a_job_on_fewer_tasks_resumes_the_run_with_resume_auto(slurm_cluster, ti
     assert "resuming a checkpoint written by 2 ranks with 1: ZeRO-2 states converted" in log
     assert sorted(step_losses(out)) == list(range(1, 16))
     assert json.loads((out / "config.json").read_text())["resolved"]["world_size"] == 1
+
+
+def test_sigterm_to_srun_reaches_every_task_which_checkpoints_and_leaves_no_process(slurm_cluster, tiny_bert,
+                                                                                    tmp_path):
+    """`kill <pid of srun>` (a user, or a wrapper script that ends the step): srun forwards SIGTERM to every
+    task, each checkpoints at the end of its step and exits; no process of the run is left."""
+    out = tmp_path / "run"
+    args = train_args(tiny_bert, out)
+    args[args.index("--max_steps") + 1] = "100000"
+    job = slurm_cluster.sbatch(SLURM / "train.sbatch", *args, options=CPU_JOB, env=job_env(), cwd=tmp_path)
+    wait_until_training(slurm_cluster, job, out, tmp_path, 3)
+    sruns = pids_where(lambda argv, environ: argv[0].endswith(b"srun")
+                       and f"SLURM_JOB_ID={job}".encode() in environ.split(b"\0"))
+    assert sruns, "srun of the job not found"
+    # The processes of this run now (its ranks and launch wrappers); a requeue would start new ones.
+    running = {int(line.split()[0]) for line in processes_mentioning(str(out))}
+    os.kill(sruns[0], signal.SIGTERM)
+    stopped = time.monotonic()
+
+    def alive() -> list[str]:
+        return [line for line in processes_mentioning(str(out)) if int(line.split()[0]) in running]
+
+    try:
+        while alive():
+            assert time.monotonic() - stopped < 60, alive()
+            time.sleep(0.2)
+    finally:
+        slurm_cluster.cmd("scancel", str(job))  # the batch script requeues a run stopped by a signal
+    log = job_log(tmp_path, "relbert-ds-train", job)
+    steps = sorted(step_losses(out))
+    latest = (out / "checkpoints" / "latest").read_text()
+    assert latest == f"global_step{steps[-1]}", (latest, steps[-3:], describe(slurm_cluster, job, tmp_path))
+    assert f"stopped by a signal after optimizer step {steps[-1]}: checkpoint saved" in log, log[-3000:]

@@ -161,3 +161,29 @@ def test_a_model_with_nan_weights_stops_every_rank_with_one_line(tiny_bert, tmp_
     assert r.returncode != 0
     assert_one_error_line(r.stdout + r.stderr, f"{broken} gives non-finite relation vectors (nan or inf)",
                           launcher="torchrun")
+
+
+def test_evaluators_sharing_one_cache_directory_all_finish_alike_and_leave_one_file(tiny_bert, tmp_path):
+    """Three evaluators started together on one --cache_dir (a user's second job on the same model, say):
+    every one finishes with the same numbers, the cache holds one complete table and no temporary file
+    (each writes under a name of its own and renames: the last rename wins, with the same bytes), and a
+    fourth run reads it instead of encoding."""
+    cache = tmp_path / "cache"
+    outs = [tmp_path / f"r{i}.json" for i in range(4)]
+
+    def cmd(out: Path) -> list[str]:
+        return [sys.executable, str(LAUNCHER), "--model", tiny_bert, "--analogy", "sat", "--classification",
+                "none", "--split", "valid", "test", "--cache_dir", str(cache), "--no-progress", "--output", str(out)]
+
+    procs = [subprocess.Popen(cmd(out), cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for out in outs[:3]]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], "\n".join(log[-2000:] for log in logs)
+    results = [json.loads(out.read_text())["models"]["model"] for out in outs[:3]]
+    assert all(r["analogy"] == results[0]["analogy"] for r in results)
+    files = sorted(p.name for p in cache.iterdir())
+    assert len(files) == 1 and files[0].endswith(".npz") and not files[0].startswith(".tmp_"), files
+    fourth = run(cmd(outs[3]))
+    assert fourth.returncode == 0, fourth.stderr[-2000:]
+    again = json.loads(outs[3].read_text())["models"]["model"]
+    assert again["cache_hit"] is True and again["analogy"] == results[0]["analogy"]
