@@ -64,3 +64,34 @@ def test_sigterm_to_the_launcher_checkpoints_and_leaves_no_process(launcher, tin
     assert latest == f"global_step{steps[-1]}", (latest, steps[-3:])  # checkpointed where it stopped
     assert f"stopped by a signal after optimizer step {steps[-1]}: checkpoint saved" in output, output[-3000:]
     assert ended_s < 60
+
+
+def test_sigterm_to_the_launcher_during_evaluation_leaves_no_process_and_no_partial_output(tiny_bert, tmp_path):
+    """The evaluator under the deepspeed launcher (which exits on SIGTERM without telling its ranks),
+    signalled while it encodes: every rank ends (the launcher watch, as in training) within 60 s, and no
+    results file or half-written vector table is left behind."""
+    out, cache = tmp_path / "results.json", tmp_path / "cache"
+    args = ["--model", tiny_bert, "--classification", "BLESS", "KHN", "--split", "valid", "test", "--cache_dir",
+            str(cache), "--progress", "--output", str(out)]
+    cmd = command("deepspeed", [])[:-1] + [str(REPO / "launchers" / "evaluate.py"), *args]  # its TRAIN swapped
+    log_path = tmp_path / "eval.log"
+    log = open(log_path, "w")
+    proc = subprocess.Popen(cmd, cwd=str(REPO), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "RELBERT_DS_PROGRESS_EVERY": "1"})
+    try:
+        wait_for(lambda: "encode (2 ranks)" in log_path.read_text() or proc.poll() is not None, 180,
+                 "the encoding to start")
+        assert proc.poll() is None, log_path.read_text()[-3000:]
+        tree = [proc.pid] + [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
+        assert len(tree) >= 3
+        proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: not [pid for pid in tree if psutil.pid_exists(pid) and
+                              psutil.Process(pid).status() != psutil.STATUS_ZOMBIE],
+                 60, "every process of the evaluation to end")
+    finally:
+        kill_group(proc)
+        proc.wait()
+        log.close()
+    assert proc.returncode != 0 and not out.exists()
+    assert not [p.name for p in cache.glob(".tmp_*")]  # no half-written table (the folder may not exist yet)
+    assert not processes_mentioning(str(out))
