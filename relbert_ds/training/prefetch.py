@@ -3,10 +3,13 @@
 Drawing a rank's share of the plan and tokenizing its prompts is host work: inline, a GPU waits for
 it at every micro step. :class:`MicroBatchPrefetcher` prepares the position that comes next while
 the step runs (the fast tokenizers release the GIL; a GPU step waits on CUDA, not Python) and hands
-it over at the next micro step. What it returns is exactly what the inline path returns: the same
-sampler plan (a copy of the sampler with its own caches) and the same tokenizer settings (a copy of
-the tokenizer: a fast tokenizer's padding and truncation state is not safe to share between threads,
-and validation tokenizes on the main thread while a prefetch may run).
+it over at the next micro step. On CPU ranks it prepares inline (the trainer passes
+``background=False``): there the step itself already uses every core.
+
+What it returns is exactly what the inline path returns: the same sampler plan (a copy of the sampler
+with its own caches) and the same tokenizer settings (a copy of the tokenizer: a fast tokenizer's
+padding and truncation state is not safe to share between threads, and validation tokenizes on the
+main thread while a prefetch may run).
 """
 from __future__ import annotations
 
@@ -43,12 +46,15 @@ class MicroBatchPrefetcher:
     the worker raised), else prepares it now; ``prefetch(position)`` starts the next one.
     """
 
-    def __init__(self, sampler: RelationAwareSampler, encoder: RelationEncoder) -> None:
+    def __init__(self, sampler: RelationAwareSampler, encoder: RelationEncoder, background: bool = True) -> None:
+        """``background`` False prepares every position when asked, in the calling thread: on CPU ranks
+        the step's own compute already uses every core (torch's threads), so a worker thread would only
+        time-share them, not hide work behind a device."""
         self._sampler = copy.copy(sampler)  # rebinding its caches leaves the trainer's sampler alone
         self._encoder = encoder
-        self._tokenizer = copy.deepcopy(encoder.tokenizer)
-        self._pool: Optional[ThreadPoolExecutor] = ThreadPoolExecutor(max_workers=1,
-                                                                      thread_name_prefix="relbert-prefetch")
+        self._tokenizer = copy.deepcopy(encoder.tokenizer) if background else encoder.tokenizer
+        self._pool: Optional[ThreadPoolExecutor] = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="relbert-prefetch") if background else None
         self._pending: Optional[tuple[Position, Future]] = None
 
     def prepare(self, position: Position) -> Prepared:

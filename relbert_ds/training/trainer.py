@@ -535,8 +535,8 @@ class Trainer:
         engine.train()
         meter = StepMeter()
         epoch, step = p.epoch, p.step_in_epoch
-        if self._prefetcher is None:
-            self._prefetcher = MicroBatchPrefetcher(sampler, setup.encoder)
+        if self._prefetcher is None:  # a worker thread only where a device computes the step
+            self._prefetcher = MicroBatchPrefetcher(sampler, setup.encoder, background=engine.device.type == "cuda")
         accumulation = setup.resolved.accumulation
         for micro in range(accumulation):
             # This micro step's batch was drawn and tokenized while the previous one computed; the

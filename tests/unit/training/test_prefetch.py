@@ -56,3 +56,14 @@ def test_an_error_of_the_worker_is_raised_by_get(encoder):
             prefetcher.get((0, sampler.steps_per_epoch, 0))
     finally:
         prefetcher.close()
+
+
+def test_without_a_background_thread_every_position_is_prepared_on_the_spot(encoder):
+    """What CPU ranks use (the step needs every core there): no worker thread, the same batches."""
+    sampler = RelationAwareSampler(SEMEVAL, world_size=2, rank=0, relations_per_step=12)
+    prefetcher = MicroBatchPrefetcher(sampler, encoder, background=False)
+    prefetcher.prefetch((0, 1, 0))  # nothing is started
+    assert prefetcher._pool is None and prefetcher._pending is None
+    batch, _, counts = prefetcher.get((0, 1, 0))
+    assert batch.pairs == sampler.local_batch(0, 1).pairs and counts == sampler.row_counts(0, 1)
+    prefetcher.close()
