@@ -383,16 +383,17 @@ def worker_cmd(args: argparse.Namespace, mode: str, extra: Sequence[str], nproc:
     torch.distributed.run``: the node's torch, whatever is on PATH; --standalone finds a free port)."""
     worker = [str(WORKER_SCRIPT), "--worker", mode, *extra,
               *(["--tokenizer", args.tokenizer] if args.tokenizer else []), *(["--quick"] if args.quick else [])]
-    if nproc is None:
-        return [sys.executable, *worker]
+    return [sys.executable, *worker] if nproc is None else _torchrun(nproc, worker)
+
+
+def _torchrun(nproc: int, script_and_args: Sequence[str]) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
-            "--nproc_per_node", str(nproc), *worker]
+            "--nproc_per_node", str(nproc), *script_and_args]
 
 
 def run_cli(launcher: str, cli_args: Sequence[str]) -> list[str]:
     """A real launcher of ``launchers/`` on one torchrun rank."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc_per_node", "1",
-            str(REPO / "launchers" / launcher), *cli_args]
+    return _torchrun(1, [str(REPO / "launchers" / launcher), *cli_args])
 
 
 def make_model(jobs: Jobs, work: Path, sizes: str, on_gpu: bool) -> dict[str, Any]:

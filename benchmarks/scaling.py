@@ -42,6 +42,7 @@ running the same per-GPU (weak) or global (strong) batch without communication.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -288,15 +289,20 @@ def bus_bandwidth(args: argparse.Namespace, n: int) -> float:
     return min(intra, args.nics_per_node * args.inter_node_Gbps * 1e9 / 8)
 
 
+@functools.lru_cache(maxsize=None)  # model_step runs thousands of times (the world-size searches)
+def _zero2_section(ds_config: str) -> dict[str, Any]:
+    return json.loads((common.REPO / ds_config).read_text()).get("zero_optimization", {})
+
+
 def _zero2_buckets(ds_config: str) -> tuple[int, int]:
     """(reduce_bucket_size, allgather_bucket_size) in elements, from the shipped ZeRO-2 config."""
-    zero = json.loads((common.REPO / ds_config).read_text()).get("zero_optimization", {})
+    zero = _zero2_section(ds_config)
     return int(zero.get("reduce_bucket_size", 5e8)), int(zero.get("allgather_bucket_size", 5e8))
 
 
 def _zero2_overlaps(ds_config: str) -> bool:
     """Whether the ZeRO-2 config overlaps the gradient reduction with the backward (``overlap_comm``)."""
-    return bool(json.loads((common.REPO / ds_config).read_text()).get("zero_optimization", {}).get("overlap_comm"))
+    return bool(_zero2_section(ds_config).get("overlap_comm"))
 
 
 def host_ms(args: argparse.Namespace, n: int) -> float:

@@ -173,11 +173,11 @@ def gather_rows(x: Tensor, ids: Tensor, sizes: Optional[Sequence[int]] = None,
     the bytes of fp32); the result is ``x``'s dtype again. Without a multi-rank process group it
     returns ``x`` itself and ``ids``.
     """
-    _, world = world_info()
+    rank, world = world_info()
     if world == 1:
         return x, ids
     sizes = tuple(int(s) for s in sizes) if sizes is not None else tuple(gather_sizes(x.shape[0], x.device))
-    if len(sizes) != world or sizes[world_info()[0]] != x.shape[0]:
+    if len(sizes) != world or sizes[rank] != x.shape[0]:
         raise ValueError(f"row counts {list(sizes)} do not fit this rank's {x.shape[0]} rows of {world} ranks")
     return _GatherRows.apply(x, ids, sizes, payload or x.dtype)
 

@@ -86,6 +86,28 @@ def pids_where(match) -> list[int]:
     return found
 
 
+def start_long_job(cluster, model: str, out: Path, folder: Path, save_every: int, steps: int) -> int:
+    """A train.sbatch job that would run for hours, checkpointing every ``save_every`` steps; returns its
+    id once ``steps`` optimizer steps are logged."""
+    args = train_args(model, out)
+    args[args.index("--max_steps") + 1] = "100000"
+    args[args.index("--save_every_steps") + 1] = str(save_every)
+    job = cluster.sbatch(SLURM / "train.sbatch", *args, options=CPU_JOB, env=job_env(), cwd=folder)
+    wait_until_training(cluster, job, out, folder, steps)
+    return job
+
+
+def assert_failed_without_orphans(cluster, job: int, out: Path, folder: Path, info: dict) -> None:
+    """The job FAILED and was not requeued, no process of the run is left, `latest` is complete."""
+    log = job_log(folder, "relbert-ds-train", job)
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "0", describe(cluster, job, folder)
+    assert "training failed" in log and "not requeued" in log, log[-3000:]
+    time.sleep(1)
+    assert processes_mentioning(str(out)) == []
+    latest = (out / "checkpoints" / "latest").read_text()
+    assert (out / "checkpoints" / latest / "relbert_ds_checkpoint.json").exists(), latest
+
+
 def signal_mid_run(cluster, job: int, out: Path, folder: Path, steps: int = 3) -> None:
     """Wait until the ranks are training (``steps`` logged), then send what SLURM sends before the
     time limit (--signal=USR1@...) or before pre-emption: SIGUSR1 to every task."""
@@ -210,11 +232,7 @@ def test_sigkilled_rank_fails_the_job_without_orphans(slurm_cluster, tiny_bert, 
     """One rank SIGKILLed under srun: --kill-on-bad-exit ends the other, the job fails (not
     requeued), no process of the run is left, the last complete checkpoint stays."""
     out = tmp_path / "run"
-    args = train_args(tiny_bert, out)
-    args[args.index("--max_steps") + 1] = "100000"
-    args[args.index("--save_every_steps") + 1] = "3"
-    job = slurm_cluster.sbatch(SLURM / "train.sbatch", *args, options=CPU_JOB, env=job_env(), cwd=tmp_path)
-    wait_until_training(slurm_cluster, job, out, tmp_path, 7)
+    job = start_long_job(slurm_cluster, tiny_bert, out, tmp_path, save_every=3, steps=7)
 
     def rank1(argv: list[bytes], environ: bytes) -> bool:
         cmdline = b" ".join(argv)
@@ -229,13 +247,7 @@ def test_sigkilled_rank_fails_the_job_without_orphans(slurm_cluster, tiny_bert, 
     seconds = time.monotonic() - killed
     assert seconds < 120
     print(f"\nsrun: job {info['JobState']} {seconds:.1f} s after rank 1 was killed (exit {info['ExitCode']})")
-    log = job_log(tmp_path, "relbert-ds-train", job)
-    assert info["JobState"] == "FAILED" and info["Restarts"] == "0", describe(slurm_cluster, job, tmp_path)
-    assert "training failed" in log and "not requeued" in log
-    time.sleep(1)
-    assert processes_mentioning(str(out)) == []
-    latest = (out / "checkpoints" / "latest").read_text()
-    assert (out / "checkpoints" / latest / "relbert_ds_checkpoint.json").exists()
+    assert_failed_without_orphans(slurm_cluster, job, out, tmp_path, info)
 
 
 def test_a_job_on_fewer_tasks_resumes_the_run_with_resume_auto(slurm_cluster, tiny_bert, tmp_path):
@@ -268,20 +280,10 @@ def test_sigterm_to_srun_ends_the_step_without_orphans_and_keeps_the_last_checkp
     run is left, the job fails without a requeue, and `latest` names the last complete checkpoint.
     (A graceful stop is `scancel --signal=USR1` or `--signal=TERM`: the tasks then checkpoint first.)"""
     out = tmp_path / "run"
-    args = train_args(tiny_bert, out)
-    args[args.index("--max_steps") + 1] = "100000"
-    args[args.index("--save_every_steps") + 1] = "2"
-    job = slurm_cluster.sbatch(SLURM / "train.sbatch", *args, options=CPU_JOB, env=job_env(), cwd=tmp_path)
-    wait_until_training(slurm_cluster, job, out, tmp_path, 5)
+    job = start_long_job(slurm_cluster, tiny_bert, out, tmp_path, save_every=2, steps=5)
     sruns = pids_where(lambda argv, environ: argv[0].endswith(b"srun")
                        and f"SLURM_JOB_ID={job}".encode() in environ.split(b"\0"))
     assert sruns, "srun of the job not found"
     os.kill(sruns[0], signal.SIGTERM)
     info = slurm_cluster.wait(job, timeout=120)
-    time.sleep(1)
-    assert processes_mentioning(str(out)) == []
-    log = job_log(tmp_path, "relbert-ds-train", job)
-    assert info["JobState"] == "FAILED" and info["Restarts"] == "0", describe(slurm_cluster, job, tmp_path)
-    assert "not requeued" in log, log[-3000:]
-    latest = (out / "checkpoints" / "latest").read_text()
-    assert (out / "checkpoints" / latest / "relbert_ds_checkpoint.json").exists(), latest
+    assert_failed_without_orphans(slurm_cluster, job, out, tmp_path, info)
